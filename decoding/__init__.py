@@ -1,0 +1,31 @@
+"""decoding: the core of the toolkit — model interface, models, cache, sampling, the shared
+jitted loop and every decoding algorithm.
+
+Quick start::
+
+    import decoding
+    model = decoding.load("qwen2.5-coder-1.5b-instruct")
+    out = decoding.generate(model, ["Write a haiku about caches."], max_new_tokens=64)
+    print(out.texts[0], out.stats.summary())
+"""
+
+from .autoregressive import Autoregressive, Context
+from .cache import KVCache
+from .config import ConfigError, ModelConfig
+from .generation import Result, Stats, check_same_tokenizer, generate, stream
+from .model import Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, unembed
+from .sampling import Greedy, Sampling, make_sampling
+
+
+def load(source, **kwargs):
+    """Load a model by registry name, local HF directory, GGUF file or hub id (see decoding.loading)."""
+    from .loading import load as _load
+
+    return _load(source, **kwargs)
+
+
+__all__ = [
+    "Autoregressive", "ConfigError", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Output",
+    "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
+    "init_params", "lm_head", "load", "make_sampling", "run_layers", "stream", "unembed",
+]

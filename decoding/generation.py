@@ -1,0 +1,369 @@
+"""`generate` and `stream`: the host-side surface over every decoding strategy.
+
+The host does what must happen outside the compiled program — tokenising (chat template
+applied), checking inputs, bucketing prompt lengths so that calls of similar shapes share one
+compiled program, choosing the cache capacity — then runs the strategy's whole generation as
+one jitted `while_loop` (`decoding.loop.run`), and finally turns tokens back into text,
+cutting at stop strings exactly.
+
+Compilation is ahead-of-time (`jit(...).lower(...).compile()`) and memoised per (strategy,
+static settings, shapes), so compile time is reported apart from run time and a repeated call
+with the same shapes never recompiles.
+
+Stop strings: inside the loop a row stops when the token sequence of a stop string (as the
+tokenizer encodes it, with and without a leading space) appears; on the host the text is cut
+at the first occurrence of the stop string itself, whatever its tokenisation, and the tokens
+are cut to the shortest prefix whose text contains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import loop
+from .autoregressive import Autoregressive, Context
+from .model import Model
+from .sampling import Greedy, Sampling
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
+
+
+@dataclasses.dataclass
+class Stats:
+    """What one `generate` call did. Times in seconds; `tau` counts the bonus token."""
+
+    strategy: str
+    batch_size: int
+    new_tokens: int  # all rows together
+    tokens_per_row: list
+    target_forwards: int  # batched target calls, prefill included
+    compile_s: float
+    run_s: float
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.run_s if self.run_s > 0 else float("nan")
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target forward over rows (1.00 for autoregressive)."""
+        return float(self.extra.get("tau", 1.0))
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(tokens_per_s=self.tokens_per_s, tau=self.tau)
+        return d
+
+    def summary(self) -> str:
+        s = (f"{self.strategy}: {self.new_tokens} tokens in {self.run_s:.3f} s "
+             f"({self.tokens_per_s:.1f} tok/s, batch {self.batch_size}), "
+             f"{self.target_forwards} target forwards, tau {self.tau:.2f}, compile {self.compile_s:.1f} s")
+        for k, v in self.extra.items():
+            if k != "tau" and not isinstance(v, (list, dict)):
+                s += f", {k} {v:.3g}" if isinstance(v, float) else f", {k} {v}"
+        return s
+
+
+@dataclasses.dataclass
+class Result:
+    texts: list
+    tokens: list
+    stats: Stats
+    prompt_tokens: list = dataclasses.field(default_factory=list)
+
+
+_COMPILED: dict = {}
+
+
+def compile_count() -> int:
+    """Number of distinct programs compiled by `generate` so far (for tests and reports)."""
+    return len(_COMPILED)
+
+
+def _next_bucket(n: int, minimum: int = 16) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def encode_prompts(tokenizer, prompts, chat) -> list[list[int]]:
+    """Strings or token lists -> token lists (chat template applied when `chat`)."""
+    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of prompts.")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: load the model with tokenizer=True or pass token ids.")
+            use_chat = chat if chat is not None else bool(getattr(tokenizer, "chat_template", None))
+            if use_chat:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise ValueError("chat=True but this tokenizer has no chat template (a base model?); pass chat=False.")
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+                )
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                    ids = ids["input_ids"]
+            else:
+                ids = tokenizer.encode(p, add_special_tokens=True)
+            ids = list(ids)
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty after tokenisation: give at least one token.")
+        out.append(ids)
+    return out
+
+
+def default_eos_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS plus any end-of-turn special token its vocabulary has."""
+    if tokenizer is None:
+        return ()
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for t in END_OF_TURN_TOKENS:
+        if t in vocab and t in getattr(tokenizer, "all_special_tokens", [t]):
+            ids.add(int(vocab[t]))
+    return tuple(sorted(ids))
+
+
+def _stop_sequences(tokenizer, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    seqs = set()
+    for s in stop:
+        if not s:
+            raise ValueError("stop strings must be non-empty.")
+        if tokenizer is None:
+            raise ValueError("stop strings need a tokenizer.")
+        for variant in (s, " " + s):
+            ids = tokenizer.encode(variant, add_special_tokens=False)
+            if ids:
+                seqs.add(tuple(int(t) for t in ids))
+    return tuple(sorted(seqs))
+
+
+def _cut_at_stop(tokenizer, tokens: list[int], text: str, stop: Sequence[str]):
+    cut = min((text.find(s) + len(s) for s in stop if s in text), default=None)
+    if cut is None:
+        return tokens, text
+    text = text[:cut]
+    for n in range(1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[:n], skip_special_tokens=True) for s in stop):
+            return tokens[:n], text
+    return tokens, text
+
+
+@dataclasses.dataclass
+class _Prepared:
+    strategy: object
+    ctx: Context
+    params: dict
+    prompt: np.ndarray
+    lengths: np.ndarray
+    key: jax.Array
+    ids: list
+    stop: tuple
+    tokenizer: object
+
+
+def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed, stop, eos_token_id,
+             chat, max_cache_len, draft) -> _Prepared:
+    strategy = strategy or Autoregressive()
+    sampling = sampling if sampling is not None else Greedy()
+    if not isinstance(sampling, (Greedy, Sampling)):
+        raise TypeError(f"sampling must be decoding.Greedy() or decoding.Sampling(...), got {sampling!r}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    tok = model.tokenizer
+    ids = encode_prompts(tok, prompts, chat)
+    vocab = model.config.vocab_size
+    for i, p in enumerate(ids):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+    stop = tuple([stop] if isinstance(stop, str) else (stop or ()))
+    if eos_token_id is None:
+        eos = default_eos_ids(tok)
+    elif isinstance(eos_token_id, int):
+        eos = (eos_token_id,)
+    else:
+        eos = tuple(int(e) for e in eos_token_id)
+    rule = loop.StopRule(eos_ids=eos, stop_sequences=_stop_sequences(tok, stop))
+    limit = max_cache_len or model.config.max_position_embeddings
+    longest = max(len(p) for p in ids)
+    slack = int(strategy.cache_slack)
+    if longest + max_new_tokens + slack > limit:
+        raise ValueError(
+            f"prompt too long for the cache: the longest prompt has {longest} tokens, plus "
+            f"max_new_tokens={max_new_tokens} and {slack} slot(s) of {strategy.name} lookahead makes "
+            f"{longest + max_new_tokens + slack} > {limit} (the model's context / max_cache_len). "
+            "Shorten the prompt, lower max_new_tokens, or raise max_cache_len if the model allows."
+        )
+    bucket = min(_next_bucket(longest), _round_up(longest, 16) if longest > 2048 else 1 << 62)
+    capacity = _round_up(bucket + max_new_tokens + slack, 128)
+    prompt = np.zeros((len(ids), bucket), np.int32)
+    for i, p in enumerate(ids):
+        prompt[i, : len(p)] = p
+    lengths = np.array([len(p) for p in ids], np.int32)
+    params = {"target": model.params}
+    draft_cfg = None
+    if draft is not None:
+        check_same_tokenizer(model, draft)
+        params["draft"] = draft.params
+        draft_cfg = draft.config
+    ctx = Context(target=model.config, sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
+                  capacity=capacity, draft=draft_cfg)
+    if hasattr(strategy, "validate"):
+        strategy.validate(ctx, draft)
+    return _Prepared(strategy, ctx, params, prompt, lengths, jax.random.PRNGKey(seed), ids, stop, tok)
+
+
+def check_same_tokenizer(target: Model, draft: Model) -> None:
+    """Token-level verification needs one vocabulary: refuse a draft whose tokenizer differs."""
+    problems = []
+    if target.config.vocab_size != draft.config.vocab_size:
+        problems.append(f"vocab sizes {target.config.vocab_size} vs {draft.config.vocab_size}")
+    tt, dt = target.tokenizer, draft.tokenizer
+    if tt is not None and dt is not None:
+        tv, dv = tt.get_vocab(), dt.get_vocab()
+        if tv != dv:
+            diff = len(set(tv.items()) ^ set(dv.items()))
+            problems.append(f"token-to-id maps differ ({diff} entries)")
+        elif tt.eos_token_id != dt.eos_token_id:
+            problems.append(f"EOS ids {tt.eos_token_id} vs {dt.eos_token_id}")
+    if problems:
+        raise ValueError(
+            "draft and target tokenizers differ: " + "; ".join(problems) + ". Speculative and tree "
+            "decoding verify token ids, so the draft must share the target's tokenizer; for models "
+            "with different tokenizers use text-level methods such as alignment.nudging."
+        )
+
+
+def _whole(strategy, ctx, params, prompt, lengths, key):
+    state = strategy.init(ctx, params, prompt, lengths, key)
+    return loop.run(lambda s: strategy.step(ctx, params, s), state)
+
+
+_whole_jit = jax.jit(_whole, static_argnums=(0, 1))
+
+
+def _signature(tree) -> tuple:
+    return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _compiled(prep: _Prepared):
+    key = (prep.strategy, prep.ctx, prep.prompt.shape, _signature(prep.params),
+           jax.tree_util.tree_structure(prep.params))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    exe = _whole_jit.lower(prep.strategy, prep.ctx, prep.params, prep.prompt, prep.lengths, prep.key).compile()
+    _COMPILED[key] = exe
+    return exe, time.perf_counter() - t0
+
+
+def _finish(prep: _Prepared, state, compile_s: float, run_s: float) -> Result:
+    out = state.out
+    toks = np.asarray(out.tokens)
+    counts = np.asarray(out.count)
+    steps = np.asarray(out.steps)
+    tok = prep.tokenizer
+    texts, rows = [], []
+    for b in range(len(counts)):
+        row = toks[b, : counts[b]].tolist()
+        text = tok.decode(row, skip_special_tokens=True) if tok is not None else ""
+        if prep.stop and tok is not None:
+            row, text = _cut_at_stop(tok, row, text, prep.stop)
+        rows.append(row)
+        texts.append(text)
+    extra = dict(prep.strategy.stats(state))
+    extra.setdefault("tau", float(np.mean(counts / np.maximum(steps, 1))))
+    stats = Stats(
+        strategy=prep.strategy.name,
+        batch_size=len(counts),
+        new_tokens=int(counts.sum()),
+        tokens_per_row=[int(c) for c in counts],
+        target_forwards=int(steps.max()),
+        compile_s=compile_s,
+        run_s=run_s,
+        extra=extra,
+    )
+    return Result(texts=texts, tokens=rows, stats=stats, prompt_tokens=prep.ids)
+
+
+def generate(
+    model: Model,
+    prompts,
+    *,
+    strategy=None,
+    sampling=None,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    stop: Sequence[str] | str = (),
+    eos_token_id=None,
+    chat: bool | None = None,
+    max_cache_len: int | None = None,
+    draft: Model | None = None,
+) -> Result:
+    """Generate continuations of a batch of prompts with any strategy.
+
+    prompts: a string, a list of strings, or a list of token-id lists (ragged lengths are fine).
+    strategy: `Autoregressive()` (default) or any strategy object of this package.
+    sampling: `Greedy()` (default) or `Sampling(temperature, top_k, top_p)`.
+    chat: apply the tokenizer's chat template to string prompts (default: when it has one).
+    eos_token_id: int or ids that end a row (default: the tokenizer's EOS and end-of-turn tokens;
+      pass () to never stop early). stop: strings that end a row (the text is cut after them).
+    Returns `Result(texts, tokens, stats)`; tokens include the EOS that ended a row, texts don't.
+    """
+    prep = _prepare(model, prompts, strategy=strategy, sampling=sampling, max_new_tokens=max_new_tokens,
+                    seed=seed, stop=stop, eos_token_id=eos_token_id, chat=chat,
+                    max_cache_len=max_cache_len, draft=draft)
+    exe, compile_s = _compiled(prep)
+    t0 = time.perf_counter()
+    state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
+    jax.block_until_ready(state.out.tokens)
+    run_s = time.perf_counter() - t0
+    return _finish(prep, state, compile_s, run_s)
+
+
+_init_jit = jax.jit(lambda strategy, ctx, params, prompt, lengths, key: strategy.init(ctx, params, prompt, lengths, key),
+                    static_argnums=(0, 1))
+_step_jit = jax.jit(lambda strategy, ctx, params, state: strategy.step(ctx, params, state),
+                    static_argnums=(0, 1), donate_argnums=(3,))
+
+
+def stream(model: Model, prompts, **kwargs) -> Iterator[list[list[int]]]:
+    """Like `generate`, but yields each round's newly committed tokens per row from Python.
+
+    Runs the same `init`/`step` functions as `generate` (jitted, state donated), one host sync
+    per round: for debugging and interactive use. The generator's return value is the Result.
+    """
+    prep = _prepare(model, prompts, **{k: kwargs.pop(k, d) for k, d in (
+        ("strategy", None), ("sampling", None), ("max_new_tokens", 128), ("seed", 0), ("stop", ()),
+        ("eos_token_id", None), ("chat", None), ("max_cache_len", None), ("draft", None))})
+    if kwargs:
+        raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+    t0 = time.perf_counter()
+    state = _init_jit(prep.strategy, prep.ctx, prep.params, prep.prompt, prep.lengths, prep.key)
+    counts = np.asarray(state.out.count)
+    toks = np.asarray(state.out.tokens)
+    yield [toks[b, : counts[b]].tolist() for b in range(len(counts))]
+    step = lambda s: _step_jit(prep.strategy, prep.ctx, prep.params, s)  # noqa: E731
+    for state, new in loop.stream(step, state):
+        yield new
+    return _finish(prep, state, 0.0, time.perf_counter() - t0)

@@ -1,0 +1,330 @@
+"""The common model interface and the Llama-family transformer behind it.
+
+One implementation covers Llama 2/3 (rope scaling), Qwen2/2.5 (qkv bias, untied head),
+Mistral (sliding window) and SmolLM2 (tied embeddings): pre-norm decoder layers of RMSNorm,
+grouped-query attention with rotary embeddings, and a SwiGLU MLP (Touvron et al. 2023).
+
+Legend: B batch, T new tokens, S cache capacity, D hidden, F ffn, V vocab, L layers, H query
+heads, K kv heads, G = H/K, Dh head dim.
+
+The contract every decoding algorithm relies on
+------------------------------------------------
+`forward(config, params, tokens[B,T], positions[B,T], cache, mask=None, ...)` runs T >= 1 new
+tokens per row. Their keys/values are written to cache slots `cache.lengths[b] + t`, and the
+returned cache has `lengths + T` (callers commit fewer with `KVCache.truncate` / `gather`).
+Query t of row b sees:
+  * every committed slot `s < cache.lengths[b]` (the prefix), and
+  * new slot `lengths[b] + j` iff `mask[b, t, j]` (default: causal, `j <= t`).
+A chain of candidates uses the default mask; a token tree passes its ancestor mask and
+positions `prefix_len + depth`, so one call verifies the whole tree. Mistral-style sliding
+windows mask keys whose *position* is `window` or more behind the query's.
+
+Pieces for algorithms that work inside the network: `embed`, `run_layers` over any range
+`[start, end)` of layers (reading the residual stream after chosen layers, or starting from
+injected hidden states), `final_norm`, `lm_head`, `unembed = lm_head(final_norm(.))`.
+`hidden[i]` is the residual stream after i layers (`hidden[0]` = embeddings).
+
+Parameters are a plain pytree (dict) with per-layer weights stacked on a leading L axis, so the
+layer loop is one `lax.scan`. Weights are stored as `[in, out]` (x @ W).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache
+from .config import ModelConfig
+from .rope import apply_rope, inv_frequencies, rope_tables
+
+# name -> (shape as a function of the config, stacked per layer?)
+PARAM_SHAPES = {
+    "embed": lambda c: (c.vocab_size, c.hidden_size),
+    "final_norm": lambda c: (c.hidden_size,),
+    "lm_head": lambda c: (c.hidden_size, c.vocab_size),
+}
+LAYER_PARAM_SHAPES = {
+    "attn_norm": lambda c: (c.hidden_size,),
+    "wq": lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+    "wk": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
+    "wv": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
+    "bq": lambda c: (c.num_heads * c.head_dim,),
+    "bk": lambda c: (c.num_kv_heads * c.head_dim,),
+    "bv": lambda c: (c.num_kv_heads * c.head_dim,),
+    "wo": lambda c: (c.num_heads * c.head_dim, c.hidden_size),
+    "mlp_norm": lambda c: (c.hidden_size,),
+    "w_gate": lambda c: (c.hidden_size, c.intermediate_size),
+    "w_up": lambda c: (c.hidden_size, c.intermediate_size),
+    "w_down": lambda c: (c.intermediate_size, c.hidden_size),
+}
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The expected parameter tree of `config`, as shapes (the one declaration of weights)."""
+    layer = {
+        name: (config.num_layers, *fn(config))
+        for name, fn in LAYER_PARAM_SHAPES.items()
+        if config.qkv_bias or name not in ("bq", "bk", "bv")
+    }
+    top = {name: fn(config) for name, fn in PARAM_SHAPES.items()}
+    if config.tie_embeddings:
+        del top["lm_head"]
+    return {**top, "layers": layer}
+
+
+def check_params(config: ModelConfig, params: dict) -> None:
+    """Raise a clear error if `params` does not match `config`'s parameter tree."""
+    want = param_shapes(config)
+    flat_want = {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(v)
+        for path, v in jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0]
+    }
+    flat_have = {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))
+        for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    missing = sorted(set(flat_want) - set(flat_have))
+    extra = sorted(set(flat_have) - set(flat_want))
+    wrong = sorted(k for k in set(flat_want) & set(flat_have) if flat_want[k] != flat_have[k])
+    if missing or extra or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing}")
+        if extra:
+            details.append(f"unexpected {extra}")
+        for k in wrong:
+            details.append(f"{k}: expected shape {flat_want[k]}, got {flat_have[k]}")
+        raise ValueError("parameters do not match the model config: " + "; ".join(details))
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
+    """Random parameters (unit tests and drafter initialisation); norms start at one."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith("norm"):
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append((scale * jax.random.normal(k, shape)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Result of a forward pass.
+
+    logits: float32[B, N, V] (N = T, or the number of `logit_indices`), or None.
+    hidden: {layer index: [B, T, D]} for the requested layers.
+    cache: the updated cache (lengths advanced by T for `forward`).
+    """
+
+    logits: jax.Array | None
+    hidden: dict
+    cache: KVCache
+
+
+def _rms_norm(x, weight, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def embed(config: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """tokens: int32[B, T] -> hidden [B, T, D] (the parameters' dtype)."""
+    del config
+    return params["embed"][tokens]
+
+
+def final_norm(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
+    return _rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
+
+
+def lm_head(config: ModelConfig, params: dict, normed: jax.Array) -> jax.Array:
+    """Normalised hidden [..., D] -> float32 logits [..., V]."""
+    w = params["embed"].T if config.tie_embeddings else params["lm_head"]
+    return jnp.dot(normed, w.astype(normed.dtype), preferred_element_type=jnp.float32)
+
+
+def unembed(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
+    """Residual stream [..., D] -> float32 logits [..., V] (final norm, then the head)."""
+    return lm_head(config, params, final_norm(config, params, hidden))
+
+
+def attention_mask(cache_lengths, positions, capacity, mask=None, window=None):
+    """visible: bool[B, T, S] — which cache slots each new query may attend to."""
+    b, t = positions.shape
+    slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
+    start = cache_lengths[:, None, None]  # [B, 1, 1]
+    prefix = slots < start
+    j = slots - start  # index of the slot within the new block
+    in_block = (j >= 0) & (j < t)
+    if mask is None:
+        block_ok = j <= jnp.arange(t, dtype=jnp.int32)[None, :, None]
+    else:
+        jc = jnp.clip(j, 0, t - 1)
+        block_ok = jnp.take_along_axis(mask.astype(bool), jnp.broadcast_to(jc, (b, t, capacity)), axis=2)
+    visible = prefix | (in_block & block_ok)
+    if window is not None:
+        key_pos = jnp.where(
+            prefix,
+            slots,
+            jnp.take_along_axis(positions[:, None, :], jnp.clip(j, 0, t - 1), axis=2),
+        )
+        visible &= (positions[:, :, None] - key_pos) < window
+    return visible
+
+
+def _attention(q, k, v, visible):
+    """q: [B, T, H, Dh], k/v: [B, K, S, Dh], visible: bool[B, T, S] -> [B, T, H, Dh]."""
+    b, t, h, dh = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, t, kh, h // kh, dh)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (dh**-0.5)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, dh).astype(q.dtype)
+
+
+def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
+    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i)."""
+    b, t, _ = x.shape
+    h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    q = jnp.dot(h, lp["wq"])
+    k = jnp.dot(h, lp["wk"])
+    v = jnp.dot(h, lp["wv"])
+    if config.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = apply_rope(q.reshape(b, t, config.num_heads, config.head_dim), cos, sin)
+    k = apply_rope(k.reshape(b, t, config.num_kv_heads, config.head_dim), cos, sin)
+    v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
+    rows = jnp.arange(b)[:, None]
+    k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
+    attn = _attention(q, k_all[i], v_all[i], visible)
+    x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
+    h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
+    mlp = jax.nn.silu(jnp.dot(h, lp["w_gate"])) * jnp.dot(h, lp["w_up"])
+    x = x + jnp.dot(mlp, lp["w_down"])
+    return x, k_all, v_all
+
+
+def _rope_consts(config: ModelConfig):
+    inv_freq, factor = inv_frequencies(
+        config.head_dim, config.rope_theta, config.rope_scaling_dict, config.max_position_embeddings
+    )
+    return jnp.asarray(inv_freq, jnp.float32), factor
+
+
+def run_layers(
+    config: ModelConfig,
+    params: dict,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    mask: jax.Array | None = None,
+    layers: tuple[int, int] | None = None,
+    return_hidden: Sequence[int] = (),
+):
+    """Run decoder layers `[start, end)` on hidden states `x: [B, T, D]`.
+
+    Writes the T new keys/values of those layers at `cache.lengths[b] + t` (the cursor is not
+    moved: `forward` does that once all layers ran). Returns `(x, hidden, cache)` where
+    `hidden[i]` (for i in `return_hidden`, start < i <= end) is the stream after layer i.
+    Injecting hidden states at layer `start` is calling this with them as `x`.
+    """
+    start, end = (0, config.num_layers) if layers is None else layers
+    if not 0 <= start <= end <= config.num_layers:
+        raise ValueError(f"layers={layers} is not a range within [0, {config.num_layers}].")
+    bad = [i for i in return_hidden if not start < i <= end and i != start]
+    if bad:
+        raise ValueError(f"return_hidden={tuple(return_hidden)} asks for layers outside ({start}, {end}].")
+    inv_freq, factor = _rope_consts(config)
+    cos, sin = rope_tables(positions, inv_freq, factor)
+    t = x.shape[1]
+    slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window)
+    stacked = jax.tree.map(lambda w: w[start:end], params["layers"])
+    want_hidden = bool([i for i in return_hidden if i != start])
+
+    def body(carry, inputs):
+        x, k_all, v_all = carry
+        lp, i = inputs
+        x, k_all, v_all = _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible)
+        return (x, k_all, v_all), (x if want_hidden else None)
+
+    idx = jnp.arange(start, end, dtype=jnp.int32)
+    hidden = {}
+    if start in return_hidden:
+        hidden[start] = x
+    (x, k_all, v_all), trace = jax.lax.scan(body, (x, cache.k, cache.v), (stacked, idx))
+    for i in return_hidden:
+        if i != start:
+            hidden[i] = trace[i - start - 1]
+    return x, hidden, KVCache(k_all, v_all, cache.lengths)
+
+
+def forward(
+    config: ModelConfig,
+    params: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    mask: jax.Array | None = None,
+    return_hidden: Sequence[int] = (),
+    logit_indices: jax.Array | None = None,
+    compute_logits: bool = True,
+) -> Output:
+    """Full forward over `tokens: int32[B, T]` at `positions: int32[B, T]` (see module doc).
+
+    `logit_indices: int32[B, N]` restricts the (expensive, [.., V]) logits to chosen new-token
+    indices, e.g. the last real token of each right-padded prompt.
+    """
+    x = embed(config, params, tokens)
+    x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, return_hidden=return_hidden)
+    logits = None
+    if compute_logits:
+        if logit_indices is not None:
+            x = jnp.take_along_axis(x, logit_indices[..., None].astype(jnp.int32), axis=1)
+        logits = unembed(config, params, x)
+    return Output(logits=logits, hidden=hidden, cache=cache.truncate(cache.lengths + tokens.shape[1]))
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: static config + parameter pytree (+ tokenizer and provenance).
+
+    Not a pytree itself: algorithms take `model.config` (static) and `model.params` (traced)
+    separately. `source` records where the weights came from (path, registry name, hub id).
+    """
+
+    config: ModelConfig
+    params: dict
+    tokenizer: object = None
+    source: str = ""
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    def forward(self, tokens, positions, cache, **kwargs) -> Output:
+        return forward(self.config, self.params, tokens, positions, cache, **kwargs)
+
+    def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
+        return KVCache.init(self.config, batch_size, capacity, dtype or self.dtype)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.model_type}, layers={c.num_layers}, d={c.hidden_size}, "
+                f"params={c.param_count() / 1e6:.1f}M, dtype={self.dtype}, source={self.source!r})")
