@@ -15,6 +15,8 @@ from .config import ConfigError, ModelConfig
 from .generation import Result, Stats, check_same_tokenizer, generate, stream
 from .model import Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, unembed
 from .sampling import Greedy, Sampling, make_sampling
+from .speculative import Chain, DynamicGamma, DynamicTree, Speculative, TreeDecoding
+from .tree import TreeBatch, TreeError, TreeTopology
 
 
 def load(source, **kwargs):
@@ -25,7 +27,8 @@ def load(source, **kwargs):
 
 
 __all__ = [
-    "Autoregressive", "ConfigError", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Output",
+    "Autoregressive", "Chain", "ConfigError", "DynamicGamma", "DynamicTree", "Speculative", "TreeBatch",
+    "TreeDecoding", "TreeError", "TreeTopology", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Output",
     "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
     "init_params", "lm_head", "load", "make_sampling", "run_layers", "stream", "unembed",
 ]

@@ -158,9 +158,20 @@ def unembed(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
     return lm_head(config, params, final_norm(config, params, hidden))
 
 
-def attention_mask(cache_lengths, positions, capacity, mask=None, window=None):
-    """visible: bool[B, T, S] — which cache slots each new query may attend to."""
+def attention_mask(cache_lengths, positions, capacity, mask=None, window=None, slot_mask=None):
+    """visible: bool[B, T, S] — which cache slots each new query may attend to.
+
+    With `slot_mask: bool[B, T, S]` the caller states visibility over all slots directly (the
+    new tokens occupy slots `lengths + t`); the prefix rule and `mask` are then not applied.
+    Sliding windows apply in both cases (slot positions are then taken as slot indices).
+    """
     b, t = positions.shape
+    if slot_mask is not None:
+        visible = slot_mask.astype(bool)
+        if window is not None:
+            slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+            visible &= (positions[:, :, None] - slots) < window
+        return visible
     slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
     start = cache_lengths[:, None, None]  # [B, 1, 1]
     prefix = slots < start
@@ -233,6 +244,7 @@ def run_layers(
     cache: KVCache,
     *,
     mask: jax.Array | None = None,
+    slot_mask: jax.Array | None = None,
     layers: tuple[int, int] | None = None,
     return_hidden: Sequence[int] = (),
 ):
@@ -242,6 +254,8 @@ def run_layers(
     moved: `forward` does that once all layers ran). Returns `(x, hidden, cache)` where
     `hidden[i]` (for i in `return_hidden`, start < i <= end) is the stream after layer i.
     Injecting hidden states at layer `start` is calling this with them as `x`.
+    `slot_mask: bool[B, T, S]` replaces the prefix + block-mask rule (see `attention_mask`):
+    drafters that grow a tree over several calls use it to show each node only its ancestors.
     """
     start, end = (0, config.num_layers) if layers is None else layers
     if not 0 <= start <= end <= config.num_layers:
@@ -253,7 +267,7 @@ def run_layers(
     cos, sin = rope_tables(positions, inv_freq, factor)
     t = x.shape[1]
     slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window)
+    visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window, slot_mask)
     stacked = jax.tree.map(lambda w: w[start:end], params["layers"])
     want_hidden = bool([i for i in return_hidden if i != start])
 
@@ -282,6 +296,8 @@ def forward(
     cache: KVCache,
     *,
     mask: jax.Array | None = None,
+    slot_mask: jax.Array | None = None,
+    layers: tuple[int, int] | None = None,
     return_hidden: Sequence[int] = (),
     logit_indices: jax.Array | None = None,
     compute_logits: bool = True,
@@ -289,10 +305,13 @@ def forward(
     """Full forward over `tokens: int32[B, T]` at `positions: int32[B, T]` (see module doc).
 
     `logit_indices: int32[B, N]` restricts the (expensive, [.., V]) logits to chosen new-token
-    indices, e.g. the last real token of each right-padded prompt.
+    indices, e.g. the last real token of each right-padded prompt. `layers=(0, k)` runs only
+    the first k layers and applies the final norm and head to their output (layer-skip
+    self-drafting); only those layers' cache entries are written.
     """
     x = embed(config, params, tokens)
-    x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, return_hidden=return_hidden)
+    x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
+                                  layers=layers, return_hidden=return_hidden)
     logits = None
     if compute_logits:
         if logit_indices is not None:

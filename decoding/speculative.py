@@ -1,0 +1,334 @@
+"""Speculative decoding (chains) and tree decoding over one propose/verify/accept/commit step.
+
+Papers: Leviathan, Kalman, Matias 2023 ("Fast Inference from Transformers via Speculative
+Decoding"); Chen et al. 2023 ("Accelerating LLM Decoding with Speculative Sampling");
+SpecInfer (Miao et al. 2024) for trees; EAGLE-2 (Li et al. 2024) for dynamic trees;
+DistillSpec (Zhou et al. 2024) for the lenient (lossy) acceptance rule.
+
+One round, for every batch row at once (rows accept different numbers of tokens):
+  propose  the drafter returns a `TreeBatch` rooted at the last committed token (a chain is a
+           tree with one child per node);
+  verify   one target forward over all N nodes with the tree's ancestor mask and positions
+           `prefix + depth` (`decoding.model.forward`);
+  accept   greedy: walk while the child equals the target argmax; sampled: multi-round
+           rejection (`decoding.tree.accept_sampled`) — the output follows the target's
+           processed distribution exactly (lenience 1);
+  commit   append the accepted tokens + the bonus token (`decoding.loop.commit`), move the
+           accepted path's KV entries into place (chains: move the cursor; trees: `gather`),
+           and let the drafter catch up.
+
+Drafters (in `drafting/`) implement the `Proposer` protocol below; any of them plugs into
+`Speculative` (chains) or `TreeDecoding` (static or dynamic trees) where it supports the shape.
+
+Dynamic draft length (`DynamicGamma`): each row keeps its own gamma, grown by `grow` after a
+fully accepted round and shrunk by `shrink` after a rejection (the schedule of transformers'
+assisted generation, made per row), and drafting of a row stops early when the drafter's
+top-1 probability falls below `confidence`. Verification always runs gamma_max + 1 positions
+(static shapes); unproposed positions are never accepted.
+
+Legend: B batch, N tree nodes (root included), G gamma, D max depth, V vocab, C context slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from . import loop
+from .autoregressive import Context, prefill
+from .cache import KVCache
+from .model import forward
+from .tree import Accepted, TreeBatch, TreeTopology, accept_greedy, accept_sampled
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Draft shape: a chain of up to `gamma` tokens (per-row `limit` may be smaller)."""
+
+    gamma: int
+    confidence: float | None = None  # stop drafting a row when top-1 draft prob < this
+
+    @property
+    def num_nodes(self) -> int:
+        return self.gamma + 1
+
+    @property
+    def max_depth(self) -> int:
+        return self.gamma
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+    """Draft shape: an EAGLE-2 dynamic tree.
+
+    From the root, for `depth` steps, expand each of the `top_k` frontier nodes by its `top_k`
+    best children, scored by cumulative draft log-probability; keep the global `top_k` as the
+    next frontier; finally keep the `total_tokens` best nodes of everything expanded.
+    """
+
+    depth: int = 6
+    top_k: int = 10
+    total_tokens: int = 60
+
+    def __post_init__(self):
+        if self.depth < 1 or self.top_k < 1 or self.total_tokens < 1:
+            raise ValueError(f"DynamicTree needs depth, top_k, total_tokens >= 1, got {self}.")
+        pool = self.top_k + (self.depth - 1) * self.top_k**2
+        if self.total_tokens > pool:
+            raise ValueError(
+                f"total_tokens={self.total_tokens} exceeds the {pool} nodes that depth={self.depth}, "
+                f"top_k={self.top_k} can expand; lower total_tokens or raise depth/top_k."
+            )
+
+    @property
+    def num_nodes(self) -> int:
+        return self.total_tokens + 1
+
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What a drafter may read of the decoding state.
+
+    root: int32[B] last committed token (not yet in the target cache);
+    cache: the target's KVCache (lengths = committed tokens before the root);
+    context: int32[B, C] every committed token (prompt + generated, root included);
+    context_len: int32[B] (= cache.lengths + 1).
+    """
+
+    root: jax.Array
+    cache: KVCache
+    context: jax.Array
+    context_len: jax.Array
+
+
+class Proposer(Protocol):
+    """The drafter protocol (see `drafting/` for implementations)."""
+
+    name: str
+
+    def slack(self, shape) -> int:
+        """Cache slots needed past the committed prefix, beyond the tree itself."""
+
+    def init(self, ctx: Context, params, prompt, lengths, cache: KVCache) -> tuple[Any, KVCache]:
+        """Prefill drafter state after the target's prefill; may use/extend the target cache."""
+
+    def propose(self, ctx: Context, params, dstate, view: View, shape, limit, key):
+        """-> (TreeBatch, dstate, target cache, number of draft forwards: int32[])."""
+
+    def commit(self, ctx: Context, params, dstate, view: View, shape, tree: TreeBatch, acc: Accepted, running):
+        """Update drafter state after `acc` was committed (view is the state *before*)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicGamma:
+    """Per-row draft length schedule (see module doc)."""
+
+    start: int = 4
+    minimum: int = 1
+    grow: int = 1
+    shrink: int = 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class State:
+    out: loop.Tokens
+    cache: KVCache
+    root: jax.Array  # int32[B]
+    context: jax.Array  # int32[B, C]
+    context_len: jax.Array  # int32[B]
+    drafter: Any
+    gamma: jax.Array  # int32[B] current per-row draft limit
+    key: jax.Array
+    accept_hist: jax.Array  # int32[D + 1]: rounds (over rows) that accepted exactly d candidates
+    draft_forwards: jax.Array  # int32[]
+    rounds: jax.Array  # int32[]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SpecBase:
+    """Shared init/step of chain and tree speculative decoding."""
+
+    drafter: Any
+    lenience: float = 1.0
+
+    @property
+    def shape(self):
+        raise NotImplementedError
+
+    @property
+    def is_chain(self) -> bool:
+        return isinstance(self.shape, Chain)
+
+    @property
+    def cache_slack(self) -> int:
+        return self.shape.num_nodes + 1 + int(self.drafter.slack(self.shape))
+
+    def validate(self, ctx: Context, draft) -> None:
+        if not 0.0 < self.lenience <= 1.0:
+            raise ValueError(f"lenience must be in (0, 1] (1 = lossless), got {self.lenience}.")
+        if hasattr(self.drafter, "validate"):
+            self.drafter.validate(ctx, draft, self.shape)
+
+    def _limit(self, state: State) -> jax.Array:
+        return state.gamma
+
+    def init(self, ctx: Context, params, prompt, lengths, key) -> State:
+        b, p = prompt.shape
+        cache = KVCache.init(ctx.target, b, ctx.capacity, params["target"]["embed"].dtype)
+        logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache)
+        key, sub = jax.random.split(key)
+        first = ctx.sampling.sample(sub, logits)
+        out = loop.commit(loop.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
+        context = jnp.zeros((b, ctx.capacity), jnp.int32).at[:, :p].set(prompt)
+        context = context.at[jnp.arange(b), lengths].set(first)
+        dstate, cache = self.drafter.init(ctx, params, prompt, lengths, cache)
+        gamma0 = self._gamma0()
+        return State(out=out, cache=cache, root=first, context=context, context_len=lengths + 1,
+                     drafter=dstate, gamma=jnp.full((b,), gamma0, jnp.int32), key=key,
+                     accept_hist=jnp.zeros((self.shape.max_depth + 1,), jnp.int32),
+                     draft_forwards=jnp.zeros((), jnp.int32), rounds=jnp.zeros((), jnp.int32))
+
+    def _gamma0(self) -> int:
+        return self.shape.max_depth
+
+    def _next_gamma(self, gamma, acc: Accepted, tree: TreeBatch):
+        return gamma
+
+    # -- the four phases ----------------------------------------------------------------------
+
+    def propose(self, ctx, params, state: State, key):
+        view = View(root=state.root, cache=state.cache, context=state.context, context_len=state.context_len)
+        tree, dstate, cache, n_fwd = self.drafter.propose(ctx, params, state.drafter, view, self.shape,
+                                                           self._limit(state), key)
+        return view, tree, dstate, cache, n_fwd
+
+    def verify(self, ctx, params, cache: KVCache, tree: TreeBatch):
+        """One target forward over every node: logits float32[B, N, V]."""
+        positions = cache.lengths[:, None] + tree.depth
+        mask = None if self.is_chain else tree.mask
+        return forward(ctx.target, params["target"], tree.tokens, positions, cache, mask=mask)
+
+    def accept(self, ctx, tree: TreeBatch, logits, key) -> Accepted:
+        if ctx.sampling.is_greedy:
+            return accept_greedy(tree, logits, self.shape.max_depth)
+        return accept_sampled(tree, ctx.sampling.logprobs(logits), key, self.shape.max_depth, self.lenience)
+
+    def commit(self, ctx, params, state: State, view: View, tree, acc: Accepted, cache, dstate, n_fwd) -> State:
+        running = ~state.out.done
+        new = acc.tokens(tree)  # [B, D+1]
+        out = loop.commit(state.out, new, acc.n + 1, ctx.rule)
+        base = view.cache.lengths
+        if self.is_chain:
+            cache = cache.truncate(base + 1 + acc.n)
+        else:
+            cache = cache.gather(acc.path, acc.n + 1, base=base)
+        cache = cache.truncate(jnp.where(running, cache.lengths, base))
+        b = new.shape[0]
+        j = jnp.arange(new.shape[1], dtype=jnp.int32)[None, :]
+        slots = jnp.where((j <= acc.n[:, None]) & running[:, None], view.context_len[:, None] + j, ctx.capacity)
+        context = state.context.at[jnp.arange(b)[:, None], slots].set(new, mode="drop")
+        context_len = jnp.where(running, view.context_len + acc.n + 1, view.context_len)
+        dstate = self.drafter.commit(ctx, params, dstate, view, self.shape, tree, acc, running)
+        depth_ix = jnp.where(running, acc.n, self.shape.max_depth + 1)
+        hist = state.accept_hist.at[depth_ix].add(1, mode="drop")
+        return State(out=out, cache=cache, root=jnp.where(running, acc.bonus, state.root), context=context,
+                     context_len=context_len, drafter=dstate,
+                     gamma=jnp.where(running, self._next_gamma(state.gamma, acc, tree), state.gamma),
+                     key=state.key, accept_hist=hist, draft_forwards=state.draft_forwards + n_fwd,
+                     rounds=state.rounds + 1)
+
+    def step(self, ctx: Context, params, state: State) -> State:
+        key, k_prop, k_acc = jax.random.split(state.key, 3)
+        state = dataclasses.replace(state, key=key)
+        view, tree, dstate, cache, n_fwd = self.propose(ctx, params, state, k_prop)
+        res = self.verify(ctx, params, cache, tree)
+        acc = self.accept(ctx, tree, res.logits, k_acc)
+        return self.commit(ctx, params, state, view, tree, acc, res.cache, dstate, n_fwd)
+
+    def stats(self, state: State) -> dict:
+        import numpy as np
+
+        hist = np.asarray(state.accept_hist).astype(np.int64)
+        total = hist.sum()
+        # acceptance rate at position d: P(n >= d | n >= d - 1), over rounds of running rows
+        reach = [int(hist[d:].sum()) for d in range(len(hist))]
+        rates = [reach[d] / reach[d - 1] if reach[d - 1] else float("nan") for d in range(1, len(hist))]
+        return {
+            "rounds": int(state.rounds),
+            "draft_forwards": int(state.draft_forwards),
+            "accepted_per_round": float((hist * np.arange(len(hist))).sum() / max(total, 1)),
+            "acceptance_per_position": rates,
+            "accept_histogram": hist.tolist(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Speculative(_SpecBase):
+    """Speculative decoding with a chain of `gamma` draft tokens.
+
+    `Speculative(DraftModel(), gamma=4)` with `generate(..., draft=small_model)`;
+    `lenience < 1` gives DistillSpec's lossy acceptance; `dynamic=DynamicGamma()` adapts gamma
+    per row (gamma is then the maximum); `confidence` stops drafting below that top-1 prob.
+    """
+
+    gamma: int = 4
+    dynamic: DynamicGamma | None = None
+    confidence: float | None = None
+
+    name = "speculative"
+
+    def __post_init__(self):
+        if self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {self.gamma}.")
+        if self.confidence is not None and not 0.0 <= self.confidence < 1.0:
+            raise ValueError(f"confidence must be in [0, 1), got {self.confidence}.")
+        if self.dynamic is not None and not 1 <= self.dynamic.minimum <= self.dynamic.start <= self.gamma:
+            raise ValueError(f"DynamicGamma needs 1 <= minimum <= start <= gamma={self.gamma}, got {self.dynamic}.")
+
+    @property
+    def shape(self) -> Chain:
+        return Chain(self.gamma, self.confidence)
+
+    def _gamma0(self) -> int:
+        return self.dynamic.start if self.dynamic else self.gamma
+
+    def _next_gamma(self, gamma, acc, tree):
+        if self.dynamic is None:
+            return gamma
+        proposed = jnp.sum(tree.valid, axis=1) - 1
+        full = acc.n >= proposed
+        g = jnp.where(full, gamma + self.dynamic.grow, gamma - self.dynamic.shrink)
+        return jnp.clip(g, self.dynamic.minimum, self.gamma).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeDecoding(_SpecBase):
+    """Tree speculative decoding: a static `TreeTopology` or an EAGLE-2 `DynamicTree`."""
+
+    tree: TreeTopology | DynamicTree = DynamicTree()
+
+    name = "tree"
+
+    def __post_init__(self):
+        if not isinstance(self.tree, (TreeTopology, DynamicTree)):
+            raise TypeError(
+                f"tree must be a decoding.TreeTopology (static, e.g. TreeTopology.from_branching((4, 2, 2))) "
+                f"or a decoding.DynamicTree(...), got {type(self.tree).__name__}."
+            )
+
+    @property
+    def shape(self):
+        return self.tree
+
+    @property
+    def is_chain(self) -> bool:
+        return False

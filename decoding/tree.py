@@ -1,0 +1,338 @@
+"""Token trees: static topologies, per-row tree buffers, tree verification and acceptance.
+
+Implements the verification side of tree-based speculative decoding:
+- SpecInfer (Miao et al. 2024): a token tree verified in one target forward with a tree
+  attention mask (each node sees the prefix and its ancestors; position = prefix + depth), and
+  *multi-round* speculative sampling over siblings, which is exactly lossless.
+- Medusa (Cai et al. 2024): static trees given as a list of index paths ("choices").
+- EAGLE-2 (Li et al. 2024): dynamic trees; siblings are the draft's deterministic top-k, so the
+  proposal of each sibling is one-hot and the multi-round rule becomes: accept child x with
+  probability P(x); on rejection set P(x) = 0, renormalise, try the next sibling.
+A chain (plain speculative decoding, Leviathan et al. 2023) is the tree with one child per node,
+and the rules above reduce to the standard accept/reject/residual rule.
+
+Node 0 of every tree is the *root*: the last committed token, which the target has not yet
+processed. The other nodes are candidates. Nodes are numbered so that a parent precedes its
+children.
+
+Legend: B batch, N nodes (root included), K max children per node, D max depth, V vocab.
+
+Choices recorded here where the papers leave them open:
+- Sibling order for sampled acceptance is the order of `children` (for top-k trees: by draft
+  score, best first). Any fixed order is lossless.
+- Lenience (DistillSpec, Zhou et al. 2024; Leviathan et al. 2023 A.5) multiplies q in the
+  acceptance test only: accept x with min(1, P(x) / (lenience * q(x))); the correction is the
+  standard residual normalize(max(0, P - q)) (the residual of the accepted mass min(q, P/l) is
+  the same wherever it is positive). lenience = 1 is the lossless rule. It applies to
+  stochastic (sampled-draft) nodes; one-hot siblings keep the exact rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class TreeError(ValueError):
+    """An invalid tree specification."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeTopology:
+    """A static tree, given Medusa-style as index paths (host side, hashable).
+
+    Each path is a tuple of child ranks from the root: `(0,)` is the root's best child,
+    `(0, 1)` that child's second-best child. The set must be prefix-closed (every path's parent
+    path is present). All buffers are numpy arrays computed once.
+    """
+
+    paths: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        paths = tuple(tuple(int(i) for i in p) for p in self.paths)
+        if not paths:
+            raise TreeError("a tree needs at least one path, e.g. TreeTopology(((0,),)).")
+        seen = set()
+        for p in paths:
+            if not p:
+                raise TreeError("empty path in the tree: the root is implicit; list only candidate paths.")
+            if any(i < 0 for i in p):
+                raise TreeError(f"path {p} has a negative child rank; ranks count from 0 (the best child).")
+            if p in seen:
+                raise TreeError(f"path {p} appears twice in the tree.")
+            seen.add(p)
+        for p in paths:
+            if len(p) > 1 and p[:-1] not in seen:
+                raise TreeError(f"path {p} needs its parent path {p[:-1]} in the tree (paths must be prefix-closed).")
+        object.__setattr__(self, "paths", tuple(sorted(paths, key=lambda p: (len(p), p))))
+
+    @classmethod
+    def chain(cls, length: int) -> "TreeTopology":
+        """A single path of `length` candidates (plain speculative decoding)."""
+        if length < 1:
+            raise TreeError(f"a chain needs length >= 1, got {length}.")
+        return cls(tuple((0,) * d for d in range(1, length + 1)))
+
+    @classmethod
+    def from_branching(cls, branching) -> "TreeTopology":
+        """Full tree with `branching[d]` children per node at depth d, e.g. (4, 2, 2, 1)."""
+        if not branching or any(int(b) < 1 for b in branching):
+            raise TreeError(f"branching factors must be >= 1, got {tuple(branching)}.")
+        level, paths = [()], []
+        for b in branching:
+            level = [p + (r,) for p in level for r in range(int(b))]
+            paths.extend(level)
+        return cls(tuple(paths))
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.paths) + 1
+
+    @property
+    def max_depth(self) -> int:
+        return max(len(p) for p in self.paths)
+
+    @functools.cached_property
+    def _index(self) -> dict:
+        return {p: i + 1 for i, p in enumerate(self.paths)}
+
+    @functools.cached_property
+    def parents(self) -> np.ndarray:
+        """int32[N]; -1 for the root."""
+        idx = self._index
+        return np.array([-1] + [idx[p[:-1]] if len(p) > 1 else 0 for p in self.paths], np.int32)
+
+    @functools.cached_property
+    def depth(self) -> np.ndarray:
+        return np.array([0] + [len(p) for p in self.paths], np.int32)
+
+    @functools.cached_property
+    def rank(self) -> np.ndarray:
+        """Child rank of each node at its parent (root: 0)."""
+        return np.array([0] + [p[-1] for p in self.paths], np.int32)
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray:
+        """bool[N, N]: mask[i, j] iff j is i or an ancestor of i."""
+        return ancestor_mask(self.parents[None])[0]
+
+    @functools.cached_property
+    def children(self) -> np.ndarray:
+        """int32[N, K] children of each node in rank order, -1 padded (K >= 1)."""
+        return children_table(self.parents[None], self.rank[None])[0]
+
+    @functools.cached_property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        """(first node, count) of each depth >= 1; nodes of one depth are contiguous."""
+        out = []
+        for d in range(1, self.max_depth + 1):
+            ids = np.nonzero(self.depth == d)[0]
+            out.append((int(ids[0]), int(len(ids))))
+        return tuple(out)
+
+    @functools.cached_property
+    def max_rank(self) -> int:
+        return int(self.rank.max()) + 1
+
+    def retrieve_paths(self) -> np.ndarray:
+        """int32[leaves, D+1]: node ids from the root to each leaf, -1 padded."""
+        leaves = [i for i in range(self.num_nodes) if i not in set(self.parents.tolist())]
+        out = np.full((len(leaves), self.max_depth + 1), -1, np.int32)
+        for r, leaf in enumerate(leaves):
+            path, node = [], leaf
+            while node >= 0:
+                path.append(node)
+                node = self.parents[node]
+            out[r, : len(path)] = path[::-1]
+        return out
+
+
+def ancestor_mask(parents: np.ndarray) -> np.ndarray:
+    """bool[B, N, N] from `parents: int[B, N]` (-1 root, parents before children)."""
+    b, n = parents.shape
+    m = np.zeros((b, n, n), bool)
+    for i in range(n):
+        m[:, i, i] = True
+        p = parents[:, i]
+        for r in range(b):
+            if p[r] >= 0:
+                m[r, i] |= m[r, p[r]]
+    return m
+
+
+def children_table(parents: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """int32[B, N, K] children of each node sorted by `order` (lower first), -1 padded."""
+    b, n = parents.shape
+    k = 1
+    for r in range(b):
+        counts = np.bincount(parents[r][parents[r] >= 0], minlength=n)
+        k = max(k, int(counts.max()) if counts.size else 1)
+    out = np.full((b, n, k), -1, np.int32)
+    for r in range(b):
+        for i in range(n):
+            kids = [j for j in range(n) if parents[r, j] == i]
+            kids.sort(key=lambda j: order[r, j])
+            out[r, i, : len(kids)] = kids
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TreeBatch:
+    """A proposed tree per row (device side). Node 0 is the root.
+
+    tokens: int32[B, N]; depth: int32[B, N]; mask: bool[B, N, N] (ancestor-or-self);
+    children: int32[B, N, K] (-1 padded, in the order siblings are tried);
+    valid: bool[B, N] (nodes a drafter declined to propose are invalid and never accepted);
+    q_logprobs: float32[B, N, V] or None — for *stochastic* trees, the draft distribution at
+    each node from which its children were sampled; None means siblings are deterministic
+    (one-hot proposals: top-k, n-gram lookup, greedy drafts).
+    """
+
+    tokens: jax.Array
+    depth: jax.Array
+    mask: jax.Array
+    children: jax.Array
+    valid: jax.Array
+    q_logprobs: jax.Array | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+
+def chain_batch(root: jax.Array, drafts: jax.Array, n_proposed: jax.Array, q_logprobs=None) -> TreeBatch:
+    """The chain root -> drafts[:, 0] -> ... as a TreeBatch. drafts: int32[B, G]; n_proposed: int32[B]."""
+    b, g = drafts.shape
+    n = g + 1
+    idx = jnp.arange(n, dtype=jnp.int32)
+    tokens = jnp.concatenate([root[:, None], drafts], axis=1).astype(jnp.int32)
+    valid = idx[None, :] <= n_proposed[:, None]
+    nxt = idx + 1
+    children = jnp.where((nxt[None, :] <= n_proposed[:, None]), nxt[None, :], -1)[..., None]
+    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, n, n))
+    if q_logprobs is not None:  # q at node i is the distribution node i+1 was drawn from
+        pad = jnp.zeros_like(q_logprobs[:, :1])
+        q_logprobs = jnp.concatenate([q_logprobs, pad], axis=1)
+    return TreeBatch(tokens=tokens, depth=jnp.broadcast_to(idx, (b, n)), mask=mask,
+                     children=children.astype(jnp.int32), valid=valid, q_logprobs=q_logprobs)
+
+
+def topology_batch(topology: TreeTopology, tokens: jax.Array, valid: jax.Array | None = None) -> TreeBatch:
+    """A TreeBatch for a static topology filled with `tokens: int32[B, N]` (deterministic siblings)."""
+    b = tokens.shape[0]
+    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *np.shape(a)))  # noqa: E731
+    return TreeBatch(tokens=tokens.astype(jnp.int32), depth=bc(topology.depth), mask=bc(topology.mask),
+                     children=bc(topology.children), valid=bc(np.ones(topology.num_nodes, bool)) if valid is None else valid)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """Outcome of verification per row.
+
+    path: int32[B, D+1] accepted node ids from the root (path[:, 0] = 0), padded with 0;
+    n: int32[B] accepted candidates (root excluded); bonus: int32[B] the token sampled from the
+    target after the last accepted node (the next root).
+    """
+
+    path: jax.Array
+    n: jax.Array
+    bonus: jax.Array
+
+    def tokens(self, tree: TreeBatch) -> jax.Array:
+        """int32[B, D+1]: accepted candidate tokens followed by the bonus token (length n + 1)."""
+        d = self.path.shape[1] - 1
+        cand = jnp.take_along_axis(tree.tokens, self.path[:, 1:], axis=1)  # [B, D]
+        j = jnp.arange(d + 1)[None, :]
+        padded = jnp.concatenate([cand, jnp.zeros_like(cand[:, :1])], axis=1)
+        return jnp.where(j == self.n[:, None], self.bonus[:, None], padded).astype(jnp.int32)
+
+
+def _first_true(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(index of first True along the last axis, any) for bool[..., K]."""
+    return jnp.argmax(x, axis=-1), jnp.any(x, axis=-1)
+
+
+def accept_greedy(tree: TreeBatch, target_logits: jax.Array, max_depth: int) -> Accepted:
+    """Walk the tree taking the child equal to the target's argmax (lossless for greedy)."""
+    b = tree.tokens.shape[0]
+    rows = jnp.arange(b)
+    top = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N]
+    cur = jnp.zeros((b,), jnp.int32)
+    alive = jnp.ones((b,), bool)
+    n = jnp.zeros((b,), jnp.int32)
+    path = [cur]
+    for _ in range(max_depth):
+        kids = tree.children[rows, cur]  # [B, K]
+        kid_ok = (kids >= 0) & tree.valid[rows[:, None], jnp.maximum(kids, 0)]
+        kid_tok = tree.tokens[rows[:, None], jnp.maximum(kids, 0)]
+        match = kid_ok & (kid_tok == top[rows, cur][:, None])
+        k, found = _first_true(match)
+        step = alive & found
+        cur = jnp.where(step, kids[rows, k], cur)
+        n = n + step
+        alive = step
+        path.append(jnp.where(step, cur, 0))
+    bonus = top[rows, cur]
+    return Accepted(path=jnp.stack(path, axis=1), n=n, bonus=bonus)
+
+
+def accept_sampled(tree: TreeBatch, target_logprobs: jax.Array, key: jax.Array, max_depth: int,
+                   lenience: float = 1.0) -> Accepted:
+    """Multi-round speculative sampling over the tree (lossless for lenience = 1).
+
+    target_logprobs: float32[B, N, V], the target's *processed* distribution at every node.
+    At the current node with target distribution P, siblings are tried in order:
+      stochastic (q given): accept x w.p. min(1, P(x) / (lenience q(x))); else P <- norm(max(0, P - q));
+      one-hot: accept x w.p. P(x); else P(x) <- 0, renormalise.
+    The first accepted child becomes the current node (P <- its target distribution); if every
+    child is rejected, or the node is a leaf, the bonus token is sampled from P.
+    """
+    b, n_nodes, vocab = target_logprobs.shape
+    rows = jnp.arange(b)
+    k_max = tree.children.shape[2]
+    stochastic = tree.q_logprobs is not None
+    cur = jnp.zeros((b,), jnp.int32)
+    alive = jnp.ones((b,), bool)
+    n = jnp.zeros((b,), jnp.int32)
+    probs = jnp.exp(target_logprobs[:, 0])  # [B, V]
+    path = [cur]
+    keys = jax.random.split(key, max_depth * k_max + 1)
+    for d in range(max_depth):
+        kids = tree.children[rows, cur]
+        q = jnp.exp(tree.q_logprobs[rows, cur]) if stochastic else None
+        moved = jnp.zeros((b,), bool)
+        new_cur = cur
+        for k in range(k_max):
+            kid = kids[:, k]
+            ok = alive & ~moved & (kid >= 0) & tree.valid[rows, jnp.maximum(kid, 0)]
+            x = tree.tokens[rows, jnp.maximum(kid, 0)]
+            px = probs[rows, x]
+            u = jax.random.uniform(keys[d * k_max + k], (b,))
+            if stochastic:
+                qx = q[rows, x]
+                accept = ok & (u * lenience * qx < px)  # u < min(1, p / (l q)) without dividing by 0
+                resid = jnp.maximum(probs - q, 0.0)
+            else:
+                accept = ok & (u < px)
+                resid = probs.at[rows, x].set(0.0)
+            z = jnp.sum(resid, axis=-1, keepdims=True)
+            # A rejection with zero residual mass has probability zero; guard the division.
+            resid = jnp.where(z > 0, resid / jnp.where(z > 0, z, 1.0), probs)
+            rejected = ok & ~accept
+            probs = jnp.where(rejected[:, None], resid, probs)
+            new_cur = jnp.where(accept, kid, new_cur)
+            moved = moved | accept
+        cur = new_cur
+        probs = jnp.where(moved[:, None], jnp.exp(target_logprobs[rows, cur]), probs)
+        n = n + moved
+        alive = moved
+        path.append(jnp.where(moved, cur, 0))
+    logits = jnp.log(jnp.maximum(probs, 0.0))
+    bonus = jax.random.categorical(keys[-1], logits, axis=-1).astype(jnp.int32)
+    return Accepted(path=jnp.stack(path, axis=1), n=n, bonus=bonus)

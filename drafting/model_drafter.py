@@ -1,0 +1,362 @@
+"""Drafters that are language models: a small draft LM, or the target's own first layers.
+
+Both implement `decoding.speculative.Proposer` through one generic engine that only needs a
+forward function (`_forward`) and a notion of how far the drafter's cache has caught up
+(`_drafted_len`). The engine drafts any shape:
+
+- `Chain(gamma)`: one catch-up forward over the tokens committed since the drafter last ran
+  (the root, plus the last draft token when a whole chain was accepted), then gamma - 1
+  single-token forwards. Greedy decoding drafts argmaxes (deterministic proposals); sampled
+  decoding samples from the drafter's *processed* distribution, which the verifier uses as q.
+- `TreeTopology` (static, Medusa-style): level by level; the nodes of one depth are forwarded
+  together, each seeing the prefix and its ancestors (a slot mask over the drafter's cache);
+  node of rank r gets its parent's r-th most likely token. Siblings are deterministic.
+- `DynamicTree` (EAGLE-2): expand the top_k frontier by top_k children each, scored by
+  cumulative draft log-probability; keep the global top_k as the next frontier; finally the
+  best `total_tokens` nodes (ancestor-closed because scores only decrease along a path; ties
+  are broken by creation order, parents first). Siblings are deterministic.
+
+Legend: B batch, N nodes, W catch-up width, K top-k, V vocab, S cache slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decoding.speculative import Chain, DynamicTree, View
+from decoding.tree import TreeBatch, TreeTopology, chain_batch, topology_batch
+
+
+def _topk_tokens(logits: jax.Array, k: int):
+    """(log-probs, tokens) of the k most likely tokens: float32[..., k], int32[..., k]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    vals, idx = jax.lax.top_k(logp, k)
+    return vals, idx.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDrafter:
+    """Generic LM drafter (see module doc). Subclasses define the forward and the cache."""
+
+    name = "model"
+
+    # -- to be provided by subclasses ----------------------------------------------------------
+    def _forward(self, ctx, params, dstate, cache, tokens, positions, *, logit_indices=None, slot_mask=None):
+        """Run the drafter on tokens written at its cache cursor -> (logits, dstate, target cache)."""
+        raise NotImplementedError
+
+    def _drafted_len(self, dstate, view: View):
+        """int32[B]: tokens of the context the drafter's cache holds (its cursor)."""
+        raise NotImplementedError
+
+    def _set_cursor(self, dstate, cache, lengths):
+        """Move the drafter's cache cursor -> (dstate, target cache)."""
+        raise NotImplementedError
+
+    def _cursor(self, dstate, cache):
+        raise NotImplementedError
+
+    def _catchup_width(self, shape) -> int:
+        raise NotImplementedError
+
+    # -- shared engine ----------------------------------------------------------------------------
+    def slack(self, shape) -> int:
+        if isinstance(shape, DynamicTree):
+            return shape.depth * shape.top_k + 2
+        return self._catchup_width(shape) + 1
+
+    def _catch_up(self, ctx, params, dstate, cache, view: View, shape):
+        """Feed the committed tokens the drafter has not seen; return logits at the root."""
+        width = self._catchup_width(shape)
+        start = self._drafted_len(dstate, view)
+        dstate, cache = self._set_cursor(dstate, cache, start)
+        j = jnp.arange(width, dtype=jnp.int32)[None, :]
+        idx = jnp.minimum(start[:, None] + j, view.context.shape[1] - 1)
+        tokens = jnp.take_along_axis(view.context, idx, axis=1)
+        positions = start[:, None] + j
+        n_pending = view.context_len - start  # >= 1 (the root)
+        logits, dstate, cache = self._forward(ctx, params, dstate, cache, tokens, positions,
+                                              logit_indices=(n_pending - 1)[:, None])
+        dstate, cache = self._set_cursor(dstate, cache, view.context_len)
+        return logits[:, 0], dstate, cache
+
+    def propose(self, ctx, params, dstate, view: View, shape, limit, key):
+        cache = view.cache
+        root_logits, dstate, cache = self._catch_up(ctx, params, dstate, cache, view, shape)
+        if isinstance(shape, Chain):
+            out = self._chain(ctx, params, dstate, cache, view, shape, limit, key, root_logits)
+        elif isinstance(shape, TreeTopology):
+            out = self._static_tree(ctx, params, dstate, cache, view, shape, root_logits)
+        elif isinstance(shape, DynamicTree):
+            out = self._dynamic_tree(ctx, params, dstate, cache, view, shape, root_logits)
+        else:
+            raise TypeError(f"{self.name} cannot draft shape {shape!r}")
+        tree, dstate, cache, n_fwd = out
+        # The verifier writes the tree right after the committed prefix: restore that cursor.
+        return tree, dstate, cache.truncate(view.cache.lengths), n_fwd
+
+    def _chain(self, ctx, params, dstate, cache, view, shape: Chain, limit, key, root_logits):
+        """Draft up to `gamma` tokens per row (fewer where `limit` or `confidence` stops it)."""
+        b, vocab = root_logits.shape
+        g = shape.gamma
+        sampled = not ctx.sampling.is_greedy
+        base = view.context_len  # position of the first draft token
+
+        def choose(i, logits, active, drafts, qs):
+            if sampled:
+                lp = ctx.sampling.logprobs(logits)
+                tok = jax.random.categorical(jax.random.fold_in(key, i), lp, axis=-1).astype(jnp.int32)
+                qs = jax.lax.dynamic_update_slice_in_dim(qs, lp[:, None], i, axis=1)
+            else:
+                tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            active = active & (i < limit)
+            if shape.confidence is not None:
+                top1 = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+                active = active & (top1 >= shape.confidence)
+            drafts = jax.lax.dynamic_update_slice_in_dim(drafts, jnp.where(active, tok, 0)[:, None], i, axis=1)
+            return active, drafts, qs
+
+        drafts = jnp.zeros((b, g), jnp.int32)
+        qs = jnp.zeros((b, g, vocab), jnp.float32) if sampled else None
+        active, drafts, qs = choose(0, root_logits, jnp.ones((b,), bool), drafts, qs)
+
+        def cond(carry):
+            return (carry[0] < g) & jnp.any(carry[1])
+
+        def body(carry):
+            i, active, n_prop, drafts, qs, dstate, cache, n_fwd = carry
+            tok = jax.lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1)
+            logits, dstate, cache = self._forward(ctx, params, dstate, cache, tok, (base + i - 1)[:, None])
+            cur = self._cursor(dstate, cache)
+            dstate, cache = self._set_cursor(dstate, cache, jnp.where(active, cur + 1, cur))
+            active, drafts, qs = choose(i, logits[:, 0], active, drafts, qs)
+            return i + 1, active, n_prop + active, drafts, qs, dstate, cache, n_fwd + 1
+
+        carry = (jnp.ones((), jnp.int32), active, active.astype(jnp.int32), drafts, qs, dstate, cache,
+                 jnp.ones((), jnp.int32))
+        _, _, n_prop, drafts, qs, dstate, cache, n_fwd = jax.lax.while_loop(cond, body, carry)
+        return chain_batch(view.root, drafts, n_prop, qs), dstate, cache, n_fwd
+
+    def _level_forward(self, ctx, params, dstate, cache, view, tokens, depth, slot_of, anc_slots):
+        """Forward `tokens: [B, T]` at positions prefix + depth, written at slots `slot_of` (a
+        static offset past the root), each seeing the prefix (root included) and the slots
+        `anc_slots: bool[B, T, R]` of the tree region starting right after the root."""
+        b, t = tokens.shape
+        root_slot = view.context_len - 1
+        dstate, cache = self._set_cursor(dstate, cache, root_slot + 1 + slot_of)
+        cap = self._capacity(dstate, cache)
+        s = jnp.arange(cap, dtype=jnp.int32)[None, None, :]
+        rel = s - (root_slot[:, None, None] + 1)
+        region = anc_slots.shape[-1]
+        in_region = (rel >= 0) & (rel < region)
+        anc = jnp.take_along_axis(anc_slots, jnp.clip(rel, 0, region - 1).astype(jnp.int32).repeat(t, 1), axis=2)
+        slot_mask = (s <= root_slot[:, None, None]) | (in_region & anc)
+        positions = root_slot[:, None] + depth
+        logits, dstate, cache = self._forward(ctx, params, dstate, cache, tokens, positions, slot_mask=slot_mask)
+        return logits, dstate, cache
+
+    def _static_tree(self, ctx, params, dstate, cache, view, topo: TreeTopology, root_logits):
+        b = root_logits.shape[0]
+        n = topo.num_nodes
+        k = topo.max_rank
+        tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(view.root)
+        parents, ranks = topo.parents, topo.rank
+        _, top = _topk_tokens(root_logits, k)  # [B, K]
+        first, count = topo.levels[0]
+        tokens = tokens.at[:, first : first + count].set(top[:, ranks[first : first + count]])
+        anc = np.zeros((n, n - 1), bool)  # node -> visible tree-region slots (node i at slot i-1)
+        anc[:, :] = topo.mask[:, 1:]
+        n_fwd = 1
+        for level, (first, count) in enumerate(topo.levels[:-1]):
+            ids = np.arange(first, first + count)
+            vis = jnp.broadcast_to(jnp.asarray(anc[ids]), (b, count, n - 1))
+            logits, dstate, cache = self._level_forward(
+                ctx, params, dstate, cache, view, tokens[:, ids], jnp.asarray(topo.depth[ids])[None, :],
+                first - 1, vis)
+            _, top = _topk_tokens(logits, k)  # [B, count, K]
+            nf, nc = topo.levels[level + 1]
+            child = np.arange(nf, nf + nc)
+            par_local = parents[child] - first
+            tokens = tokens.at[:, child].set(top[:, par_local, ranks[child]])
+            n_fwd += 1
+        return topology_batch(topo, tokens), dstate, cache, jnp.asarray(n_fwd, jnp.int32)
+
+    def _dynamic_tree(self, ctx, params, dstate, cache, view, shape: DynamicTree, root_logits):
+        b = root_logits.shape[0]
+        k, depth_max, total = shape.top_k, shape.depth, shape.total_tokens
+        rows = jnp.arange(b)
+        region = (depth_max - 1) * k  # drafter-cache slots of forwarded frontier nodes
+        vals, toks = _topk_tokens(root_logits, k)
+        # candidate pool (creation order): token, score, parent pool index (-1 = root), depth
+        pool_tok, pool_score = [toks], [vals]
+        pool_par = [jnp.full((b, k), -1, jnp.int32)]
+        pool_depth = [jnp.ones((b, k), jnp.int32)]
+        frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # pool indices
+        front_tok, front_score = toks, vals
+        front_vis = jnp.zeros((b, k, max(region, 1)), bool)  # visible region slots of each frontier node
+        offset = k
+        n_fwd = 1
+        for d in range(1, depth_max):
+            slot0 = (d - 1) * k
+            own = jax.nn.one_hot(slot0 + jnp.arange(k), max(region, 1), dtype=bool)[None]
+            vis = front_vis | own
+            logits, dstate, cache = self._level_forward(
+                ctx, params, dstate, cache, view, front_tok, jnp.full((1, k), d, jnp.int32), slot0, vis)
+            n_fwd += 1
+            cvals, ctoks = _topk_tokens(logits, k)  # [B, K(frontier), K(children)]
+            scores = front_score[:, :, None] + cvals
+            pool_tok.append(ctoks.reshape(b, k * k))
+            pool_score.append(scores.reshape(b, k * k))
+            pool_par.append(jnp.repeat(frontier, k, axis=1))
+            pool_depth.append(jnp.full((b, k * k), d + 1, jnp.int32))
+            best_vals, best = jax.lax.top_k(scores.reshape(b, k * k), k)
+            parent_local = best // k
+            frontier = offset + best
+            front_tok = jnp.take_along_axis(ctoks.reshape(b, k * k), best, axis=1)
+            front_score = best_vals
+            front_vis = jnp.take_along_axis(vis, parent_local[:, :, None], axis=1)
+            offset += k * k
+        tok = jnp.concatenate(pool_tok, axis=1)
+        score = jnp.concatenate(pool_score, axis=1)
+        par = jnp.concatenate(pool_par, axis=1)
+        dep = jnp.concatenate(pool_depth, axis=1)
+        m = tok.shape[1]
+        # best `total` by score, ties by creation order (stable sort on -score)
+        order = jnp.argsort(-score, axis=1, stable=True)[:, :total]
+        chosen = jnp.sort(order, axis=1)  # creation order: parents before children
+        node_of_pool = jnp.full((b, m), -1, jnp.int32).at[rows[:, None], chosen].set(
+            jnp.arange(1, total + 1, dtype=jnp.int32)[None, :])
+        c_par_pool = jnp.take_along_axis(par, chosen, axis=1)
+        c_par = jnp.where(c_par_pool < 0, 0, jnp.take_along_axis(node_of_pool, jnp.maximum(c_par_pool, 0), axis=1))
+        parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), c_par], axis=1)  # [B, N]
+        tokens = jnp.concatenate([view.root[:, None], jnp.take_along_axis(tok, chosen, axis=1)], axis=1)
+        depth = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.take_along_axis(dep, chosen, axis=1)], axis=1)
+        n = total + 1
+        # ancestor-or-self mask by following parents depth_max times
+        eye = jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n))
+        mask, cur = eye, parents
+        for _ in range(depth_max):
+            hit = jax.nn.one_hot(jnp.maximum(cur, 0), n, dtype=bool) & (cur >= 0)[..., None]
+            mask = mask | hit
+            cur = jnp.where(cur >= 0, jnp.take_along_axis(parents, jnp.maximum(cur, 0), axis=1), -1)
+        # children of each node in creation (= score) order, K = top_k
+        is_child = parents[:, None, :] == jnp.arange(n)[None, :, None]  # [B, N(parent), N(child)]
+        rank = jnp.cumsum(is_child, axis=2) * is_child  # 1-based among siblings
+        children = []
+        for r in range(1, k + 1):
+            hit = rank == r
+            children.append(jnp.where(jnp.any(hit, axis=2), jnp.argmax(hit, axis=2), -1))
+        children = jnp.stack(children, axis=2).astype(jnp.int32)
+        tree = TreeBatch(tokens=tokens.astype(jnp.int32), depth=depth, mask=mask, children=children,
+                         valid=jnp.ones((b, n), bool))
+        return tree, dstate, cache, jnp.asarray(n_fwd, jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftState:
+    cache: object  # the draft model's KVCache; lengths = its cursor
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel(ModelDrafter):
+    """A separate small LM sharing the target's tokenizer (pass it as `generate(..., draft=...)`)."""
+
+    name = "draft_model"
+
+    def validate(self, ctx, draft, shape):
+        if draft is None or ctx.draft is None:
+            raise ValueError("DraftModel needs the draft model: generate(target, prompts, strategy=..., draft=small_model).")
+
+    def _catchup_width(self, shape) -> int:
+        # chains: the root, plus the last draft token when the whole chain was accepted;
+        # trees: the root and every accepted token (tree slots are not contiguous).
+        return 2 if isinstance(shape, Chain) else shape.max_depth + 2
+
+    def _capacity(self, dstate, cache):
+        return dstate.cache.capacity
+
+    def _forward(self, ctx, params, dstate, cache, tokens, positions, *, logit_indices=None, slot_mask=None):
+        from decoding.model import forward
+
+        out = forward(ctx.draft, params["draft"], tokens, positions, dstate.cache,
+                      logit_indices=logit_indices, slot_mask=slot_mask)
+        # forward advanced the cursor by T; callers place it explicitly with _set_cursor
+        return out.logits, DraftState(out.cache.truncate(dstate.cache.lengths)), cache
+
+    def _drafted_len(self, dstate, view):
+        return dstate.cache.lengths
+
+    def _cursor(self, dstate, cache):
+        return dstate.cache.lengths
+
+    def _set_cursor(self, dstate, cache, lengths):
+        return DraftState(dstate.cache.truncate(lengths)), cache
+
+    def init(self, ctx, params, prompt, lengths, cache):
+        from decoding.autoregressive import prefill
+        from decoding.cache import KVCache
+
+        dcache = KVCache.init(ctx.draft, prompt.shape[0], ctx.capacity, params["draft"]["embed"].dtype)
+        _, dcache = prefill(ctx.draft, params["draft"], prompt, lengths, dcache)
+        return DraftState(dcache), cache
+
+    def commit(self, ctx, params, dstate, view, shape, tree, acc, running):
+        # Valid drafter entries after a chain: the root and d_1..d_{m-1} (d_m was never fed);
+        # after a tree: only the root (the accepted path is re-fed by the next catch-up).
+        base = view.cache.lengths
+        if isinstance(shape, Chain):
+            m = jnp.sum(tree.valid, axis=1) - 1  # tokens proposed
+            new_len = jnp.minimum(base + jnp.maximum(m, 1), base + 1 + acc.n)
+        else:
+            new_len = base + 1
+        return DraftState(dstate.cache.truncate(jnp.where(running, new_len, dstate.cache.lengths)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkip(ModelDrafter):
+    """Self-speculative drafting with the target's first `layers` layers and its own head
+    (final norm + LM head), in the spirit of LayerSkip (Elhoushi et al. 2024) and
+    Draft & Verify (Zhang et al. 2024), without any training. It shares the target's KV cache:
+    the shallow layers' entries it writes for draft tokens are overwritten by verification."""
+
+    layers: int = 8
+
+    name = "layer_skip"
+
+    def validate(self, ctx, draft, shape):
+        if not 1 <= self.layers < ctx.target.num_layers:
+            raise ValueError(f"LayerSkip(layers={self.layers}) needs 1 <= layers < {ctx.target.num_layers} "
+                             "(the target's depth).")
+
+    def _catchup_width(self, shape) -> int:
+        return 1  # the target cache holds every committed token; only the root is new
+
+    def _capacity(self, dstate, cache):
+        return cache.capacity
+
+    def _forward(self, ctx, params, dstate, cache, tokens, positions, *, logit_indices=None, slot_mask=None):
+        from decoding.model import forward
+
+        out = forward(ctx.target, params["target"], tokens, positions, cache, layers=(0, self.layers),
+                      logit_indices=logit_indices, slot_mask=slot_mask)
+        return out.logits, dstate, out.cache.truncate(cache.lengths)
+
+    def _drafted_len(self, dstate, view):
+        return view.cache.lengths
+
+    def _cursor(self, dstate, cache):
+        return cache.lengths
+
+    def _set_cursor(self, dstate, cache, lengths):
+        return dstate, cache.truncate(lengths)
+
+    def init(self, ctx, params, prompt, lengths, cache):
+        return jnp.zeros((), jnp.int32), cache
+
+    def commit(self, ctx, params, dstate, view, shape, tree, acc, running):
+        return dstate
