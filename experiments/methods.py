@@ -1,0 +1,359 @@
+"""The methods a benchmark can run, described by small specs: name -> how to build it.
+
+A method is written on the command line as `NAME` or `NAME:key=value:key=value`, e.g.
+`spec:gamma=6`. Its *label* (the key of its result rows) is the name followed by the options
+that differ from the defaults, in sorted order, so `spec:gamma=4` and `spec` are one method.
+
+Built-in methods (the core strategies are imported only when a method asks for them, and a
+missing one gives a clear error before any work starts):
+  ar         decoding.Autoregressive()                                   cost: 1 target call/token
+  spec       decoding.Speculative(drafting.DraftModel(), gamma)          + the --draft model
+  tree       decoding.TreeDecoding(drafting.DraftModel(),
+                 tree=decoding.DynamicTree(depth, top_k, total_tokens))  + the --draft model
+  pld        decoding.Speculative(drafting.PromptLookup(max_ngram), gamma)
+  layerskip  decoding.Speculative(drafting.LayerSkip(layers), gamma)     (0 = half the layers)
+  hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
+The draft model's weights reach `decoding.generate` through its `draft=` argument.
+
+Other methods can be added from a module: `--plugin my.module` imports it, and it calls
+`register(MethodSpec(...))`.
+
+Each method also declares its roofline cost (`experiments.roofline.predict`), so a report can
+put the predicted speedup next to the measured one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Callable, Sequence
+
+
+class MethodUnavailable(RuntimeError):
+    """A method cannot be built here (its strategy or library is missing)."""
+
+
+class MethodSpecError(ValueError):
+    """A method string names an unknown method or option, or an option has a bad value."""
+
+
+@dataclasses.dataclass
+class Generation:
+    """What one batched call produced. tokens/texts per row; times in seconds.
+
+    target_forwards: batched target calls (prefill included); row_forwards: each row's own
+    target calls when rows were run separately (else every row counts the batched calls);
+    tau: tokens per target call (mean over rows); extra: method-specific figures (e.g.
+    acceptance_per_position).
+    """
+
+    tokens: list
+    texts: list
+    run_s: float
+    compile_s: float = 0.0
+    target_forwards: int = 0
+    tau: float | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    row_forwards: list | None = None
+
+
+class Method:
+    """Base class of a built method. Subclasses set `cost` and implement `generate`."""
+
+    #: roofline cost description (see `experiments.roofline.predict`), or None
+    cost: dict | None = None
+    #: warm up once per prompt-shape bucket (programs compiled per shape) instead of once
+    warmup_per_shape: bool = True
+
+    def __init__(self, label: str, name: str, options: dict):
+        self.label, self.name, self.options = label, name, dict(options)
+
+    def generate(self, prompts: list[list[int]], seed: int) -> Generation:
+        raise NotImplementedError
+
+    def warmup(self, prompts: list[list[int]], seed: int) -> float:
+        """Run once untimed, so that what needs compiling is compiled before timing.
+
+        Returns the seconds spent: the compile time where it is known apart (the JAX methods),
+        else the warm-up's wall time."""
+        import time
+
+        t0 = time.perf_counter()
+        self.generate(prompts, seed)
+        return time.perf_counter() - t0
+
+    def info(self) -> dict:
+        """Settings to record with the results."""
+        return {"name": self.name, "options": self.options, "cost": self.cost}
+
+    def close(self) -> None:
+        """Free what the method holds (models on the device)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How to build a method. `build(env, options) -> Method`; `check()` raises
+    `MethodUnavailable` when the method cannot run here (called before any work starts)."""
+
+    name: str
+    description: str
+    build: Callable[[Any, dict], Method]
+    defaults: dict = dataclasses.field(default_factory=dict)
+    check: Callable[[], None] | None = None
+    uses_draft_model: bool = False
+    uses_torch: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A method string, resolved: its label, spec and full options."""
+
+    label: str
+    spec: MethodSpec
+    options: dict
+
+    def build(self, env) -> Method:
+        method = self.spec.build(env, dict(self.options))
+        method.label = self.label
+        return method
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Add a method spec to the registry (a plugin module calls this on import)."""
+    if spec.name in _REGISTRY and not replace:
+        raise MethodSpecError(f"a method named {spec.name!r} is already registered.")
+    if not spec.name or any(c in spec.name for c in ":,= "):
+        raise MethodSpecError(f"method names cannot be empty or contain ':', ',', '=' or spaces: {spec.name!r}.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def registered() -> dict[str, MethodSpec]:
+    return dict(_REGISTRY)
+
+
+def load_plugin(module: str) -> None:
+    """Import a module that registers extra methods."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise MethodSpecError(f"could not import plugin module {module!r}: {err}.") from err
+
+
+def _convert(value: str, default: Any, where: str):
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise MethodSpecError(f"{where}: expected true/false, got {value!r}.")
+    try:
+        return type(default)(value) if default is not None else value
+    except ValueError:
+        raise MethodSpecError(f"{where}: expected a {type(default).__name__}, got {value!r}.") from None
+
+
+def label_of(name: str, options: dict, defaults: dict) -> str:
+    changed = [f"{k}={options[k]}" for k in sorted(options) if options[k] != defaults.get(k)]
+    return ":".join([name, *changed])
+
+
+def parse(item: str) -> Resolved:
+    """'spec:gamma=6' -> Resolved(label, spec, options) (options merged over the defaults)."""
+    name, *parts = item.strip().split(":")
+    if name not in _REGISTRY:
+        raise MethodSpecError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))} "
+                              "(others can be added with --plugin MODULE).")
+    spec = _REGISTRY[name]
+    options = dict(spec.defaults)
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise MethodSpecError(f"method {item!r}: options are written key=value, got {part!r}.")
+        if key not in spec.defaults:
+            known = ", ".join(sorted(spec.defaults)) or "none"
+            raise MethodSpecError(f"method {item!r}: unknown option {key!r}; {name} takes: {known}.")
+        options[key] = _convert(value, spec.defaults[key], f"method {item!r}, option {key}")
+    return Resolved(label_of(name, options, spec.defaults), spec, options)
+
+
+def resolve(items: Sequence[str], *, check: bool = True) -> list[Resolved]:
+    """Parse a list of method strings (each may hold several, comma-separated) and check each
+    can run here; duplicate labels are an error."""
+    out, seen = [], set()
+    for chunk in items:
+        for item in chunk.split(","):
+            if not item.strip():
+                continue
+            r = parse(item)
+            if r.label in seen:
+                raise MethodSpecError(f"method {r.label!r} is listed twice.")
+            seen.add(r.label)
+            if check and r.spec.check is not None:
+                r.spec.check()
+            out.append(r)
+    if not out:
+        raise MethodSpecError("no methods given.")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The core's strategies (imported lazily)
+# --------------------------------------------------------------------------------------------
+
+
+def _attr(module: str, name: str, method: str):
+    """`module.name`, or a MethodUnavailable that says what is missing."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise MethodUnavailable(
+            f"method {method!r} needs {module}.{name}, but {module} cannot be imported: {err}.") from err
+    obj = getattr(mod, name, None)
+    if obj is None:
+        raise MethodUnavailable(
+            f"method {method!r} needs {module}.{name}, which this checkout does not have yet "
+            f"(it is part of the core's speculative/tree work). Run the methods that exist, e.g. --methods ar."
+        )
+    return obj
+
+
+def _needs(*paths: str, method: str) -> Callable[[], None]:
+    def check() -> None:
+        for path in paths:
+            module, _, name = path.rpartition(".")
+            _attr(module, name, method)
+    return check
+
+
+def _jsonable(value):
+    """Stats.extra values -> JSON-friendly Python (arrays to lists, numpy scalars to numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; e.g. the acceptance rate of a position never reached
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return repr(value)
+
+
+class JaxMethod(Method):
+    """A strategy of the core run through `decoding.generate` on the run's target model."""
+
+    def __init__(self, label, name, options, env, strategy, *, draft_model=None, cost=None):
+        super().__init__(label, name, options)
+        self.env, self.strategy, self.draft_model, self.cost = env, strategy, draft_model, cost
+
+    def generate(self, prompts, seed):
+        import decoding
+
+        res = decoding.generate(self.env.target, prompts, strategy=self.strategy, sampling=self.env.sampling(),
+                                max_new_tokens=self.env.max_new_tokens, seed=seed, draft=self.draft_model,
+                                prompt_bucket=getattr(self.env, "prompt_bucket", None))
+        st = res.stats
+        return Generation(tokens=[list(map(int, t)) for t in res.tokens], texts=list(res.texts), run_s=st.run_s,
+                          compile_s=st.compile_s, target_forwards=int(st.target_forwards), tau=float(st.tau),
+                          extra=_jsonable({k: v for k, v in st.extra.items() if k != "tau"}))
+
+    def warmup(self, prompts, seed):
+        return self.generate(prompts, seed).compile_s
+
+    def info(self):
+        d = super().info()
+        d["strategy"] = repr(self.strategy)
+        return d
+
+
+def _build_ar(env, opts):
+    import decoding
+
+    return JaxMethod("ar", "ar", opts, env, decoding.Autoregressive(), cost={"kind": "ar"})
+
+
+def _build_spec(env, opts):
+    speculative = _attr("decoding", "Speculative", "spec")
+    drafter = _attr("drafting", "DraftModel", "spec")()
+    return JaxMethod("spec", "spec", opts, env, speculative(drafter, gamma=opts["gamma"]), draft_model=env.draft,
+                     cost={"kind": "chain", "gamma": opts["gamma"], "draft": "model"})
+
+
+def _build_tree(env, opts):
+    tree_decoding = _attr("decoding", "TreeDecoding", "tree")
+    drafter = _attr("drafting", "DraftModel", "tree")()
+    tree = _attr("decoding", "DynamicTree", "tree")(depth=opts["depth"], top_k=opts["top_k"],
+                                                    total_tokens=opts["nodes"])
+    cost = {"kind": "tree", "nodes": opts["nodes"], "depth": opts["depth"],
+            "draft_tokens_per_step": opts["top_k"], "draft": "model"}
+    return JaxMethod("tree", "tree", opts, env, tree_decoding(drafter, tree=tree), draft_model=env.draft, cost=cost)
+
+
+def _build_pld(env, opts):
+    speculative = _attr("decoding", "Speculative", "pld")
+    drafter = _attr("drafting", "PromptLookup", "pld")(max_ngram=opts["ngram"])
+    return JaxMethod("pld", "pld", opts, env, speculative(drafter, gamma=opts["gamma"]),
+                     cost={"kind": "chain", "gamma": opts["gamma"], "draft": "free"})
+
+
+def _build_layerskip(env, opts):
+    speculative = _attr("decoding", "Speculative", "layerskip")
+    layers = opts["layers"] or max(1, env.target.config.num_layers // 2)
+    opts = dict(opts, layers=layers)
+    drafter = _attr("drafting", "LayerSkip", "layerskip")(layers=layers)
+    return JaxMethod("layerskip", "layerskip", opts, env, speculative(drafter, gamma=opts["gamma"]),
+                     cost={"kind": "chain", "gamma": opts["gamma"], "draft": {"layers": layers}})
+
+
+def _hf(mode):
+    def build(env, opts):
+        from . import hf_peers
+
+        return hf_peers.HFMethod(env, mode, opts)
+    return build
+
+
+def _check_torch():
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise MethodUnavailable("the transformers peers (hf_*) need PyTorch, which is not installed here.")
+
+
+for _spec in (
+    MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar),
+    MethodSpec("spec", "speculative decoding with the --draft model", _build_spec, {"gamma": 4},
+               _needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
+    MethodSpec("tree", "tree decoding (dynamic tree) with the --draft model", _build_tree,
+               {"depth": 6, "top_k": 10, "nodes": 60},
+               _needs("decoding.TreeDecoding", "drafting.DraftModel", "decoding.DynamicTree", method="tree"),
+               uses_draft_model=True),
+    MethodSpec("pld", "prompt lookup decoding (n-gram drafts from the prompt)", _build_pld, {"gamma": 10, "ngram": 3},
+               _needs("decoding.Speculative", "drafting.PromptLookup", method="pld")),
+    MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
+               {"gamma": 4, "layers": 0}, _needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
+    MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
+               uses_torch=True),
+    MethodSpec("hf_assisted", "transformers assisted generation (assistant_model = the --draft model)",
+               _hf("assisted"), {"tokens": 0}, _check_torch, uses_draft_model=True, uses_torch=True),
+    MethodSpec("hf_static", "transformers generate() with a static cache + torch.compile", _hf("static"), {},
+               _check_torch, uses_torch=True),
+):
+    register(_spec)
+
+DEFAULT_METHODS = ("ar", "spec", "tree", "pld", "layerskip")
+PEER_METHODS = ("hf_ar", "hf_assisted", "hf_static")
+
+
+def default_methods() -> list[str]:
+    """The headline set: every core method, plus the transformers peers when torch is present."""
+    import importlib.util
+
+    peers = list(PEER_METHODS) if importlib.util.find_spec("torch") is not None else []
+    return list(DEFAULT_METHODS) + peers

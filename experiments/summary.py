@@ -1,0 +1,386 @@
+"""Leaderboard math, Markdown and plots for benchmark result rows.
+
+Definitions (each figure is a ratio of sums over rows, never a mean of ratios):
+  * a row is one (method, question, turn); N = its new tokens (EOS included), F = the target
+    calls that served it (prefill included), T = its time: the wall time of the call that
+    produced it, compilation excluded, divided by the call's batch size;
+  * tokens/s = sum N / sum T;
+  * tau (mean accepted tokens per target call, bonus token included; 1.00 for
+    autoregressive decoding) = sum N / sum F. With batch > 1 every row is charged all calls
+    of its batch, so tau is then a lower bound;
+  * speedup of method M over the baseline B (autoregressive, measured in the same run) on a
+    set of questions = sum T_B / sum T_M over the (question, turn) pairs both have: how much
+    less time M needs for the same questions;
+  * speedup_tps = (sum N_M / sum T_M) / (sum N_B / sum T_B) over the same pairs: the ratio of
+    tokens/s, Spec-Bench's definition. The two are equal when M's outputs have B's lengths
+    (always for lossless greedy methods whose outputs match);
+  * per-category and per-task figures take the rows of that category / task; "overall" takes
+    all rows (so categories weigh by their time, as in Spec-Bench).
+Greedy check: with greedy decoding every method's output tokens must equal the baseline's on
+each (question, turn); mismatches are counted and listed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .questions import CATEGORIES, TASK_NAMES, TASKS, task_of
+
+DEFINITIONS = {
+    "time_s": "wall time of the call that produced the row, compilation excluded, / batch size",
+    "tokens_per_s": "sum of new tokens / sum of time_s",
+    "tau": "sum of new tokens / sum of target calls (prefill included; 1.00 = autoregressive)",
+    "speedup": "sum of baseline time_s / sum of method time_s over the (question, turn) pairs both have",
+    "speedup_tps": "method tokens/s / baseline tokens/s over the same pairs (Spec-Bench's definition)",
+    "aggregation": "ratios of sums over the rows of a category, task or the whole run",
+    "warm-up + compile s": "compile time of the untimed warm-up runs (JAX methods; the warm-up's wall time for "
+                           "others) + any compile time of timed calls, which their time excludes",
+}
+
+
+def _key(row: dict) -> tuple:
+    return (row["question_id"], row["turn"])
+
+
+def row_tau(row: dict) -> float:
+    f = row.get("target_forwards") or 0
+    return row["new_tokens"] / f if f else float("nan")
+
+
+def aggregate(rows: Sequence[dict]) -> dict:
+    """n, new_tokens, time_s, target_forwards, tokens_per_s and tau of some rows."""
+    n_tok = sum(r["new_tokens"] for r in rows)
+    t = sum(r["time_s"] for r in rows)
+    f = sum(r.get("target_forwards") or 0 for r in rows)
+    return {
+        "n": len(rows),
+        "new_tokens": n_tok,
+        "time_s": t,
+        "target_forwards": f,
+        "tokens_per_s": n_tok / t if t > 0 else float("nan"),
+        "tau": n_tok / f if f > 0 else float("nan"),
+    }
+
+
+def speedups(method_rows: Sequence[dict], baseline_rows: Sequence[dict]) -> dict:
+    """speedup (time ratio) and speedup_tps over the (question, turn) pairs both have."""
+    base = {_key(r): r for r in baseline_rows}
+    pairs = [(r, base[_key(r)]) for r in method_rows if _key(r) in base]
+    if not pairs:
+        return {"pairs": 0, "speedup": float("nan"), "speedup_tps": float("nan")}
+    tm = sum(m["time_s"] for m, _ in pairs)
+    tb = sum(b["time_s"] for _, b in pairs)
+    nm = sum(m["new_tokens"] for m, _ in pairs)
+    nb = sum(b["new_tokens"] for _, b in pairs)
+    speedup = tb / tm if tm > 0 else float("nan")
+    tps = (nm / tm) / (nb / tb) if tm > 0 and tb > 0 and nb > 0 else float("nan")
+    return {"pairs": len(pairs), "speedup": speedup, "speedup_tps": tps}
+
+
+def _group(rows: Iterable[dict], field) -> dict:
+    out = defaultdict(list)
+    for r in rows:
+        out[field(r)].append(r)
+    return out
+
+
+def _stats(rows, base_rows) -> dict:
+    d = aggregate(rows)
+    if base_rows is not None:
+        d.update(speedups(rows, base_rows))
+    return d
+
+
+def acceptance(rows: Sequence[dict]) -> dict | None:
+    """Rounds accepting exactly d draft tokens, summed over rows (from the strategies'
+    `accept_histogram`), and the conditional acceptance rate at each draft position."""
+    hists = [r.get("extra", {}).get("accept_histogram") for r in rows]
+    hists = [h for h in hists if h]
+    if not hists:
+        return None
+    width = max(len(h) for h in hists)
+    total = [sum(h[d] for h in hists if d < len(h)) for d in range(width)]
+    reach = [sum(total[d:]) for d in range(width)]
+    rates = [reach[d] / reach[d - 1] if reach[d - 1] else None for d in range(1, width)]
+    drafts = sum(r.get("extra", {}).get("draft_forwards", 0) or 0 for r in rows)
+    return {"accept_histogram": total, "acceptance_per_position": rates, "draft_forwards": drafts}
+
+
+def greedy_check(rows: Sequence[dict], baseline: str) -> dict:
+    """Per method: pairs compared, and the (question, turn) pairs whose tokens differ."""
+    by_method = _group(rows, lambda r: r["method"])
+    base = {_key(r): r for r in by_method.get(baseline, [])}
+    out = {}
+    for method, mrows in by_method.items():
+        if method == baseline:
+            continue
+        compared, mismatched = 0, []
+        for r in sorted(mrows, key=_key):
+            b = base.get(_key(r))
+            if b is None or "output_tokens" not in r or "output_tokens" not in b:
+                continue
+            compared += 1
+            if list(r["output_tokens"]) != list(b["output_tokens"]):
+                mismatched.append(f"{r['question_id']}/turn{r['turn']}")
+        out[method] = {"compared": compared, "mismatches": len(mismatched), "mismatched": mismatched}
+    return out
+
+
+def summarize(rows: Sequence[dict], *, baseline: str = "ar", methods: Sequence[str] | None = None,
+              greedy: bool = False) -> dict:
+    """The leaderboard of `rows`: per method, overall / per task / per category figures."""
+    by_method = _group(rows, lambda r: r["method"])
+    order = list(methods) if methods else []
+    order += [m for m in by_method if m not in order]
+    order = [m for m in order if m in by_method]
+    if baseline in order:
+        order.remove(baseline)
+        order.insert(0, baseline)
+    base_rows = by_method.get(baseline)
+    base_by_cat = _group(base_rows or [], lambda r: r["category"])
+    base_by_task = _group(base_rows or [], lambda r: task_of(r["category"]))
+    present_cats = {r["category"] for r in rows}
+    categories = [c for c in CATEGORIES if c in present_cats] + sorted(present_cats - set(CATEGORIES))
+    tasks = [t for t in TASKS if any(task_of(c) == t for c in categories)]
+    tasks += sorted({task_of(c) for c in categories} - set(tasks))
+    out_methods = {}
+    for m in order:
+        mrows = by_method[m]
+        cats = _group(mrows, lambda r: r["category"])
+        tks = _group(mrows, lambda r: task_of(r["category"]))
+        have_base = base_rows is not None
+        out_methods[m] = {
+            "overall": _stats(mrows, base_rows if have_base else None),
+            "tasks": {t: _stats(tks[t], base_by_task.get(t, []) if have_base else None) for t in tasks if t in tks},
+            "categories": {c: _stats(cats[c], base_by_cat.get(c, []) if have_base else None)
+                           for c in categories if c in cats},
+            "compile_s": sum(r.get("compile_s", 0.0) for r in mrows),
+            "acceptance": acceptance(mrows),
+            "sessions": sorted({r.get("session", "") for r in mrows}),
+        }
+    summary = {
+        "baseline": baseline if base_rows is not None else None,
+        "methods": out_methods,
+        "categories": categories,
+        "tasks": tasks,
+        "definitions": DEFINITIONS,
+    }
+    if greedy and base_rows is not None:
+        summary["greedy_check"] = greedy_check(rows, baseline)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Roofline predictions next to the measurements
+# --------------------------------------------------------------------------------------------
+
+
+def add_predictions(summary: dict, rows: Sequence[dict], *, method_costs: dict, target_config, draft_config,
+                    device, bytes_per_param: float = 2, batch: int = 1) -> None:
+    """Add `predicted` (roofline) to each method whose cost is declared, using its measured tau.
+
+    Context for the prediction: mean prompt length + half the mean output length.
+    """
+    from . import roofline
+
+    if not rows:
+        return
+    prompt = sum(r.get("prompt_tokens", 0) for r in rows) / len(rows)
+    new = sum(r["new_tokens"] for r in rows) / len(rows)
+    context = prompt + new / 2
+    for m, d in summary["methods"].items():
+        cost = method_costs.get(m)
+        tau = d["overall"]["tau"]
+        if not cost or not math.isfinite(tau):
+            continue
+        try:
+            pred = roofline.predict(cost, target=target_config, device=device, expected_tokens=tau,
+                                    draft_config=draft_config, context=context, batch=batch,
+                                    bytes_per_param=bytes_per_param, bytes_per_kv=bytes_per_param)
+        except ValueError as err:
+            d["predicted"] = {"error": str(err)}
+            continue
+        if pred is not None:
+            d["predicted"] = dict(pred.as_dict(), context=context, device=device.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _f(x, fmt="{:.2f}", suffix="") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return fmt.format(x) + suffix
+
+
+def leaderboard_markdown(summary: dict) -> str:
+    """Spec-Bench's leaderboard shape: speedup per task, overall, tau and tokens/s."""
+    tasks = summary["tasks"]
+    head = ["Method", *[TASK_NAMES.get(t, t) for t in tasks], "Overall", "tau", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, d in summary["methods"].items():
+        cells = [m]
+        for t in tasks:
+            cells.append(_f(d["tasks"].get(t, {}).get("speedup"), suffix="x"))
+        cells += [_f(d["overall"].get("speedup"), suffix="x"), _f(d["overall"]["tau"]),
+                  _f(d["overall"]["tokens_per_s"], "{:.1f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def categories_markdown(summary: dict) -> str:
+    cats = summary["categories"]
+    head = ["Method", *cats]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, d in summary["methods"].items():
+        cells = [m]
+        for c in cats:
+            s = d["categories"].get(c)
+            cells.append("" if s is None else f"{_f(s.get('speedup'), suffix='x')} / {_f(s['tau'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def predictions_markdown(summary: dict) -> str:
+    head = ["Method", "tau", "speedup (measured)", "speedup (roofline)", "speedup_tps (measured)",
+            "tokens/s (measured)", "tokens/s (roofline bound)", "warm-up + compile s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, d in summary["methods"].items():
+        o, p = d["overall"], d.get("predicted") or {}
+        lines.append("| " + " | ".join([
+            m, _f(o["tau"]), _f(o.get("speedup"), suffix="x"), _f(p.get("speedup"), suffix="x"),
+            _f(o.get("speedup_tps"), suffix="x"), _f(o["tokens_per_s"], "{:.1f}"),
+            _f(p.get("tokens_per_s"), "{:.0f}"), _f(d.get("warmup_s", 0.0) + d.get("compile_s", 0.0), "{:.1f}")])
+            + " |")
+    return "\n".join(lines)
+
+
+def acceptance_markdown(summary: dict) -> str:
+    rows = [(m, d["acceptance"]) for m, d in summary["methods"].items() if d.get("acceptance")]
+    if not rows:
+        return ""
+    width = max(len(a["acceptance_per_position"]) for _, a in rows)
+    head = ["Method", *[f"pos {i}" for i in range(1, width + 1)], "draft forwards"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, a in rows:
+        rates = [_f(x) for x in a["acceptance_per_position"]] + [""] * (width - len(a["acceptance_per_position"]))
+        lines.append("| " + " | ".join([m, *rates, str(a["draft_forwards"])]) + " |")
+    return "\n".join(lines)
+
+
+def greedy_markdown(check: dict) -> str:
+    lines = []
+    for m, c in check.items():
+        if c["mismatches"]:
+            shown = ", ".join(c["mismatched"][:20]) + (" ..." if len(c["mismatched"]) > 20 else "")
+            lines.append(f"- {m}: {c['compared'] - c['mismatches']} of {c['compared']} outputs equal the "
+                         f"baseline's; {c['mismatches']} differ: {shown}")
+        else:
+            lines.append(f"- {m}: all {c['compared']} outputs equal the baseline's")
+    return "\n".join(lines)
+
+
+def render_markdown(summary: dict, meta: dict | None = None) -> str:
+    """The whole report: configuration, leaderboard, categories, predictions, checks, errors."""
+    meta = meta or {}
+    out = ["# Spec-Bench results", ""]
+    if meta:
+        cfg = meta.get("config", {})
+        env = meta.get("environment", {})
+        dev = env.get("device", {})
+        ver = env.get("versions", {})
+        out += [
+            f"- device: {dev.get('device_kind', '?')} ({dev.get('platform', '?')})",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
+            f"- target: {cfg.get('target')}; draft: {cfg.get('draft')}; dtype: {cfg.get('dtype')}",
+            f"- questions: {cfg.get('selection_text', '?')}",
+            f"- batch size: {cfg.get('batch_size')}; max new tokens: {cfg.get('max_new_tokens')}; "
+            f"sampling: {cfg.get('sampling')}; chat template: {cfg.get('chat')}",
+            f"- command: `{env.get('command', '')}`",
+        ]
+        if meta.get("sessions", 1) > 1:
+            out.append(f"- note: the rows come from {meta['sessions']} sessions (the run was resumed); each "
+                       "method's 'sessions' in summary.json says which, and speedups across sessions compare "
+                       "different processes")
+        out.append("")
+    base = summary.get("baseline")
+    out += [f"## Speedup over {base or 'the baseline (not in this run)'} (Spec-Bench leaderboard shape)", "",
+            leaderboard_markdown(summary), "",
+            "## Per category (speedup / tau)", "", categories_markdown(summary), "",
+            "## Measured vs roofline", "",
+            "The roofline figures are lower bounds on time (upper bounds on speed) from the measured tau; "
+            + (f"device profile: {meta['device_profile']['name']}." if meta.get("device_profile") else
+               "no device profile was available."), "",
+            predictions_markdown(summary), ""]
+    acc = acceptance_markdown(summary)
+    if acc:
+        out += ["## Acceptance rate per draft position (given the previous one was accepted)", "", acc, ""]
+    if summary.get("greedy_check"):
+        out += ["## Greedy outputs vs the baseline", "", greedy_markdown(summary["greedy_check"]), ""]
+    errors = meta.get("errors") or []
+    if errors:
+        out += ["## Methods that failed", ""]
+        out += [f"- {e['method']}: {e['error']}" for e in errors]
+        out.append("")
+    out += ["## Definitions", ""] + [f"- {k}: {v}" for k, v in summary["definitions"].items()]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def plot(summary: dict, rows: Sequence[dict], out_dir: str | Path) -> list[str]:
+    """speedup.png (per task and overall, per method) and tau.png (per-row tau distribution).
+
+    Returns the files written; an empty list (and no error) when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out_dir = Path(out_dir)
+    written = []
+    base = summary.get("baseline")
+    methods = [m for m in summary["methods"] if m != base]
+    if base and methods:
+        groups = summary["tasks"] + ["overall"]
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 2), 4))
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            d = summary["methods"][m]
+            vals = [d["tasks"].get(g, {}).get("speedup", float("nan")) if g != "overall"
+                    else d["overall"].get("speedup", float("nan")) for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=m)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels([TASK_NAMES.get(g, g) for g in groups], rotation=20)
+        ax.set_ylabel(f"speedup over {base}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "speedup.png", dpi=120)
+        plt.close(fig)
+        written.append(str(out_dir / "speedup.png"))
+    by_method = _group(rows, lambda r: r["method"])
+    names = [m for m in summary["methods"] if m in by_method]
+    if names:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4))
+        data = [[t for t in (row_tau(r) for r in by_method[m]) if math.isfinite(t)] or [float("nan")] for m in names]
+        ax.boxplot(data)
+        ax.set_xticks(range(1, len(names) + 1))
+        ax.set_xticklabels(names, rotation=20)
+        ax.set_ylabel("tau per (question, turn)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "tau.png", dpi=120)
+        plt.close(fig)
+        written.append(str(out_dir / "tau.png"))
+    return written

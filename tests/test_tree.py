@@ -1,0 +1,360 @@
+"""Tree buffers and tree verification (decoding.tree), and the tree commit into the KV cache.
+
+- `TreeTopology` buffers on hand-made trees are checked against values worked out by hand.
+- `accept_greedy` on hand-made trees and target logits: the right path and bonus, the second
+  sibling when it is the match, invalid nodes never accepted.
+- `accept_sampled`: with one-hot (greedy) target distributions it must reduce to
+  `accept_greedy`; with real distributions the committed tokens must follow the target
+  distribution exactly (chi-square, hand-made p and q), a bogus q must fail that same test, and
+  lenience < 1 must follow its own (lossy) formula.
+- After `TreeDecoding`, the target cache at the committed slots equals a fresh prefill of the
+  committed tokens (the accepted path was gathered into place by `KVCache.gather`).
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decoding import DynamicTree, Greedy, TreeDecoding, TreeError, TreeTopology
+from decoding.tree import Accepted, TreeBatch, accept_greedy, accept_sampled, chain_batch, topology_batch
+from drafting import DraftModel, LayerSkip
+from spec_common import (DRAFTS, PROMPTS, chi_square, committed_kv_error, eos_id, fresh_cache, reference_with_eos,
+                         run_state, target)
+
+# Significance level of every distribution test: fail when p < ALPHA. The seeds are fixed, so
+# each test is deterministic; under a correct implementation a given seed fails with probability
+# 1e-4, while the negative controls below are off by chi-square statistics in the thousands.
+ALPHA = 1e-4
+
+PATHS = [(0,), (1,), (0, 0), (0, 1), (1, 0)]
+
+
+# ------------------------------------------------------------------------------------------
+# TreeTopology
+# ------------------------------------------------------------------------------------------
+
+
+def test_topology_buffers_by_hand():
+    t = TreeTopology(tuple(PATHS))
+    # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (0,1), 5 (1,0)
+    assert t.num_nodes == 6 and t.max_depth == 2 and t.max_rank == 2
+    np.testing.assert_array_equal(t.parents, [-1, 0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(t.depth, [0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(t.rank, [0, 0, 1, 0, 1, 0])
+    ancestors = {0: {0}, 1: {0, 1}, 2: {0, 2}, 3: {0, 1, 3}, 4: {0, 1, 4}, 5: {0, 2, 5}}
+    want = np.zeros((6, 6), bool)
+    for i, anc in ancestors.items():
+        want[i, list(anc)] = True
+    np.testing.assert_array_equal(t.mask, want)
+    np.testing.assert_array_equal(t.children, [[1, 2], [3, 4], [5, -1], [-1, -1], [-1, -1], [-1, -1]])
+    assert t.levels == ((1, 2), (3, 3))
+    np.testing.assert_array_equal(t.retrieve_paths(), [[0, 1, 3], [0, 1, 4], [0, 2, 5]])
+
+
+def test_topology_is_independent_of_path_order():
+    a = TreeTopology(tuple(PATHS))
+    b = TreeTopology(((1, 0), (0, 1), (1,), (0, 0), (0,)))
+    assert a == b and hash(a) == hash(b)
+    np.testing.assert_array_equal(a.parents, b.parents)
+    np.testing.assert_array_equal(a.children, b.children)
+
+
+def test_chain_topology():
+    t = TreeTopology.chain(3)
+    assert t.num_nodes == 4 and t.max_depth == 3 and t.max_rank == 1
+    np.testing.assert_array_equal(t.parents, [-1, 0, 1, 2])
+    np.testing.assert_array_equal(t.depth, [0, 1, 2, 3])
+    np.testing.assert_array_equal(t.mask, np.tril(np.ones((4, 4), bool)))
+    np.testing.assert_array_equal(t.children, [[1], [2], [3], [-1]])
+    assert t.levels == ((1, 1), (2, 1), (3, 1))
+    np.testing.assert_array_equal(t.retrieve_paths(), [[0, 1, 2, 3]])
+
+
+def test_from_branching():
+    t = TreeTopology.from_branching((2, 2))
+    assert t.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1))
+    np.testing.assert_array_equal(t.parents, [-1, 0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(t.rank, [0, 0, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(t.children, [[1, 2], [3, 4], [5, 6], [-1, -1], [-1, -1], [-1, -1], [-1, -1]])
+    assert t.levels == ((1, 2), (3, 4))
+    np.testing.assert_array_equal(t.retrieve_paths(), [[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2, 6]])
+    assert TreeTopology.from_branching((3, 2, 1)).num_nodes == 1 + 3 + 6 + 6
+
+
+@pytest.mark.parametrize("paths, message", [
+    ((), "at least one path"),
+    (((0,), ()), "empty path"),
+    (((0,), (1, 0)), r"needs its parent path \(1,\)"),
+    (((0,), (0, 0, 0)), r"needs its parent path \(0, 0\)"),
+    (((0,), (1,), (0,)), r"\(0,\) appears twice"),
+    (((0,), (-1,)), "negative child rank"),
+])
+def test_invalid_topologies(paths, message):
+    with pytest.raises(TreeError, match=message):
+        TreeTopology(paths)
+
+
+def test_invalid_shapes():
+    assert issubclass(TreeError, ValueError)
+    with pytest.raises(TreeError, match="length >= 1"):
+        TreeTopology.chain(0)
+    with pytest.raises(TreeError, match="branching factors must be >= 1"):
+        TreeTopology.from_branching((2, 0))
+    with pytest.raises(TreeError, match="branching factors must be >= 1"):
+        TreeTopology.from_branching(())
+    with pytest.raises(TypeError, match="tree must be a decoding.TreeTopology"):
+        TreeDecoding(DraftModel(), tree="bad")
+    with pytest.raises(TypeError, match="got list"):
+        TreeDecoding(DraftModel(), tree=[(0,), (1,)])
+    with pytest.raises(ValueError, match="total_tokens=13 exceeds the 12 nodes"):
+        DynamicTree(depth=2, top_k=3, total_tokens=13)
+    assert DynamicTree(depth=2, top_k=3, total_tokens=12).num_nodes == 13  # the boundary is allowed
+    with pytest.raises(ValueError, match=">= 1"):
+        DynamicTree(depth=0)
+
+
+# ------------------------------------------------------------------------------------------
+# accept_greedy on hand-made trees
+# ------------------------------------------------------------------------------------------
+
+V = 10
+
+
+def _logits_with_argmax(argmax: np.ndarray) -> jnp.ndarray:
+    """float32[B, N, V] whose argmax at (b, i) is argmax[b, i] (others drawn lower at random)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(*argmax.shape, V)).astype(np.float32)
+    np.put_along_axis(x, argmax[..., None], 10.0, axis=-1)
+    return jnp.asarray(x)
+
+
+def _hand_made_greedy_case():
+    """Rows over the PATHS tree (nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (0,1), 5 (1,0))."""
+    topo = TreeTopology(tuple(PATHS))
+    tokens = np.array([[9, 1, 2, 3, 4, 5]] * 6)
+    tokens[3] = [9, 6, 6, 3, 4, 5]  # duplicate siblings
+    valid = np.ones((6, 6), bool)
+    valid[2, 1] = False  # row 2: the matching child is invalid
+    valid[5, 3] = False  # row 5: the matching grandchild is invalid
+    # target argmax at each node (only the visited ones matter; 0 is no node's token)
+    top = np.zeros((6, 6), np.int64)
+    top[0, [0, 2, 5]] = [2, 5, 7]  # 2nd sibling, then its child, bonus 7
+    top[1, [0, 1, 4]] = [1, 4, 8]  # 1st sibling, then its 2nd child, bonus 8
+    top[2, 0] = 1  # only the invalid node 1 matches: nothing accepted, bonus 1
+    top[3, [0, 1, 3]] = [6, 3, 2]  # duplicates: the first is taken, then node 3, bonus 2
+    top[4, 0] = 8  # no match
+    top[5, [0, 1]] = [1, 3]  # node 1, then only the invalid node 3 matches: bonus 3
+    want = {  # row: (path, n, committed tokens)
+        0: ([0, 2, 5], 2, [2, 5, 7]),
+        1: ([0, 1, 4], 2, [1, 4, 8]),
+        2: ([0, 0, 0], 0, [1]),
+        3: ([0, 1, 3], 2, [6, 3, 2]),
+        4: ([0, 0, 0], 0, [8]),
+        5: ([0, 1, 0], 1, [1, 3]),
+    }
+    tree = topology_batch(topo, jnp.asarray(tokens), jnp.asarray(valid))
+    return topo, tree, top, want
+
+
+def _check_accepted(acc: Accepted, tree: TreeBatch, want: dict):
+    path, n, toks = np.asarray(acc.path), np.asarray(acc.n), np.asarray(acc.tokens(tree))
+    for row, (w_path, w_n, w_toks) in want.items():
+        assert n[row] == w_n, f"row {row}: accepted {n[row]} candidates, want {w_n}"
+        np.testing.assert_array_equal(path[row], w_path, err_msg=f"row {row} path")
+        np.testing.assert_array_equal(toks[row, : w_n + 1], w_toks, err_msg=f"row {row} committed tokens")
+        assert acc.bonus[row] == w_toks[-1]
+
+
+def test_accept_greedy_hand_made():
+    topo, tree, top, want = _hand_made_greedy_case()
+    acc = jax.jit(accept_greedy, static_argnums=2)(tree, _logits_with_argmax(top), topo.max_depth)
+    _check_accepted(acc, tree, want)
+
+
+def test_accept_greedy_chain():
+    # chain root -> 3 -> 4 -> 5 with 3 proposed; rows with 3, 2 (then a mismatch) and 1 proposed
+    drafts = jnp.array([[3, 4, 5], [3, 4, 5], [3, 4, 5]])
+    tree = chain_batch(jnp.array([1, 1, 1]), drafts, jnp.array([3, 3, 1]))
+    top = np.array([[3, 4, 5, 6], [3, 4, 0, 9], [3, 4, 5, 6]])
+    acc = accept_greedy(tree, _logits_with_argmax(top), 3)
+    _check_accepted(acc, tree, {0: ([0, 1, 2, 3], 3, [3, 4, 5, 6]),
+                                1: ([0, 1, 2, 0], 2, [3, 4, 0]),
+                                2: ([0, 1, 0, 0], 1, [3, 4])})  # row 2: node 2 was not proposed
+
+
+# ------------------------------------------------------------------------------------------
+# accept_sampled
+# ------------------------------------------------------------------------------------------
+
+_accept_sampled = jax.jit(accept_sampled, static_argnums=(3, 4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_accept_sampled_with_one_hot_target_is_greedy(seed):
+    topo, tree, top, want = _hand_made_greedy_case()
+    logp = Greedy().logprobs(_logits_with_argmax(top))
+    _check_accepted(_accept_sampled(tree, logp, jax.random.PRNGKey(seed), topo.max_depth, 1.0), tree, want)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_accept_sampled_stochastic_chain_with_one_hot_target_is_greedy(seed):
+    """Drafts sampled from a random q; a one-hot target makes the verdict deterministic."""
+    b, g = 64, 3
+    rng = np.random.default_rng(seed)
+    q = rng.dirichlet(np.ones(V), size=(b, g))
+    drafts = np.array([[rng.choice(V, p=q[r, i]) for i in range(g)] for r in range(b)])
+    top = rng.integers(0, V, (b, g + 1))
+    top[: b // 2, :g] = drafts[: b // 2]  # half the rows agree with the target all the way
+    tree = chain_batch(jnp.zeros(b, jnp.int32), jnp.asarray(drafts), jnp.full((b,), g),
+                       jnp.log(jnp.asarray(q, jnp.float32)))
+    logits = _logits_with_argmax(top)
+    greedy = accept_greedy(tree, logits, g)
+    sampled = _accept_sampled(tree, Greedy().logprobs(logits), jax.random.PRNGKey(seed), g, 1.0)
+    np.testing.assert_array_equal(sampled.n, greedy.n)
+    np.testing.assert_array_equal(sampled.path, greedy.path)
+    np.testing.assert_array_equal(sampled.bonus, greedy.bonus)
+    assert np.all(np.asarray(greedy.n)[: b // 2] == g)
+
+
+# Hand-made distributions over V5 = 5 tokens.
+V5 = 5
+P0 = np.array([0.1, 0.4, 0.2, 0.25, 0.05])
+P1 = np.array([0.3, 0.1, 0.1, 0.2, 0.3])
+Q = np.array([0.4, 0.1, 0.3, 0.1, 0.1])
+N_UNIT = 60_000
+
+
+def _stochastic_chain(key, q_true, q_told):
+    """One-candidate chains whose draft is drawn from q_true while the verifier is told q_told;
+    target P0 at the root and P1 after the draft."""
+    drafts = jax.random.categorical(key, jnp.log(jnp.asarray(q_true, jnp.float32)), shape=(N_UNIT,))
+    q_lp = jnp.broadcast_to(jnp.log(jnp.asarray(q_told, jnp.float32)), (N_UNIT, 1, V5))
+    tree = chain_batch(jnp.zeros(N_UNIT, jnp.int32), drafts[:, None].astype(jnp.int32),
+                       jnp.ones(N_UNIT, jnp.int32), q_lp)
+    target_lp = jnp.broadcast_to(jnp.log(jnp.asarray(np.stack([P0, P1]), jnp.float32)), (N_UNIT, 2, V5))
+    return tree, target_lp
+
+
+def _first_tokens(acc: Accepted, tree: TreeBatch) -> tuple[np.ndarray, np.ndarray]:
+    toks = np.asarray(acc.tokens(tree))
+    return toks[:, 0], np.asarray(acc.n)
+
+
+def test_accept_sampled_chain_follows_target():
+    tree, target_lp = _stochastic_chain(jax.random.PRNGKey(1), Q, Q)
+    acc = _accept_sampled(tree, target_lp, jax.random.PRNGKey(2), 1, 1.0)
+    first, n = _first_tokens(acc, tree)
+    res = chi_square(first, P0)
+    assert res["p"] > ALPHA, f"first token does not follow the target: {res}"
+    # after an accepted draft, the bonus token is drawn from the next target distribution
+    # acceptance rate a = sum_x min(p(x), q(x)) (Leviathan et al. 2023), within 5 sigma
+    a = np.minimum(P0, Q).sum()
+    assert abs((n == 1).mean() - a) < 5 * np.sqrt(a * (1 - a) / N_UNIT)
+    bonus = np.asarray(acc.bonus)[n == 1]
+    res = chi_square(bonus, P1)
+    assert res["p"] > ALPHA, f"bonus token after acceptance does not follow P1: {res}"
+
+
+def test_accept_sampled_bogus_q_fails_the_same_test():
+    """Negative control: the verifier is told the wrong q (uniform); the test must catch it."""
+    tree, target_lp = _stochastic_chain(jax.random.PRNGKey(1), Q, np.full(V5, 1 / V5))
+    acc = _accept_sampled(tree, target_lp, jax.random.PRNGKey(2), 1, 1.0)
+    res = chi_square(_first_tokens(acc, tree)[0], P0)
+    assert res["p"] < ALPHA, f"a wrong q went unnoticed: {res}"
+
+
+def test_accept_sampled_lenience_follows_its_formula():
+    """lenience l < 1: accept x w.p. min(1, p/(l q)), else sample norm(max(0, p - q)) — lossy by
+    design; the output must follow that mixture (and not the target)."""
+    lenience = 0.5
+    tree, target_lp = _stochastic_chain(jax.random.PRNGKey(3), Q, Q)
+    acc = _accept_sampled(tree, target_lp, jax.random.PRNGKey(4), 1, lenience)
+    first = _first_tokens(acc, tree)[0]
+    accept = Q * np.minimum(1.0, P0 / (lenience * Q))
+    resid = np.maximum(P0 - Q, 0.0)
+    want = accept + (1.0 - accept.sum()) * resid / resid.sum()
+    assert chi_square(first, want)["p"] > ALPHA
+    assert chi_square(first, P0)["p"] < ALPHA
+
+
+def _one_hot_tree_distribution(topo: TreeTopology, tokens: np.ndarray, dists: np.ndarray) -> dict:
+    """Exact law of the committed tokens of a one-hot tree with target distribution dists[i] at
+    node i: the sequence x1, x2, ... is drawn from the target walk, and it continues in the tree
+    exactly while x_k equals a child's token (then that child's distribution applies)."""
+    out = {}
+
+    def walk(node, prefix, prob):
+        for x in range(dists.shape[1]):
+            p = prob * dists[node, x]
+            if p == 0:
+                continue
+            kids = [int(c) for c in topo.children[node] if c >= 0 and tokens[c] == x]
+            if kids:
+                walk(kids[0], prefix + (x,), p)
+            else:
+                out[prefix + (x,)] = out.get(prefix + (x,), 0.0) + p
+
+    walk(0, (), 1.0)
+    return out
+
+
+@pytest.mark.parametrize("branching, tokens", [
+    ((3,), [0, 1, 1, 3]),  # duplicate siblings: the second copy must never be accepted
+    ((3,), [0, 4, 0, 2]),
+    ((2, 2), [0, 1, 3, 0, 2, 4, 0]),  # two levels: a child's own distribution after acceptance
+])
+def test_accept_sampled_one_hot_siblings_follow_target(branching, tokens):
+    topo = TreeTopology.from_branching(branching)
+    n = topo.num_nodes
+    rng = np.random.default_rng(len(tokens))
+    dists = rng.dirichlet(np.ones(V5), size=n)
+    dists[0, 2] = 0.0  # a zero-probability token must never be emitted
+    dists[0] /= dists[0].sum()
+    tree = topology_batch(topo, jnp.broadcast_to(jnp.asarray(tokens, jnp.int32), (N_UNIT, n)))
+    target_lp = jnp.broadcast_to(jnp.log(jnp.asarray(dists, jnp.float32)), (N_UNIT, n, V5))
+    acc = _accept_sampled(tree, target_lp, jax.random.PRNGKey(5), topo.max_depth, 1.0)
+    toks, nn = np.asarray(acc.tokens(tree)), np.asarray(acc.n)
+    law = _one_hot_tree_distribution(topo, np.asarray(tokens), dists)
+    cells = {seq: i for i, seq in enumerate(law)}
+    observed = np.array([cells.get(tuple(toks[r, : nn[r] + 1]), -1) for r in range(N_UNIT)])
+    assert (observed >= 0).all(), "a committed sequence the target walk cannot produce"
+    res = chi_square(observed, np.array(list(law.values())))
+    assert res["p"] > ALPHA, res
+    assert nn.max() == topo.max_depth  # the deepest acceptance is exercised
+
+
+# ------------------------------------------------------------------------------------------
+# Tree commit: the accepted path is gathered into contiguous cache slots
+# ------------------------------------------------------------------------------------------
+
+TREE_COMMIT_CASES = {
+    "static-draftmodel": (TreeDecoding(DraftModel(), tree=TreeTopology.from_branching((3, 2, 1))), "noisy"),
+    "dynamic-draftmodel": (TreeDecoding(DraftModel(), tree=DynamicTree(depth=3, top_k=3, total_tokens=8)), "noisy"),
+    "static-layerskip": (TreeDecoding(LayerSkip(layers=2), tree=TreeTopology(tuple(PATHS) + ((0, 0, 0),))), None),
+}
+
+
+@pytest.mark.parametrize("case", list(TREE_COMMIT_CASES))
+def test_tree_commit_matches_fresh_prefill(case):
+    strategy, draft = TREE_COMMIT_CASES[case]
+    model = target()
+    eos = eos_id()
+    result, state = run_state(model, PROMPTS, strategy, draft=DRAFTS[draft]() if draft else None, eos=(eos,))
+    assert result.tokens == reference_with_eos(eos)
+    hist = np.asarray(state.accept_hist)
+    assert hist[2:].sum() > 0, "no path of depth >= 2 was accepted: the gather was not exercised"
+    lengths = np.asarray(state.cache.lengths)
+    context = np.asarray(state.context)
+    # The cache holds every committed token but the root (the last one, not yet processed);
+    # the context may run past the output where a stop cut the last round short.
+    np.testing.assert_array_equal(np.asarray(state.context_len), lengths + 1)
+    for b, (p, t) in enumerate(zip(PROMPTS, result.tokens)):
+        assert lengths[b] >= len(p) + len(t) - 1
+        np.testing.assert_array_equal(context[b, : len(p) + len(t)], p + t)
+    ref = fresh_cache(model, context, lengths)
+    err = committed_kv_error(state.cache, ref, lengths)
+    assert err < 1e-4, f"committed KV entries differ from a fresh prefill by {err}"
