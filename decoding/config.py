@@ -24,7 +24,7 @@ _IGNORED_KEYS = frozenset(
     {
         "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
         "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
-        "attention_dropout", "max_window_layers", "use_mrope", "pretraining_tp", "_name_or_path",
+        "attention_dropout", "use_mrope", "pretraining_tp", "_name_or_path",
         "is_llama_config", "rope_interleaved", "tokenizer_class", "auto_map", "quantization_config",
         "output_attentions", "output_hidden_states", "return_dict", "torchscript",
         "tie_encoder_decoder", "is_encoder_decoder", "is_decoder", "add_cross_attention",
@@ -36,7 +36,7 @@ _IGNORED_KEYS = frozenset(
         "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
         "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
         "encoder_no_repeat_ngram_size", "num_return_sequences", "output_scores",
-        "return_dict_in_generate", "exponential_decay_length_penalty", "layer_types",
+        "return_dict_in_generate", "exponential_decay_length_penalty",
         "chat_template", "mlp_bias_is_false", "head_dim_is_default", "_attn_implementation_autoset",
         "output_router_logits", "router_aux_loss_coef",
     }
@@ -158,6 +158,19 @@ class ModelConfig:
         window = take("sliding_window", None)
         if not use_sliding:
             window = None
+        layer_types = take("layer_types", None)
+        max_window_layers = take("max_window_layers", None)
+        if window is not None:
+            if layer_types is None and model_type == "qwen2" and max_window_layers is not None:
+                # transformers' Qwen2: layers below max_window_layers keep full attention
+                layer_types = ["sliding_attention" if i >= max_window_layers else "full_attention"
+                               for i in range(int(cfg["num_hidden_layers"]))]
+            if layer_types is not None and set(layer_types) != {"sliding_attention"}:
+                raise ConfigError(
+                    f"mixed full / sliding-window attention layers (layer_types={layer_types}) are not "
+                    "supported for this architecture; set use_sliding_window=false if the window is never "
+                    "reached, or use a checkpoint with one attention kind."
+                )
         max_pos = take("max_position_embeddings", 4096)
         if window is not None and window >= max_pos:
             window = None  # a window as long as the context never masks anything

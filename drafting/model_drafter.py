@@ -320,7 +320,7 @@ class DraftModel(ModelDrafter):
             new_len = jnp.minimum(base + jnp.maximum(m, 1), base + 1 + acc.n)
         else:
             new_len = base + 1
-        return DraftState(dstate.cache.truncate(jnp.where(running, new_len, dstate.cache.lengths)))
+        return DraftState(dstate.cache.truncate(jnp.where(running, new_len, view.context_len)))
 
 
 @dataclasses.dataclass(frozen=True)

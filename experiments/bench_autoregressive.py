@@ -155,7 +155,8 @@ def main(argv=None):
                           model.tokenizer, model.source + " (random weights)")
         load_s = time.perf_counter() - t0
         wb = weight_bytes(model.config)
-        bw = bw_measured or (datasheet.memory_bandwidth if datasheet else float("nan"))
+        # The limit uses the datasheet bandwidth (the stricter bound); the measured copy rate is recorded.
+        bw = datasheet.memory_bandwidth if datasheet else (bw_measured or float("nan"))
         limit = bw / wb
         entry = {"params": model.config.param_count(), "weight_bytes_per_step": wb, "load_s": load_s,
                  "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}}
@@ -184,7 +185,14 @@ def main(argv=None):
                       flush=True)
         report["models"][name] = entry
         del model
-    out = Path(args.out)
+        write_report(report, Path(args.out))  # after every model, so a cut-off run keeps what it measured
+    print(markdown(report))
+
+
+def write_report(report, out: Path) -> None:
+    import copy
+
+    report = copy.deepcopy(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     for m in report["models"].values():
         for part in ("ours", "hf_eager"):
@@ -192,7 +200,6 @@ def main(argv=None):
                 r["outputs"] = [len(o) for o in r["outputs"]]  # lengths only in the JSON
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
 
 
 def markdown(report) -> str:
@@ -203,8 +210,8 @@ def markdown(report) -> str:
         f"Device: {dev.get('device_kind', dev)} ({dev.get('platform', '')}); jax {env.get('versions', {}).get('jax')}; "
         f"prompts: {report['prompts']} x {report['n_prompts']}; greedy; bf16; "
         f"max_new_tokens {report['settings']['max_new_tokens']}.",
-        f"Physical limit = measured copy bandwidth {report['bandwidth_measured_Bps'] or float('nan'):.3g} B/s "
-        f"(datasheet {report['bandwidth_datasheet_Bps'] or float('nan'):.3g}) / weight bytes read per step.", "",
+        f"Physical limit = datasheet bandwidth {report['bandwidth_datasheet_Bps'] or float('nan'):.3g} B/s "
+        f"(measured copy through JAX: {report['bandwidth_measured_Bps'] or float('nan'):.3g}) / weight bytes read per step.", "",
         "| model | system | batch | tokens/s | % of physical limit | ms/step in loop | ms/forward alone | ms weights@bw | compile s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

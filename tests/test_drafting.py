@@ -116,7 +116,9 @@ CATCH_UP_CASES = {
     "tree-static-noisy": (TreeDecoding(DraftModel(), tree=TreeTopology.from_branching((3, 2, 1))), "noisy"),
     "tree-dynamic-noisy": (TreeDecoding(DraftModel(), tree=DynamicTree(depth=3, top_k=3, total_tokens=8)), "noisy"),
 }
-KV_ATOL = 1e-5
+# |cache - fresh| / (1 + |fresh|): float32 reordering gives <= 8e-6 here (0 for the 1-layer
+# draft); a stale or misplaced entry differs by O(0.1 .. 10).
+KV_ATOL = 2e-5
 
 
 def _check_draft_cache(state, draft: Model, max_behind: int, rows=None):
@@ -151,15 +153,12 @@ def test_draft_model_cache_catches_up(case):
     _check_draft_cache(state, draft, max_behind)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: DraftModel.commit leaves a finished row's draft cursor where "
-                   "drafting left it, past the committed context (see the report)")
 def test_draft_cursor_of_finished_rows_stays_within_the_context():
     """A row that stopped (EOS) keeps taking part in later rounds; its draft cursor must not
     claim slots past its committed context (they hold uncommitted draft tokens)."""
     eos = eos_id()
     _, state = run_state(target(), PROMPTS, Speculative(DraftModel(), gamma=4), draft=DRAFTS["small"](), eos=(eos,))
-    finished_early = np.array([len(r) < 10 for r in reference_with_eos(eos)])
-    assert finished_early.any()
+    assert any(r[-1] == eos for r in reference_with_eos(eos))  # some rows stop early
     dlen, context_len = np.asarray(state.drafter.cache.lengths), np.asarray(state.context_len)
     assert (dlen <= context_len).all(), f"draft cursor {dlen} past the context length {context_len}"
 

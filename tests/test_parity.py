@@ -94,8 +94,6 @@ def test_full_sequence_logits_match_transformers(case, tiny_torch_model, tmp_pat
         assert np.abs(full - want).max() > 100 * ATOL
 
 
-@pytest.mark.xfail(strict=True, reason="ModelConfig.from_hf applies a Qwen2 sliding window to every layer, "
-                   "while transformers keeps the first max_window_layers layers full (layer_types)")
 def test_qwen2_mixed_sliding_layers_match_or_are_refused(tiny_torch_model, tmp_path):
     ref = tiny_torch_model(transformers.Qwen2Config, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     assert ref.config.layer_types == ["full_attention", "sliding_attention"]

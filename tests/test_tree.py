@@ -357,4 +357,5 @@ def test_tree_commit_matches_fresh_prefill(case):
         np.testing.assert_array_equal(context[b, : len(p) + len(t)], p + t)
     ref = fresh_cache(model, context, lengths)
     err = committed_kv_error(state.cache, ref, lengths)
-    assert err < 1e-4, f"committed KV entries differ from a fresh prefill by {err}"
+    # float32 reordering gives <= 8e-6 (relative to 1 + |entry|); a misplaced slot gives O(1)
+    assert err < 2e-5, f"committed KV entries differ from a fresh prefill by {err}"
