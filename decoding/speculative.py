@@ -149,6 +149,7 @@ class State:
     gamma: jax.Array  # int32[B] current per-row draft limit
     key: jax.Array
     accept_hist: jax.Array  # int32[D + 1]: rounds (over rows) that accepted exactly d candidates
+    rank_hist: jax.Array  # int32[D, K]: rounds (over rows) whose path took the k-th sibling at depth d+1
     draft_forwards: jax.Array  # int32[]
     rounds: jax.Array  # int32[]
 
@@ -195,10 +196,33 @@ class _SpecBase:
         return State(out=out, cache=cache, root=first, context=context, context_len=lengths + 1,
                      drafter=dstate, gamma=jnp.full((b,), gamma0, jnp.int32), key=key,
                      accept_hist=jnp.zeros((self.shape.max_depth + 1,), jnp.int32),
+                     rank_hist=jnp.zeros((self.shape.max_depth, self._max_children), jnp.int32),
                      draft_forwards=jnp.zeros((), jnp.int32), rounds=jnp.zeros((), jnp.int32))
 
     def _gamma0(self) -> int:
         return self.shape.max_depth
+
+    @property
+    def _max_children(self) -> int:
+        shape = self.shape
+        if isinstance(shape, Chain):
+            return 1
+        if isinstance(shape, DynamicTree):
+            return shape.top_k
+        return int(shape.children.shape[1])
+
+    @staticmethod
+    def _rank_hist(hist, tree: TreeBatch, acc: Accepted, running):
+        """Add, for each depth d <= n, which sibling (0 = first tried) the accepted path took."""
+        b = acc.path.shape[0]
+        rows = jnp.arange(b)
+        depth, k = hist.shape
+        for d in range(1, depth + 1):
+            kids = tree.children[rows, acc.path[:, d - 1]]  # [B, K']
+            r = jnp.argmax(kids == acc.path[:, d][:, None], axis=1)
+            ok = running & (acc.n >= d) & (r < k)
+            hist = hist.at[d - 1, jnp.where(ok, r, k)].add(1, mode="drop")
+        return hist
 
     def _next_gamma(self, gamma, acc: Accepted, tree: TreeBatch):
         return gamma
@@ -243,7 +267,9 @@ class _SpecBase:
         return State(out=out, cache=cache, root=jnp.where(running, acc.bonus, state.root), context=context,
                      context_len=context_len, drafter=dstate,
                      gamma=jnp.where(running, self._next_gamma(state.gamma, acc, tree), state.gamma),
-                     key=state.key, accept_hist=hist, draft_forwards=state.draft_forwards + n_fwd,
+                     key=state.key, accept_hist=hist,
+                     rank_hist=self._rank_hist(state.rank_hist, tree, acc, running),
+                     draft_forwards=state.draft_forwards + n_fwd,
                      rounds=state.rounds + 1)
 
     def step(self, ctx: Context, params, state: State) -> State:
@@ -268,6 +294,9 @@ class _SpecBase:
             "accepted_per_round": float((hist * np.arange(len(hist))).sum() / max(total, 1)),
             "acceptance_per_position": rates,
             "accept_histogram": hist.tolist(),
+            "row_rounds": int(total),
+            # rounds (over rows) whose accepted path went through the k-th sibling tried at depth d+1
+            "acceptance_per_depth_rank": np.asarray(state.rank_hist).tolist(),
         }
 
 

@@ -139,7 +139,7 @@ def rank_acceptance(stats: dict) -> list[list[float]]:
             "of rounds (out of 'rounds') whose accepted path went through the rank-r child (siblings ranked by "
             "draft probability). Per-depth figures alone ('accept_histogram', 'acceptance_per_position') cannot "
             "tell how acceptance splits between siblings, so they cannot rank trees of other widths.")
-    total = float(stats.get("rounds", 1.0))
+    total = float(stats.get("row_rounds", stats.get("rounds", 1.0)))  # rank counts are per row-round
     if total <= 0:
         raise ValueError(f"the calibration ran no rounds (rounds={total}).")
     q, reach_prev = [], 1.0
@@ -281,8 +281,9 @@ def _aggregate(gens) -> dict:
         parts = [g.extra[key] for g in gens if g.extra.get(key)]
         if parts:
             out[key] = _add(parts)
-    if any("rounds" in g.extra for g in gens):
-        out["rounds"] = sum(g.extra.get("rounds", 0) for g in gens)
+    for key in ("rounds", "row_rounds"):
+        if any(key in g.extra for g in gens):
+            out[key] = sum(g.extra.get(key, 0) for g in gens)
     return out
 
 
