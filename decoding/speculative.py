@@ -334,8 +334,9 @@ class Speculative(_SpecBase):
         if self.dynamic is None:
             return gamma
         proposed = jnp.sum(tree.valid, axis=1) - 1
-        full = acc.n >= proposed
-        g = jnp.where(full, gamma + self.dynamic.grow, gamma - self.dynamic.shrink)
+        full = (acc.n >= proposed) & (proposed > 0)
+        rejected = acc.n < proposed
+        g = jnp.where(full, gamma + self.dynamic.grow, jnp.where(rejected, gamma - self.dynamic.shrink, gamma))
         return jnp.clip(g, self.dynamic.minimum, self.gamma).astype(jnp.int32)
 
 

@@ -61,6 +61,9 @@ class PromptLookup:
         if not isinstance(shape, Chain):
             raise ValueError("PromptLookup drafts a chain (one continuation per match); use "
                              "Speculative(PromptLookup(), gamma=...) rather than TreeDecoding.")
+        if shape.confidence is not None:
+            raise ValueError("PromptLookup has no draft probabilities, so Speculative(confidence=...) does not "
+                             "apply to it; leave confidence unset.")
 
     def slack(self, shape) -> int:
         return 0
