@@ -266,6 +266,16 @@ class JaxMethod(Method):
     def warmup(self, prompts, seed):
         return self.generate(prompts, seed).compile_s
 
+    def phase_times(self, prompts) -> dict | None:
+        """Milliseconds of propose / verify / accept+commit (speculative strategies only)."""
+        if not hasattr(self.strategy, "propose"):
+            return None
+        from decoding.profiling import phase_times
+
+        return phase_times(self.env.target, prompts, self.strategy, draft=self.draft_model,
+                           sampling=self.env.sampling(), max_new_tokens=self.env.max_new_tokens,
+                           prompt_bucket=getattr(self.env, "prompt_bucket", None))
+
     def info(self):
         d = super().info()
         d["strategy"] = repr(self.strategy)

@@ -77,6 +77,7 @@ class BenchConfig:
     max_new_tokens: int = 256
     batch_size: int = 1
     prompt_bucket: int = 0
+    phase_times: bool = False
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -385,6 +386,12 @@ class _Runner:
             total += method.warmup(prompts, _seed(self.cfg, item))
         append_event(self.out_dir, {"event": "warmup", "method": label, "session": self.session,
                                     "shapes": [list(k) for k in shapes], "warmup_s": total, "time_utc": _now()})
+        if self.cfg.phase_times and hasattr(method, "phase_times"):
+            prompts, item = next(iter(shapes.values()))
+            phases = method.phase_times(prompts)
+            if phases:
+                append_event(self.out_dir, {"event": "phases", "method": label, "session": self.session,
+                                            **phases, "time_utc": _now()})
 
     def _row(self, label, item, prompt, gen, i, seed) -> dict:
         b = len(gen.tokens)
@@ -623,6 +630,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--first-turn-only", action="store_true", help="skip MT-bench's second turns")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--phase-times", action="store_true",
+                   help="also time each speculative phase (propose / verify / accept+commit) as a separate "
+                        "program on the first batch; recorded in events.jsonl")
     p.add_argument("--prompt-bucket", type=int, default=0,
                    help="pad every prompt to at least this many tokens (one compiled program per method "
                         "instead of one per prompt-length bucket); 0 = automatic buckets")
@@ -656,7 +666,7 @@ def config_from_args(args) -> BenchConfig:
         categories=[c for c in args.categories.split(",") if c] if args.categories else None,
         question_ids=[int(i) for i in args.question_ids.split(",") if i] if args.question_ids else None,
         first_turn_only=args.first_turn_only, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        prompt_bucket=args.prompt_bucket, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
+        prompt_bucket=args.prompt_bucket, phase_times=args.phase_times, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
         out=args.out, repair=args.repair, profile=args.profile, fail_fast=args.fail_fast,
         progress=not args.no_progress)
 
