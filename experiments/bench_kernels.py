@@ -1,0 +1,257 @@
+"""Micro-benchmark of the decode/verification attention kernel against its jnp reference.
+
+Shapes are those of decoding with Qwen2.5-1.5B (H=12, K=2, Dh=128) and Qwen2.5-0.5B (H=14, K=2,
+Dh=64): batch B, T new query tokens (1: decode, 5: a chain, 61: a tree with a random ancestor
+mask) against a cache of capacity S holding `fill * S - T` committed slots, bf16.
+
+Each variant runs once per layer over `--layers` distinct cache buffers inside one jitted
+function (as the unrolled model does), so the caches together exceed the L2 cache and the
+time per layer includes each kernel's launch; the median over `--reps` calls is reported,
+after warm-up calls that compile. Variants:
+
+  reference       decoding.kernels.attention_reference on the [B, T, S] mask (the model's path)
+  pallas_mask     the kernel on the same mask
+  pallas_prefix   the kernel on lengths + block mask (no [B, T, S] mask read)
+  pallas_unified  pallas_prefix with FlashDecoding++'s unified max (phi = --phi)
+
+Correctness: ||out - exact|| / ||exact|| where `exact` is the reference on float32 copies of
+the inputs. The floor is the bytes a kernel must move (live keys and values, queries, output)
+over the copy bandwidth measured here (a large device-to-device copy, bytes read + written).
+
+    python -m experiments.bench_kernels --out experiments/results/kernels
+    python -m experiments.bench_kernels --interpret --tiny --out /tmp/kernels   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decoding.kernels import attention_pallas, attention_pallas_prefix, attention_reference, prefix_visible
+
+from . import environment
+
+MODELS = {"qwen2.5-1.5b": dict(h=12, kh=2, dh=128), "qwen2.5-0.5b": dict(h=14, kh=2, dh=64)}
+VARIANTS = ("reference", "pallas_mask", "pallas_prefix", "pallas_unified")
+
+
+def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
+    """Ancestor mask bool[T, T] of a random tree whose nodes are numbered parents first."""
+    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, t)]
+    mask = np.zeros((t, t), bool)
+    for i in range(t):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parent[j]
+    return mask
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of 10 copies."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def make_case(key, model: dict, b: int, t: int, s: int, layers: int, fill: float, dtype):
+    h, kh, dh = model["h"], model["kh"], model["dh"]
+    kq, kk, kv, kl = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (b, t, h, dh), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (layers, b, kh, s, dh), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (layers, b, kh, s, dh), jnp.float32).astype(dtype)
+    top = max(1, int(fill * s) - t)
+    lengths = jax.random.randint(kl, (b,), max(0, top - 8), top + 1).astype(jnp.int32)
+    rng = np.random.default_rng(int(jax.random.randint(kl, (), 0, 2**31 - 1)))
+    block_mask = None if t <= 5 else jnp.asarray(np.stack([tree_mask(rng, t) for _ in range(b)]))
+    visible = prefix_visible(lengths, block_mask, t, s)
+    return q, k, v, lengths, block_mask, visible
+
+
+def variant_fn(name: str, *, interpret: bool, phi: float, block_s: int, num_splits):
+    """fn(q, k_all, v_all, layer, lengths, block_mask, visible) -> [B, T, H, Dh] for layer `layer`
+    (a Python int) of the stacked caches k_all, v_all: [L, B, K, S, Dh]. The reference slices the
+    layer out, as `decoding.model` does; the kernel reads it in place (`layer=`)."""
+    kw = dict(interpret=interpret, block_s=block_s, num_splits=num_splits)
+    if name == "reference":
+        return lambda q, k, v, i, lengths, block_mask, visible: attention_reference(q, k[i], v[i], visible)
+    if name == "pallas_mask":
+        return lambda q, k, v, i, lengths, block_mask, visible: attention_pallas(q, k, v, visible, layer=i, **kw)
+    if name == "pallas_prefix":
+        return lambda q, k, v, i, lengths, block_mask, visible: attention_pallas_prefix(
+            q, k, v, lengths, block_mask, layer=i, **kw)
+    if name == "pallas_unified":
+        return lambda q, k, v, i, lengths, block_mask, visible: attention_pallas_prefix(
+            q, k, v, lengths, block_mask, layer=i, unified_max=phi, **kw)
+    raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}.")
+
+
+def one_layer(fn):
+    return jax.jit(lambda q, k, v, lengths, block_mask, visible: fn(q, k, v, 0, lengths, block_mask, visible))
+
+
+def all_layers(fn):
+    """One jitted call running `fn` once per layer buffer (unrolled, as the model on GPUs)."""
+
+    @jax.jit
+    def run(q, k, v, lengths, block_mask, visible):
+        return [fn(q, k, v, i, lengths, block_mask, visible) for i in range(k.shape[0])]
+
+    return run
+
+
+def time_call(f, args, reps: int, warmup: int = 2) -> tuple[float, float]:
+    """(compile + first run seconds, median seconds of `reps` further calls)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def rel_err(out, exact) -> float:
+    out, exact = np.asarray(out, np.float64), np.asarray(exact, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - exact) / max(np.linalg.norm(exact), 1e-30))
+
+
+def live_bytes(q, k, lengths, t) -> int:
+    """Bytes the kernel must move for one layer: live keys + values, queries, output."""
+    _, b, kh, s, dh = k.shape
+    slots = np.minimum(np.asarray(lengths) + t, s).sum()
+    return int(2 * kh * slots * dh * k.dtype.itemsize + 2 * q.size * q.dtype.itemsize)
+
+
+def run(args) -> tuple[list[dict], float | None]:
+    dtype = jnp.dtype(args.dtype)
+    rows = []
+    bw = None if args.interpret else copy_bandwidth()
+    key = jax.random.PRNGKey(args.seed)
+    for model_name in args.models:
+        model = MODELS[model_name]
+        for b in args.batch_sizes:
+            for t in args.tokens:
+                for s in args.capacities:
+                    key, sub = jax.random.split(key)
+                    case = make_case(sub, model, b, t, s, args.layers, args.fill, dtype)
+                    q, k, v, lengths, block_mask, visible = case
+                    with jax.default_matmul_precision("float32"):  # not tf32
+                        exact = attention_reference(q.astype(jnp.float32), k[0].astype(jnp.float32),
+                                                    v[0].astype(jnp.float32), visible)
+                    nbytes = live_bytes(q, k, lengths, t)
+                    floor_us = None if bw is None else 1e6 * nbytes / bw
+                    ref_us = None
+                    for name in args.variants:
+                        fn = variant_fn(name, interpret=args.interpret, phi=args.phi, block_s=args.block_s,
+                                        num_splits=args.num_splits)
+                        row = dict(model=model_name, B=b, T=t, S=s, H=model["h"], K=model["kh"], Dh=model["dh"],
+                                   variant=name, dtype=args.dtype, mean_length=float(np.mean(np.asarray(lengths))))
+                        try:
+                            out = one_layer(fn)(*case)
+                            row["rel_err"] = rel_err(out, exact)
+                            row["ok"] = bool(row["rel_err"] < (1e-2 if dtype == jnp.bfloat16 else 1e-4))
+                            first, per_call = time_call(all_layers(fn), case, args.reps)
+                        except Exception as err:  # a variant that fails to build is reported, not fatal
+                            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                            rows.append(row)
+                            print(f"{model_name} B={b} T={t} S={s} {name}: FAILED {row['error']}", flush=True)
+                            continue
+                        us = 1e6 * per_call / args.layers
+                        row.update(us_per_layer=us, compile_s=first, floor_us=floor_us,
+                                   gbps=nbytes / (us * 1e-6) / 1e9)
+                        if name == "reference":
+                            ref_us = us
+                        row["speedup_vs_reference"] = None if ref_us is None else ref_us / us
+                        rows.append(row)
+                        print(f"{model_name} B={b} T={t} S={s} {name:15s} {us:9.1f} us/layer "
+                              f"err={row['rel_err']:.1e}{'' if row['ok'] else ' WRONG'}", flush=True)
+    return rows, bw
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Decode/verification attention: Pallas kernel vs jnp reference",
+        "",
+        f"Device: {meta['environment'].get('device', {})}; dtype {meta['args']['dtype']}; "
+        f"{meta['args']['layers']} layer buffers per call; median of {meta['args']['reps']} calls; "
+        f"copy bandwidth {meta['copy_bandwidth_gbps'] or 'n/a'} GB/s; interpret={meta['args']['interpret']}.",
+        "",
+        "| model | B | T | S | variant | us/layer | floor us | GB/s (live bytes) | x reference | rel err | ok |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['B']} | {r['T']} | {r['S']} | {r['variant']} | failed: "
+                         f"{r['error']} | | | | | no |")
+            continue
+        floor = "" if r["floor_us"] is None else f"{r['floor_us']:.1f}"
+        speed = "" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
+        lines.append(f"| {r['model']} | {r['B']} | {r['T']} | {r['S']} | {r['variant']} | "
+                     f"{r['us_per_layer']:.1f} | {floor} | {r['gbps']:.0f} | {speed} | {r['rel_err']:.1e} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    p.add_argument("--batch-sizes", type=ints, default=[1, 8])
+    p.add_argument("--tokens", type=ints, default=[1, 5, 61])
+    p.add_argument("--capacities", type=ints, default=[512, 2048])
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    p.add_argument("--layers", type=int, default=8, help="distinct cache buffers per timed call")
+    p.add_argument("--fill", type=float, default=1.0, help="committed fraction of the capacity")
+    p.add_argument("--phi", type=float, default=0.0, help="unified max for pallas_unified")
+    p.add_argument("--block-s", type=int, default=64)
+    p.add_argument("--num-splits", type=int, default=None)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interpret", action="store_true", help="run the kernel in the Pallas interpreter (CPU)")
+    p.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke test")
+    p.add_argument("--out", default="experiments/results/kernels", help="writes OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batch_sizes, args.tokens, args.capacities = [2], [5], [70]
+        args.layers, args.reps, args.block_s = 2, 2, 16
+        args.models = args.models[:1]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rows, bw = run(args)
+    meta = dict(args=vars(args), environment=environment.describe(),
+                copy_bandwidth_gbps=None if bw is None else round(bw / 1e9, 1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+    table = markdown(rows, meta)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

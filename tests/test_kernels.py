@@ -1,0 +1,295 @@
+"""decoding.kernels.attention: the Pallas kernel (interpret mode on CPU) against its reference.
+
+Inputs are drawn fresh for every test (the seed is in each failure message). In interpret mode
+Pallas fills outputs with NaN before the kernel runs, so an element the kernel failed to
+write shows up as NaN and fails the finiteness checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decoding.kernels import (
+    attention,
+    attention_pallas,
+    attention_pallas_prefix,
+    attention_reference,
+    prefix_visible,
+)
+from decoding.model import _attention, attention_mask
+
+# The package exports a function named like the module; the module itself:
+attention_module = importlib.import_module("decoding.kernels.attention")
+
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # the interpreter's programs run in milliseconds
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, static: tuple):
+    return jax.jit(functools.partial(fn, **dict(static)), compiler_options=FAST_COMPILE)
+
+
+def run(fn, *args, **static):
+    """`fn(*args, **static)` under one jit per (function, static arguments), shared by tests:
+    the interpreter compiles each kernel configuration once."""
+    return _jitted(fn, tuple(sorted(static.items())))(*args)
+
+
+def reference(q, k, v, visible):
+    return run(attention_reference, q, k, v, visible)
+
+
+def visible_of(lengths, block_mask, t, s):
+    return run(prefix_visible, lengths, block_mask, t=t, capacity=s)
+
+
+def fresh_seed() -> int:
+    return secrets.randbits(31)
+
+
+def make_inputs(seed, b, t, h, kh, s, dh, dtype=jnp.float32):
+    """q: [B, T, H, Dh], k, v: [B, K, S, Dh], standard normal (drawn by NumPy: nothing to compile)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(shape, np.float32) for shape in ((b, t, h, dh), (b, kh, s, dh), (b, kh, s, dh)))
+    return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+
+
+def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
+    """Ancestor mask bool[T, T] of a random tree numbered parents first."""
+    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, t)]
+    mask = np.zeros((t, t), bool)
+    for i in range(t):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parent[j]
+    return mask
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# (B, T, H, K, S, Dh, block mask kind, splits): decode, a chain, a tree; G = H / K of 1, 2 and 6;
+# S never a multiple of the 16-slot blocks; the tree's 16 x 6 = 96 query rows span two 64-row
+# blocks whose programs write one output directly (one split); the others combine partials.
+CASES = [
+    (2, 1, 4, 4, 45, 32, "causal", 2),
+    (2, 5, 4, 2, 77, 32, "causal", 3),
+    (2, 16, 12, 2, 100, 64, "tree", 1),
+]
+
+
+def prefix_case(seed, b, t, h, kh, s, dh, kind, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q, k, v = make_inputs(seed, b, t, h, kh, s, dh, dtype)
+    # Row 0 has an empty prefix; the last row's new slots run past the capacity (dropped).
+    lengths = rng.integers(0, s - t, size=b)
+    lengths[0], lengths[-1] = 0, s - max(1, t // 2)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    block_mask = None if kind == "causal" else jnp.asarray(np.stack([tree_mask(rng, t) for _ in range(b)]))
+    return q, k, v, lengths, block_mask
+
+
+def test_reference_is_the_model_attention():
+    seed = fresh_seed()
+    b, t, h, kh, s, dh = 2, 5, 6, 2, 33, 16
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, k, v = make_inputs(seed, b, t, h, kh, s, dh, dtype)
+        lengths = jnp.array([0, 20], jnp.int32)
+        positions = lengths[:, None] + jnp.arange(t)[None, :]
+        visible = attention_mask(lengths, positions, s)
+        np.testing.assert_array_equal(np.asarray(attention_reference(q, k, v, visible), np.float32),
+                                      np.asarray(run(_attention, q, k, v, visible), np.float32),
+                                      err_msg=f"seed {seed}")
+
+
+def test_prefix_visible_is_the_model_rule():
+    rng = np.random.default_rng(fresh_seed())
+    b, t, s = 3, 7, 40
+    lengths = jnp.array([0, 12, 36], jnp.int32)
+    positions = lengths[:, None] + jnp.arange(t)[None, :]
+    tree = jnp.asarray(np.stack([tree_mask(rng, t) for _ in range(b)]))
+    for mask in (None, tree):
+        np.testing.assert_array_equal(visible_of(lengths, mask, t, s),
+                                      attention_mask(lengths, positions, s, mask))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda x: "B{}_T{}_H{}_K{}_S{}_Dh{}_{}_splits{}".format(*x))
+def test_pallas_matches_reference_float32(case):
+    seed = fresh_seed()
+    *shape, num_splits = case
+    b, t, h, kh, s, dh, kind = shape
+    q, k, v, lengths, block_mask = prefix_case(seed, *shape)
+    visible = visible_of(lengths, block_mask, t, s)
+    ref = reference(q, k, v, visible)
+    kw = dict(interpret=True, block_s=16, num_splits=num_splits)
+    out_prefix = run(attention_pallas_prefix, q, k, v, lengths, block_mask, **kw)
+    out_mask = run(attention_pallas, q, k, v, visible, **kw)
+    for out in (out_prefix, out_mask):
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert np.all(np.isfinite(out)), f"seed {seed}"
+        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"seed {seed}")
+
+
+def test_pallas_bfloat16_accumulates_in_float32():
+    seed = fresh_seed()
+    shape = (2, 16, 12, 2, 90, 64, "tree")  # two 64-row blocks, two splits
+    t, s = shape[1], shape[4]
+    q, k, v, lengths, block_mask = prefix_case(seed, *shape, dtype=jnp.bfloat16)
+    visible = visible_of(lengths, block_mask, t, s)
+    exact = reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), visible)
+    ref = reference(q, k, v, visible)
+    for unified_max in (None, 0.0):
+        out = run(attention_pallas_prefix, q, k, v, lengths, block_mask, interpret=True, block_s=32,
+                  num_splits=2, unified_max=unified_max)
+        assert out.dtype == jnp.bfloat16
+        assert rel_err(out, exact) < 1e-2, f"seed {seed}"
+        assert rel_err(out, ref) < 1e-2, f"seed {seed}"
+
+
+def test_arbitrary_mask_and_all_masked_queries_give_zeros():
+    """A slot mask with holes, a query that sees nothing (a padding query) and a row that sees
+    nothing at all: the kernel equals the reference, and unseeing queries return zeros."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    b, t, h, kh, s, dh = 3, 4, 4, 2, 50, 32
+    q, k, v = make_inputs(seed, b, t, h, kh, s, dh)
+    visible = rng.random((b, t, s)) < 0.3
+    visible[0, :, :10] = False  # the span read starts past slot 0
+    visible[0, 2] = False  # a padding query
+    visible[2] = False  # a row with no visible slot at all
+    visible = jnp.asarray(visible)
+    ref = reference(q, k, v, visible)
+    assert np.all(np.isnan(run(_attention, q, k, v, visible)[0, 2])), "the model's softmax gives NaN here"
+    out = run(attention_pallas, q, k, v, visible, interpret=True, block_s=16, num_splits=2)
+    assert np.all(np.isfinite(out)), f"seed {seed}"
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(out[0, 2], 0.0)
+    np.testing.assert_array_equal(out[2], 0.0)
+
+
+def test_block_mask_with_masked_padding_queries():
+    """Tree verification with padded queries whose block-mask rows are all False and an empty
+    prefix: those queries see nothing and return zeros in both implementations."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    b, t, h, kh, s, dh = 2, 6, 4, 2, 40, 32
+    q, k, v = make_inputs(seed, b, t, h, kh, s, dh)
+    mask = np.stack([tree_mask(rng, t) for _ in range(b)])
+    mask[:, 4:] = False
+    lengths = jnp.array([0, 17], jnp.int32)
+    ref = reference(q, k, v, visible_of(lengths, jnp.asarray(mask), t, s))
+    out = run(attention_pallas_prefix, q, k, v, lengths, jnp.asarray(mask), interpret=True, block_s=16,
+              num_splits=2)
+    assert np.all(np.isfinite(out)), f"seed {seed}"
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(out[0, 4:], 0.0)
+
+
+def test_unified_max_equals_exact(monkeypatch):
+    """Scores here are about N(0, 1): phi = 0 holds; phi = -100 would overflow exp and phi = 100
+    underflow it, so only the fallback to the exact softmax keeps those right (shown by
+    disabling the fallback, which then breaks them)."""
+    seed = fresh_seed()
+    shape = (2, 5, 4, 2, 77, 32, "causal")
+    q, k, v, lengths, _ = prefix_case(seed, *shape)
+    ref = reference(q, k, v, visible_of(lengths, None, shape[1], shape[4]))
+    kw = dict(interpret=True, block_s=16, num_splits=3)
+    for phi in (0.0, -100.0, 100.0):
+        out = run(attention_pallas_prefix, q, k, v, lengths, unified_max=phi, **kw)
+        assert np.all(np.isfinite(out)), f"phi {phi}, seed {seed}"
+        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"phi {phi}, seed {seed}")
+    monkeypatch.setattr(attention_module, "UNIFIED_MAX_MARGIN", float("inf"))
+    for phi in (-100.0, 100.0):  # traced afresh (not `run`), so the patched margin applies
+        out = jax.jit(functools.partial(attention_pallas_prefix, unified_max=phi, **kw),
+                      compiler_options=FAST_COMPILE)(q, k, v, lengths)
+        assert not np.allclose(out, ref, rtol=1e-3, atol=1e-4), f"phi {phi}: the fallback was not needed"
+
+
+def test_unified_max_mixed_fallback_across_splits():
+    """Large keys in the first slots only: the split holding them falls back to the exact
+    softmax, the others keep phi, and the combine mixes both."""
+    seed = fresh_seed()
+    b, t, h, kh, s, dh = 2, 1, 4, 2, 96, 32
+    q, k, v = make_inputs(seed, b, t, h, kh, s, dh)
+    k = k.at[:, :, :8].multiply(40.0)
+    lengths = jnp.array([90, 95], jnp.int32)
+    visible = visible_of(lengths, None, t, s)
+    ref = reference(q, k, v, visible)
+    out = run(attention_pallas_prefix, q, k, v, lengths, unified_max=0.0, interpret=True, num_splits=3,
+              block_s=16)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"seed {seed}")
+    out = run(attention_pallas, q, k, v, visible, unified_max=0.0, interpret=True, num_splits=1, block_s=32)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"seed {seed}")
+
+
+def test_dispatcher():
+    seed = fresh_seed()
+    shape = (2, 3, 4, 2, 30, 16, "causal")
+    t, s = shape[1], shape[4]
+    q, k, v, lengths, _ = prefix_case(seed, *shape)
+    visible = visible_of(lengths, None, t, s)
+    ref = reference(q, k, v, visible)
+    np.testing.assert_array_equal(attention(q, k, v, visible, impl="reference"), ref)
+    np.testing.assert_array_equal(attention(q, k, v, lengths=lengths, impl="reference"), ref)
+    if jax.default_backend() != "gpu":
+        np.testing.assert_array_equal(attention(q, k, v, visible), ref)  # auto: the reference off GPUs
+    # `layer`: the stacked [L, B, K, S, Dh] cache is read in place.
+    k_all, v_all = jnp.stack([jnp.flip(k, 2), k, -k]), jnp.stack([v, 2 * v, v])
+    np.testing.assert_array_equal(attention(q, k_all, v_all, visible, layer=1, impl="reference"),
+                                  attention_reference(q, k, 2 * v, visible))
+    out = jax.jit(functools.partial(attention, impl="pallas", layer=1, interpret=True),
+                  compiler_options=FAST_COMPILE)(q, k_all, v_all, lengths=lengths)
+    np.testing.assert_allclose(out, 2 * ref, rtol=2e-5, atol=4e-6, err_msg=f"seed {seed}")
+    with pytest.raises(ValueError, match="exactly one"):
+        attention(q, k, v, visible, lengths=lengths)
+    with pytest.raises(ValueError, match="impl"):
+        attention(q, k, v, visible, impl="triton")
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        attention_pallas_prefix(q[..., :12], k[..., :12], v[..., :12], lengths, interpret=True)
+
+
+def test_no_recompilation_across_lengths():
+    seed = fresh_seed()
+    shape = (2, 2, 4, 2, 40, 16, "causal")
+    q, k, v, lengths, _ = prefix_case(seed, *shape)
+    f = jax.jit(functools.partial(attention_pallas_prefix, interpret=True, block_s=16, num_splits=2),
+                compiler_options=FAST_COMPILE)
+    f(q, k, v, lengths)
+    f(q, k, v, jnp.minimum(lengths + 3, 38))
+    assert f._cache_size() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_kernel_on_gpu(dtype):
+    """The compiled Triton kernel (not the interpreter) on Qwen2.5-like shapes."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    seed = fresh_seed()
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2
+    for shape in [(1, 1, 12, 2, 300, 128, "causal"), (3, 5, 14, 2, 515, 64, "causal"),
+                  (2, 61, 12, 2, 1000, 128, "tree")]:
+        b, t, h, kh, s, dh, _ = shape
+        q, k, v, lengths, block_mask = prefix_case(seed, *shape, dtype=dtype)
+        visible = visible_of(lengths, block_mask, t, s)
+        with jax.default_matmul_precision("float32"):  # not tf32
+            exact = attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                        visible)
+        for num_splits in (1, None):
+            for unified_max in (None, 0.0, -100.0):
+                out = attention_pallas_prefix(q, k, v, lengths, block_mask, num_splits=num_splits,
+                                              unified_max=unified_max)
+                assert rel_err(out, exact) < tol, (shape, num_splits, unified_max, seed)
+            out = attention_pallas(q, k, v, visible, num_splits=num_splits)
+            assert rel_err(out, exact) < tol, (shape, num_splits, "mask", seed)
