@@ -15,6 +15,7 @@ from .config import ConfigError, ModelConfig
 from .generation import Result, Stats, check_same_tokenizer, generate, stream
 from .model import Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, unembed
 from .sampling import Greedy, Sampling, make_sampling
+from .entropy_adaptive import EntropyAdaptive
 from .speculative import Chain, DynamicGamma, DynamicTree, Speculative, TreeDecoding
 from .tree import TreeBatch, TreeError, TreeTopology
 
@@ -27,7 +28,7 @@ def load(source, **kwargs):
 
 
 __all__ = [
-    "Autoregressive", "Chain", "ConfigError", "DynamicGamma", "DynamicTree", "Speculative", "TreeBatch",
+    "Autoregressive", "Chain", "ConfigError", "DynamicGamma", "DynamicTree", "EntropyAdaptive", "Speculative", "TreeBatch",
     "TreeDecoding", "TreeError", "TreeTopology", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Output",
     "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
     "init_params", "lm_head", "load", "make_sampling", "run_layers", "stream", "unembed",

@@ -252,9 +252,10 @@ def check_same_tokenizer(target: Model, draft: Model) -> None:
             problems.append(f"EOS ids {tt.eos_token_id} vs {dt.eos_token_id}")
     if problems:
         raise ValueError(
-            "draft and target tokenizers differ: " + "; ".join(problems) + ". Speculative and tree "
-            "decoding verify token ids, so the draft must share the target's tokenizer; for models "
-            "with different tokenizers use text-level methods such as alignment.nudging."
+            "draft and target tokenizers differ: " + "; ".join(problems) + ". Strategies that put both "
+            "models' token ids into one sequence (speculative, tree and entropy-adaptive decoding) need "
+            "the draft to share the target's tokenizer; for models with different tokenizers use "
+            "text-level methods such as alignment.nudging."
         )
 
 
