@@ -1,0 +1,450 @@
+"""Nudging (Fei, Razeghi, Singh, ACL 2025): a base model steered by a small aligned model.
+
+Default pair: Gemma-3-270M (base, registry "gemma-3-270m") nudged by SmolLM2-135M-Instruct
+("smollm2-135m-instruct"): different tokenizers (262144 vs 49152 tokens), so the models
+exchange text (`alignment.nudging`). Three systems are compared on two task sets:
+  * base alone, aligned alone, nudged (gamma 0.3, 16-token chunks, greedy, `--max-tokens` 512);
+  * GSM8K test (../shared/data/gsm8k/test.jsonl): accuracy of the final answer (the last number
+    of the output, normalised and compared as a number: `experiments.answers`), with a Wilson 95%
+    interval;
+  * AlpacaEval instructions (../shared/data/alpaca_eval/instructions.jsonl): pairwise preference
+    judged by Qwen2.5-Coder-1.5B-Instruct ("qwen2.5-coder-1.5b-instruct").
+and the fraction of the nudged answers' tokens (words, characters) the aligned model wrote (the
+paper: under 9%).
+
+Prompts follow the paper's code: the base model sees "<instruction>\\nQuestion: <q>\\nAnswer: "
+(AlpacaEval: "...\\nInstruction: <q>\\nResponse: "), the aligned model its chat template with the
+same instruction as system message. Base and nudged outputs stop at the next "\\nQuestion:" /
+"\\nInstruction:" (a base model goes on to invent the next example). Every output of every
+system is then passed through `trim_repetition` (the paper's code strips repeated suffixes from
+nudged answers; doing it for all systems keeps the comparison fair).
+
+Judge: for instruction x and responses (X, Y), the judge's chat prompt shows both and asks
+"Which response is better? Answer with a single letter, A or B."; its next-token logits of "A"
+and "B" give P(first is better) = softmax over those two. Positions are swapped to cancel order
+bias: pref(X over Y) = (P(A | X first) + P(B | Y first)) / 2. X wins if pref > 0.5 (a tie at
+exactly 0.5 counts half). Win rates carry a 95% bootstrap interval over instructions (2000
+resamples, seed 0); the mean soft preference and the judge's position bias (mean P(A)) are
+reported beside them.
+
+Timing: generation wall time per system (base and aligned alone batched with
+`decoding.generate`, nudging one question at a time: its round loop is host-side Python). The
+first nudged question includes compilation; the median per-question time does not.
+
+    python -m experiments.nudging --limit 100 --out experiments/results/nudging
+    python -m experiments.nudging --base smollm2-135m-instruct --limit 2 --max-tokens 64  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import environment
+from .answers import extract_gsm8k, gsm8k_correct, gsm8k_gold
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "nudging"
+SYSTEMS = ("base", "aligned", "nudged")
+PAIRS = (("nudged", "base"), ("nudged", "aligned"), ("aligned", "base"))
+REASONING = "Answer the question by walking through the reasoning steps."
+HELPFUL = "You are a helpful assistant."
+JUDGE_SYSTEM = "You are a fair and careful judge of the quality of AI assistants' responses."
+JUDGE_USER = (
+    "Compare two responses to the same instruction and decide which one is better: more helpful, "
+    "correct, relevant and clear.\n\n### Instruction:\n{instruction}\n\n### Response A:\n{a}\n\n"
+    "### Response B:\n{b}\n\nWhich response is better? Answer with a single letter, A or B."
+)
+
+
+class DataError(FileNotFoundError):
+    """A data file the experiment needs is missing or malformed."""
+
+
+# ------------------------------------------------------------------------------------------
+# Data and prompts
+# ------------------------------------------------------------------------------------------
+
+
+def load_task(data_dir: Path, task: str, limit: int | None) -> list[dict]:
+    """The first `limit` items of a task in file order: dicts with `id`, `question`, `gold`."""
+    rel = {"gsm8k": "gsm8k/test.jsonl", "alpaca": "alpaca_eval/instructions.jsonl"}[task]
+    path = Path(data_dir) / rel
+    if not path.is_file():
+        raise DataError(f"{task} data not found at {path}. Pass --data-dir pointing at the shared data folder "
+                        f"(the one holding gsm8k/ and alpaca_eval/; default {DEFAULT_DATA}).")
+    items = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if limit is not None and len(items) >= limit:
+                break
+            row = json.loads(line)
+            try:
+                if task == "gsm8k":
+                    items.append({"id": i, "question": row["question"], "gold": gsm8k_gold(row["answer"])})
+                else:
+                    items.append({"id": row["id"], "question": row["instruction"], "gold": None})
+            except (KeyError, ValueError) as err:
+                raise DataError(f"{path} line {i + 1} is not a {task} row ({err}).") from None
+    if not items:
+        raise DataError(f"{path} has no rows.")
+    return items
+
+
+def task_prompts(task: str):
+    from alignment import Prompts
+
+    if task == "gsm8k":
+        return Prompts(base=REASONING + "\nQuestion: {question}\nAnswer: ", system=REASONING), ("\nQuestion:",)
+    return Prompts(base=HELPFUL + "\nInstruction: {question}\nResponse: ", system=HELPFUL), ("\nInstruction:",)
+
+
+def cut_at_stop(text: str, stop) -> str:
+    hits = [text.find(s) for s in stop if s in text]
+    return text[: min(hits)] if hits else text
+
+
+# ------------------------------------------------------------------------------------------
+# The three systems
+# ------------------------------------------------------------------------------------------
+
+
+def run_alone(model, prompt_ids: list[list[int]], max_tokens: int, batch: int, stop) -> tuple[list[str], dict]:
+    """Greedy answers of one model alone (batched `decoding.generate`)."""
+    import decoding
+    from decoding.generation import _next_bucket
+
+    bucket = _next_bucket(max(len(p) for p in prompt_ids))
+    texts, tokens, run_s, compile_s = [], 0, 0.0, 0.0
+    for i in range(0, len(prompt_ids), batch):
+        res = decoding.generate(model, prompt_ids[i:i + batch], max_new_tokens=max_tokens, stop=list(stop),
+                                prompt_bucket=bucket)
+        texts.extend(cut_at_stop(t, stop).strip() for t in res.texts)
+        tokens += res.stats.new_tokens
+        run_s += res.stats.run_s
+        compile_s += res.stats.compile_s
+    return texts, {"tokens": tokens, "run_s": run_s, "compile_s": compile_s,
+                   "tokens_per_s": tokens / run_s if run_s else float("nan")}
+
+
+def run_task(task, items, base, aligned, config, batch):
+    """Answers of the three systems for every item, with per-system timing and nudging stats."""
+    from tqdm.auto import tqdm
+
+    from alignment import nudge, trim_repetition
+
+    prompts, stop = task_prompts(task)
+    base_ids = [base.tokenizer.encode(prompts.base_prefix(it["question"]).rstrip(), add_special_tokens=True)
+                for it in items]
+    aligned_ids = [aligned.tokenizer.encode(prompts.aligned_prefix(aligned.tokenizer, it["question"]),
+                                            add_special_tokens=False) for it in items]
+    outputs, timing = {}, {}
+    print(f"[{task}] base alone, aligned alone ({len(items)} items)")
+    outputs["base"], timing["base"] = run_alone(base, base_ids, config.max_tokens, batch, stop)
+    outputs["aligned"], timing["aligned"] = run_alone(aligned, aligned_ids, config.max_tokens, batch, ())
+    nudged, stats, seconds = [], [], []
+    for it in tqdm(items, desc=f"{task} nudged"):
+        r = nudge(base, aligned, it["question"], config, prompts, stop=stop)
+        nudged.append(r.text)
+        stats.append(r.stats())
+        seconds.append(r.seconds)
+    outputs["nudged"] = nudged
+    tokens = sum(s["aligned_tokens"] + s["base_tokens"] for s in stats)
+    timing["nudged"] = {"tokens": tokens, "run_s": float(sum(seconds)), "median_item_s": float(np.median(seconds)),
+                        "tokens_per_s": tokens / sum(seconds)}
+    records = []
+    for i, it in enumerate(items):
+        rec = {"id": it["id"], "question": it["question"], "gold": it["gold"], "nudging": stats[i]}
+        for s in SYSTEMS:
+            rec[s] = {"raw": outputs[s][i], "text": trim_repetition(outputs[s][i])}
+        records.append(rec)
+    return records, timing
+
+
+def nudging_summary(records) -> dict:
+    stats = [r["nudging"] for r in records]
+    aligned = sum(s["aligned_tokens"] for s in stats)
+    total = aligned + sum(s["base_tokens"] for s in stats)
+    reasons: dict = {}
+    for s in stats:
+        reasons[s["stop_reason"]] = reasons.get(s["stop_reason"], 0) + 1
+    return {
+        "aligned_token_fraction": aligned / total if total else 0.0,
+        "aligned_token_fraction_mean": float(np.mean([s["aligned_token_fraction"] for s in stats])),
+        "aligned_word_fraction_mean": float(np.mean([s["aligned_word_fraction"] for s in stats])),
+        "aligned_char_fraction_mean": float(np.mean([s["aligned_char_fraction"] for s in stats])),
+        "rounds_mean": float(np.mean([s["rounds"] for s in stats])),
+        "handoffs_mean": float(np.mean([s["handoffs"] for s in stats])),
+        "stop_reasons": reasons,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def bootstrap(values, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    if len(v) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(reps, len(v)))].mean(axis=1)
+    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+
+
+def score_gsm8k(records) -> dict:
+    out = {}
+    for s in SYSTEMS:
+        correct = 0
+        for r in records:
+            pred = extract_gsm8k(r[s]["text"])
+            r[s]["prediction"] = pred
+            r[s]["correct"] = gsm8k_correct(pred, r["gold"])
+            correct += r[s]["correct"]
+        n = len(records)
+        out[s] = {"accuracy": correct / n, "correct": correct, "n": n, "ci95": wilson(correct, n)}
+    return out
+
+
+class Judge:
+    """Pairwise preference from a chat model's next-token logits of "A" and "B"."""
+
+    def __init__(self, model, batch: int = 8):
+        import jax
+
+        from decoding.autoregressive import prefill
+
+        self.model, self.batch = model, batch
+        tok = model.tokenizer
+        self.ids = []
+        for letter in ("A", "B"):
+            ids = tok.encode(letter, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"the judge's tokenizer splits {letter!r} into {ids}; pick a judge whose "
+                                 "vocabulary has single-token 'A' and 'B'.")
+            self.ids.append(ids[0])
+        self._prefill = jax.jit(prefill, static_argnums=(0,))
+
+    def prompt(self, instruction: str, a: str, b: str) -> list[int]:
+        tok = self.model.tokenizer
+        text = tok.apply_chat_template(
+            [{"role": "system", "content": JUDGE_SYSTEM},
+             {"role": "user", "content": JUDGE_USER.format(instruction=instruction, a=a, b=b)}],
+            add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+
+    def p_first(self, prompts: list[list[int]]) -> list[float]:
+        """P("A") / (P("A") + P("B")) for each prompt."""
+        out = []
+        for i in range(0, len(prompts), self.batch):
+            group = prompts[i:i + self.batch]
+            longest = max(len(p) for p in group)
+            width = ((longest + 255) // 256) * 256
+            buf = np.zeros((self.batch, width), np.int32)
+            lengths = np.ones((self.batch,), np.int32)
+            for j, p in enumerate(group):
+                buf[j, :len(p)] = p
+                lengths[j] = len(p)
+            cache = self.model.init_cache(self.batch, width)
+            logits, _ = self._prefill(self.model.config, self.model.params, buf, lengths, cache)
+            ab = np.asarray(logits)[: len(group)][:, self.ids].astype(np.float64)
+            ab -= ab.max(axis=1, keepdims=True)
+            p = np.exp(ab)
+            out.extend((p[:, 0] / p.sum(axis=1)).tolist())
+        return out
+
+
+def judge_pairs(judge: Judge, records) -> dict:
+    from tqdm.auto import tqdm
+
+    out = {}
+    for x, y in tqdm(PAIRS, desc="judging"):
+        xy = [judge.prompt(r["question"], r[x]["text"], r[y]["text"]) for r in records]
+        yx = [judge.prompt(r["question"], r[y]["text"], r[x]["text"]) for r in records]
+        p_xy, p_yx = judge.p_first(xy), judge.p_first(yx)
+        pref = [(a + (1.0 - b)) / 2 for a, b in zip(p_xy, p_yx)]
+        wins = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in pref]
+        for r, p in zip(records, pref):
+            r.setdefault("judge", {})[f"{x}>{y}"] = p
+        out[f"{x} vs {y}"] = {
+            "win_rate": float(np.mean(wins)), "ci95": bootstrap(wins),
+            "soft_preference": float(np.mean(pref)), "soft_ci95": bootstrap(pref),
+            "position_bias_p_first": float(np.mean(p_xy + p_yx)), "n": len(records),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Reports
+# ------------------------------------------------------------------------------------------
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        "# Nudging", "",
+        f"Base `{s['base']}` nudged by `{s['aligned']}`; gamma {s['gamma']}, chunk {s['chunk']}, "
+        f"max tokens {s['max_tokens']}, greedy, dtype {s['dtype']}; device "
+        f"{report['environment']['device'].get('device_kind', '?')}.", "",
+    ]
+    if "gsm8k" in report["tasks"]:
+        t = report["tasks"]["gsm8k"]
+        lines += ["## GSM8K (test, first {} questions)".format(t["n"]), "",
+                  "| system | accuracy | 95% CI | tokens/s | generation s |", "| --- | --- | --- | --- | --- |"]
+        for sys_ in SYSTEMS:
+            a, tm = t["accuracy"][sys_], t["timing"][sys_]
+            lines.append(f"| {sys_} | {a['accuracy']:.3f} ({a['correct']}/{a['n']}) | {_ci(a['ci95'])} | "
+                         f"{tm['tokens_per_s']:.1f} | {tm['run_s']:.1f} |")
+        lines.append("")
+    for task, t in report["tasks"].items():
+        n = t["nudging"]
+        lines += [f"Nudging on {task}: aligned model wrote {n['aligned_token_fraction']:.3f} of the tokens "
+                  f"(per-answer mean {n['aligned_token_fraction_mean']:.3f}; words "
+                  f"{n['aligned_word_fraction_mean']:.3f}, characters {n['aligned_char_fraction_mean']:.3f}); "
+                  f"{n['rounds_mean']:.1f} rounds and "
+                  f"{n['handoffs_mean']:.1f} hand-offs per answer; stops: {n['stop_reasons']}.", ""]
+    if "alpaca" in report["tasks"] and "judge" in report["tasks"]["alpaca"]:
+        t = report["tasks"]["alpaca"]
+        lines += [f"## AlpacaEval instructions (first {t['n']}), judged by `{s['judge']}`", "",
+                  "| pair | win rate | 95% CI | soft preference | judge P(first) |", "| --- | --- | --- | --- | --- |"]
+        for pair, j in t["judge"].items():
+            lines.append(f"| {pair} | {j['win_rate']:.3f} | {_ci(j['ci95'])} | {j['soft_preference']:.3f} | "
+                         f"{j['position_bias_p_first']:.3f} |")
+        lines += ["", "Win: the judge's order-averaged P(X better) > 0.5 (see experiments/nudging.py).", ""]
+    lines.append(f"Command: `{report['environment'].get('command', '')}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report["tasks"]
+    panels = [k for k in ("gsm8k", "alpaca") if k in tasks and (k == "gsm8k" or "judge" in tasks[k])]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4))
+    axes = np.atleast_1d(axes)
+    for ax, k in zip(axes, panels):
+        if k == "gsm8k":
+            acc = tasks[k]["accuracy"]
+            vals = [acc[s]["accuracy"] for s in SYSTEMS]
+            err = np.array([[v - acc[s]["ci95"][0], acc[s]["ci95"][1] - v] for v, s in zip(vals, SYSTEMS)]).T
+            ax.bar(SYSTEMS, vals, yerr=err, capsize=4, color=["#999", "#6a9", "#369"])
+            ax.set_title("GSM8K accuracy")
+        else:
+            j = tasks[k]["judge"]
+            names = list(j)
+            vals = [j[n]["win_rate"] for n in names]
+            err = np.array([[v - j[n]["ci95"][0], j[n]["ci95"][1] - v] for v, n in zip(vals, names)]).T
+            ax.barh(names, vals, xerr=err, capsize=4, color="#369")
+            ax.axvline(0.5, color="k", lw=0.8, ls="--")
+            ax.set_xlim(0, 1)
+            ax.set_title("AlpacaEval win rate")
+    ax = axes[-1]
+    for k, t in tasks.items():
+        fr = [r["nudging"]["aligned_token_fraction"] for r in t["records"]]
+        ax.hist(fr, bins=np.linspace(0, 1, 21), alpha=0.6, label=k)
+    ax.set_title("tokens written by the aligned model")
+    ax.set_xlabel("fraction per answer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", default="gemma-3-270m", help="base model: registry name, .gguf or HF directory")
+    p.add_argument("--aligned", default="smollm2-135m-instruct", help="aligned (instruct) model")
+    p.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct", help="judge of the AlpacaEval pairs")
+    p.add_argument("--tasks", default="gsm8k,alpaca", help="comma-separated: gsm8k, alpaca")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
+    p.add_argument("--max-tokens", type=int, default=512, help="answer length limit (nudged: both models together)")
+    p.add_argument("--gamma", type=float, default=0.3)
+    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--max-rounds", type=int, default=150)
+    p.add_argument("--batch", type=int, default=16, help="batch of the single-model runs and the judge")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--no-judge", action="store_true", help="skip the AlpacaEval judging")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding gsm8k/ and alpaca_eval/")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (JSON, Markdown, PNG)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = sorted(set(tasks) - {"gsm8k", "alpaca"})
+    if bad or not tasks:
+        raise SystemExit(f"--tasks must name gsm8k and/or alpaca, got {args.tasks!r}.")
+    try:  # fail early, before loading models, on missing data
+        data = {t: load_task(Path(args.data_dir), t, args.limit) for t in tasks}
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    import jax.numpy as jnp
+
+    import decoding
+    from alignment import Nudging
+
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    config = Nudging(gamma=args.gamma, chunk=args.chunk, max_tokens=args.max_tokens, max_rounds=args.max_rounds)
+    t0 = time.perf_counter()
+    base, aligned = decoding.load(args.base, dtype=dtype), decoding.load(args.aligned, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    report = {
+        "settings": {**{k: getattr(args, k) for k in ("base", "aligned", "judge", "limit", "max_tokens", "gamma",
+                                                      "chunk", "max_rounds", "batch", "dtype")},
+                     "load_s": load_s, "judge_method": "order-swapped next-token P(A)/P(B)"},
+        "environment": environment.describe(),
+        "tasks": {},
+    }
+    for task, items in data.items():
+        records, timing = run_task(task, items, base, aligned, config, args.batch)
+        entry = {"n": len(items), "timing": timing, "nudging": nudging_summary(records), "records": records}
+        if task == "gsm8k":
+            entry["accuracy"] = score_gsm8k(records)
+        report["tasks"][task] = entry
+    if "alpaca" in data and not args.no_judge:
+        judge = Judge(decoding.load(args.judge, dtype=dtype), batch=min(args.batch, 8))
+        report["tasks"]["alpaca"]["judge"] = judge_pairs(judge, report["tasks"]["alpaca"]["records"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nudging.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "nudging.md").write_text(markdown(report))
+    plot(report, out / "nudging.png")
+    print(markdown(report))
+    print(f"wrote {out / 'nudging.json'}, nudging.md, nudging.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
