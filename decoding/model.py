@@ -26,6 +26,11 @@ injected hidden states), `final_norm`, `lm_head`, `unembed = lm_head(final_norm(
 
 Parameters are a plain pytree (dict) with per-layer weights stacked on a leading L axis, so the
 layer loop is one `lax.scan` (unrolled on accelerators). Weights are stored as `[in, out]` (x @ W).
+
+Other architectures: the public functions below (`param_shapes`, `init_params`, `embed`,
+`final_norm`, `lm_head`, `unembed`, `run_layers`, `forward`) hand a config that is not a
+`ModelConfig` to the module implementing it (`architecture(config)`): a `decoding.gemma3.Gemma3Config`
+to `decoding.gemma3`. Algorithms keep calling these functions and run any architecture unchanged.
 """
 
 from __future__ import annotations
@@ -63,8 +68,25 @@ LAYER_PARAM_SHAPES = {
 }
 
 
+def architecture(config):
+    """The module implementing `config`'s architecture, or None for the Llama family here.
+
+    Each such module provides the public functions of this one with the same signatures.
+    """
+    if isinstance(config, ModelConfig):
+        return None
+    from . import gemma3  # imported here: it builds on this module's shared pieces
+
+    if isinstance(config, gemma3.Gemma3Config):
+        return gemma3
+    raise TypeError(f"no model implementation for a config of type {type(config).__name__}; expected "
+                    "decoding.ModelConfig (Llama family) or decoding.gemma3.Gemma3Config.")
+
+
 def param_shapes(config: ModelConfig) -> dict:
     """The expected parameter tree of `config`, as shapes (the one declaration of weights)."""
+    if (arch := architecture(config)) is not None:
+        return arch.param_shapes(config)
     layer = {
         name: (config.num_layers, *fn(config))
         for name, fn in LAYER_PARAM_SHAPES.items()
@@ -103,6 +125,8 @@ def check_params(config: ModelConfig, params: dict) -> None:
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
     """Random parameters (unit tests and drafter initialisation); norms start at one."""
+    if (arch := architecture(config)) is not None:
+        return arch.init_params(config, key, dtype, scale)
     shapes = param_shapes(config)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
@@ -147,22 +171,29 @@ def _rms_norm(x, weight, eps):
 
 def embed(config: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
     """tokens: int32[B, T] -> hidden [B, T, D] (the parameters' dtype)."""
-    del config
+    if (arch := architecture(config)) is not None:
+        return arch.embed(config, params, tokens)
     return params["embed"][tokens]
 
 
 def final_norm(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
+    if (arch := architecture(config)) is not None:
+        return arch.final_norm(config, params, hidden)
     return _rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
 
 
 def lm_head(config: ModelConfig, params: dict, normed: jax.Array) -> jax.Array:
     """Normalised hidden [..., D] -> float32 logits [..., V]."""
+    if (arch := architecture(config)) is not None:
+        return arch.lm_head(config, params, normed)
     w = params["embed"].T if config.tie_embeddings else params["lm_head"]
     return _f32_einsum("...d,dv->...v", normed, w.astype(normed.dtype))
 
 
 def unembed(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
     """Residual stream [..., D] -> float32 logits [..., V] (final norm, then the head)."""
+    if (arch := architecture(config)) is not None:
+        return arch.unembed(config, params, hidden)
     return lm_head(config, params, final_norm(config, params, hidden))
 
 
@@ -277,6 +308,9 @@ def run_layers(
     `slot_mask: bool[B, T, S]` replaces the prefix + block-mask rule (see `attention_mask`):
     drafters that grow a tree over several calls use it to show each node only its ancestors.
     """
+    if (arch := architecture(config)) is not None:
+        return arch.run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
+                               layers=layers, return_hidden=return_hidden)
     start, end = (0, config.num_layers) if layers is None else layers
     if not 0 <= start <= end <= config.num_layers:
         raise ValueError(f"layers={layers} is not a range within [0, {config.num_layers}].")
@@ -338,6 +372,10 @@ def forward(
     the first k layers and applies the final norm and head to their output (layer-skip
     self-drafting); only those layers' cache entries are written.
     """
+    if (arch := architecture(config)) is not None:
+        return arch.forward(config, params, tokens, positions, cache, mask=mask, slot_mask=slot_mask,
+                            layers=layers, return_hidden=return_hidden, logit_indices=logit_indices,
+                            compute_logits=compute_logits)
     x = embed(config, params, tokens)
     x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
                                   layers=layers, return_hidden=return_hidden)

@@ -91,9 +91,13 @@ def test_registry_model_of_unsupported_arch_is_refused_before_fetching(monkeypat
     def no_fetch(name, **kwargs):
         raise AssertionError("must not download a model it cannot load")
 
+    import dataclasses
+
+    phi = dataclasses.replace(registry.entry("smollm2-135m-instruct"), name="phi-test", arch="phi3")
     monkeypatch.setattr(registry, "fetch", no_fetch)
-    with pytest.raises(ConfigError, match="gemma3"):
-        load("gemma-3-270m")
+    monkeypatch.setitem(registry.REGISTRY, "phi-test", phi)
+    with pytest.raises(ConfigError, match="phi3"):
+        load("phi-test")
 
 
 def test_hub_unreachable_gives_a_clear_error(monkeypatch):
@@ -148,8 +152,8 @@ def test_unsupported_gguf_arch_is_refused(tmp_path, tiny_torch_model, write_gguf
 
     monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
     ref = tiny_torch_model(LlamaConfig)
-    with pytest.raises(ConfigError, match="gemma3"):
-        load(write_gguf(ref, tmp_path / "g.gguf", "gemma3"), tokenizer=False)
+    with pytest.raises(ConfigError, match="phi3"):
+        load(write_gguf(ref, tmp_path / "g.gguf", "phi3"), tokenizer=False)
     moe = write_gguf(ref, tmp_path / "moe.gguf", "llama", {"llama.expert_count": 8})
     with pytest.raises(ConfigError, match="expert_count"):
         load(moe, tokenizer=False)
