@@ -31,6 +31,7 @@ Legend: B batch, N tree nodes (root included), G gamma, D max depth, V vocab, C 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Protocol
 
@@ -155,15 +156,16 @@ class State:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SpecBase:
+class _SpecBase(abc.ABC):
     """Shared init/step of chain and tree speculative decoding."""
 
     drafter: Any
     lenience: float = 1.0
 
     @property
+    @abc.abstractmethod
     def shape(self):
-        raise NotImplementedError
+        """The draft shape: `Chain`, `TreeTopology` or `DynamicTree`."""
 
     @property
     def is_chain(self) -> bool:

@@ -21,6 +21,7 @@ Legend: B batch, N nodes, W catch-up width, K top-k, V vocab, S cache slots.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import jax
@@ -39,29 +40,35 @@ def _topk_tokens(logits: jax.Array, k: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelDrafter:
+class ModelDrafter(abc.ABC):
     """Generic LM drafter (see module doc). Subclasses define the forward and the cache."""
 
     name = "model"
 
-    # -- to be provided by subclasses ----------------------------------------------------------
+    # -- provided by subclasses ----------------------------------------------------------------
+    @abc.abstractmethod
     def _forward(self, ctx, params, dstate, cache, tokens, positions, *, logit_indices=None, slot_mask=None):
         """Run the drafter on tokens written at its cache cursor -> (logits, dstate, target cache)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _drafted_len(self, dstate, view: View):
         """int32[B]: tokens of the context the drafter's cache holds (its cursor)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _set_cursor(self, dstate, cache, lengths):
         """Move the drafter's cache cursor -> (dstate, target cache)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _cursor(self, dstate, cache):
-        raise NotImplementedError
+        """int32[B]: the drafter's cache cursor."""
 
+    @abc.abstractmethod
+    def _capacity(self, dstate, cache) -> int:
+        """Slots of the cache the drafter writes to."""
+
+    @abc.abstractmethod
     def _catchup_width(self, shape) -> int:
-        raise NotImplementedError
+        """Static width of the catch-up forward for a draft shape."""
 
     # -- shared engine ----------------------------------------------------------------------------
     def slack(self, shape) -> int:
