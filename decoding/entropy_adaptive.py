@@ -212,7 +212,7 @@ def rolling_mean(entropy: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(filled, entropy, 0.0), axis=1) / jnp.maximum(jnp.minimum(count, w), 1)
 
 
-def switch(mean: jax.Array, use_large: jax.Array, since_switch: jax.Array, threshold: float, min_dwell: int):
+def switch(mean: jax.Array, use_large: jax.Array, since_switch: jax.Array, threshold, min_dwell: int):
     """-> (use_large, since_switch, switched), all [B]: the model for each row's next token."""
     want = mean > threshold
     switched = (want != use_large) & (since_switch >= min_dwell)
@@ -265,6 +265,18 @@ class EntropyAdaptive:
                 f"have {ctx.draft.vocab_size} and {ctx.target.vocab_size} entries. Both models extend one token "
                 "sequence, so their token ids must mean the same; pick a small model of the large one's family.")
 
+    def split_runtime(self) -> tuple["EntropyAdaptive", dict]:
+        """-> (this strategy with the threshold canonicalised, {"threshold": value}).
+
+        `generate` passes the threshold to the compiled program as a traced value (in
+        `params["runtime"]`), so a threshold sweep compiles once per shape, not once per value.
+        """
+        return dataclasses.replace(self, threshold=0.0), {"threshold": self.threshold}
+
+    def _threshold(self, params) -> jax.Array | float:
+        runtime = params.get("runtime")
+        return runtime["threshold"] if runtime is not None else self.threshold
+
     # -- init: prefill both models, the first token -------------------------------------------
 
     def init(self, ctx: Context, params, prompt, lengths, key) -> State:
@@ -276,7 +288,7 @@ class EntropyAdaptive:
         h0 = entropy_bits(logits_s)
         entropy = jnp.zeros((b, self.window), jnp.float32).at[:, 0].set(h0)
         free = jnp.full((b,), self.min_dwell, jnp.int32)  # the start is not a switch: no dwell
-        use_large, since, switched = switch(h0, jnp.zeros((b,), bool), free, self.threshold, self.min_dwell)
+        use_large, since, switched = switch(h0, jnp.zeros((b,), bool), free, self._threshold(params), self.min_dwell)
         key, sub = jax.random.split(key)
         first = ctx.sampling.sample(sub, jnp.where(use_large[:, None], logits_l, logits_s))
         out = loop.commit(loop.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
@@ -318,7 +330,7 @@ class EntropyAdaptive:
         entropy = state.entropy.at[rows, ring].set(h, mode="drop")
         since = state.since_switch + new
         mean = rolling_mean(entropy, k + 1)
-        use_large, since2, switched = switch(mean, state.use_large, since, self.threshold, self.min_dwell)
+        use_large, since2, switched = switch(mean, state.use_large, since, self._threshold(params), self.min_dwell)
         keep = ~running
         return State(
             out=out, small=small, large=large, context=context, context_len=context_len,

@@ -234,6 +234,12 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
                   capacity=capacity, draft=draft_cfg)
     if hasattr(strategy, "validate"):
         strategy.validate(ctx, draft)
+    if hasattr(strategy, "split_runtime"):
+        # Settings a strategy reads as traced values (e.g. EAD's threshold) travel in the params
+        # pytree, and the static strategy used as the compile key has them canonicalised, so a
+        # sweep over such a setting reuses one compiled program.
+        strategy, runtime = strategy.split_runtime()
+        params["runtime"] = {k: jnp.asarray(v, jnp.float32) for k, v in runtime.items()}
     return _Prepared(strategy, ctx, params, prompt, lengths, jax.random.PRNGKey(seed), ids, stop, tok)
 
 

@@ -36,7 +36,8 @@ Outputs in --out: `results.jsonl` (one row per point x question, written as it f
 (accuracy against large-model fraction and against cost, with the CIs).
 
 Batches: questions go in batches of --batch-size (the last one padded with repeats, discarded),
-prompts padded to one length per data set, so each (point, data set) compiles one program.
+prompts padded to one length per data set, so each data set compiles one program for all points
+(the threshold is a traced value of the program, the end points included).
 Rows of one batch run in lockstep; a model runs in a step when any row needs it, so the
 measured time of a mixed batch exceeds the per-row cost the paper's formula describes.
 

@@ -20,6 +20,7 @@ so that no rolling mean of the reference lies within 1e-3 bits of it).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -245,6 +246,22 @@ def test_stream_yields_the_same_tokens_and_compiles_once():
     per_row = [sum((r[b] for r in rounds), []) for b in range(len(PROMPTS))]
     assert per_row == mid_result().tokens == result.tokens
     assert result.stats.extra["switches_per_row"] == mid_result().stats.extra["switches_per_row"]
+
+
+def test_a_threshold_sweep_compiles_one_program():
+    """The threshold is a traced value: after the first call, other thresholds (end points
+    included) run the same program, and each still gives its own decoding."""
+    strat = lambda t: dataclasses.replace(MID, threshold=t)  # noqa: E731
+    kw = dict(draft=small(), max_new_tokens=N, eos_token_id=())
+    generate(large(), PROMPTS, strategy=strat(1.0), **kw)
+    with compile_events() as events:
+        mid = generate(large(), PROMPTS, strategy=strat(THRESHOLD), **kw)
+        low = generate(large(), PROMPTS, strategy=strat(-INF), **kw)
+        high = generate(large(), PROMPTS, strategy=strat(INF), **kw)
+    assert events == [], "a new threshold recompiled the program"
+    free = [reference_ead(p, N, THRESHOLD, MID.window, MID.min_dwell) for p in PROMPTS]
+    assert mid.tokens == [r["tokens"] for r in free]
+    assert low.tokens == own_greedy("large") and high.tokens == own_greedy("small")
 
 
 # ------------------------------------------------------------------------------------------
