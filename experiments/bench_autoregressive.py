@@ -135,7 +135,14 @@ def main(argv=None):
     ap.add_argument("--random-weights", action="store_true",
                     help="smoke test: the models' configs with random weights (speed only; no quality)")
     ap.add_argument("--out", default="experiments/results/autoregressive")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="merge earlier reports (one model per run, later files win) into --out and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        report = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        write_report(report, Path(args.out))
+        print(markdown(report))
+        return
 
     from decoding import Model, init_params, load
     from decoding.generation import default_eos_ids, encode_prompts
@@ -158,7 +165,7 @@ def main(argv=None):
         # The limit uses the datasheet bandwidth (the stricter bound); the measured copy rate is recorded.
         bw = datasheet.memory_bandwidth if datasheet else (bw_measured or float("nan"))
         limit = bw / wb
-        entry = {"params": model.config.param_count(), "weight_bytes_per_step": wb, "load_s": load_s,
+        entry = {"environment": env, "params": model.config.param_count(), "weight_bytes_per_step": wb, "load_s": load_s,
                  "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}}
         ids = encode_prompts(model.tokenizer, prompts, chat=True)
         eos = default_eos_ids(model.tokenizer)
@@ -189,6 +196,23 @@ def main(argv=None):
     print(markdown(report))
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs (e.g. one model per command): models of later reports
+    replace those of earlier ones; each model keeps the environment of the run that measured it."""
+    if not reports:
+        raise ValueError("merge needs at least one report")
+    out = dict(reports[-1])
+    out["models"] = {}
+    for r in reports:
+        for name, m in r["models"].items():
+            m = dict(m)
+            m.setdefault("environment", r["environment"])
+            m.setdefault("bandwidth_measured_Bps", r.get("bandwidth_measured_Bps"))
+            out["models"][name] = m
+    out["merged_from"] = [r["environment"].get("time_utc") for r in reports]
+    return out
+
+
 def write_report(report, out: Path) -> None:
     import copy
 
@@ -197,7 +221,8 @@ def write_report(report, out: Path) -> None:
     for m in report["models"].values():
         for part in ("ours", "hf_eager"):
             for r in m[part].values():
-                r["outputs"] = [len(o) for o in r["outputs"]]  # lengths only in the JSON
+                if r["outputs"] and not isinstance(r["outputs"][0], int):
+                    r["outputs"] = [len(o) for o in r["outputs"]]  # lengths only in the JSON
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     out.with_suffix(".md").write_text(markdown(report))
 
@@ -212,18 +237,27 @@ def markdown(report) -> str:
         f"max_new_tokens {report['settings']['max_new_tokens']}.",
         f"Physical limit = datasheet bandwidth {report['bandwidth_datasheet_Bps'] or float('nan'):.3g} B/s "
         f"(measured copy through JAX: {report['bandwidth_measured_Bps'] or float('nan'):.3g}) / weight bytes read per step.", "",
-        "| model | system | batch | tokens/s | % of physical limit | ms/step in loop | ms/forward alone | ms weights@bw | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | system | batch | tokens/s | % of physical limit | ms/step in loop | ms/forward alone | ms weights@bw | compile s | ours vs transformers | same greedy output |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, m in report["models"].items():
         for bs, r in m["ours"].items():
             lines.append(f"| {name} | ours (JAX) | {bs} | {r['tokens_per_s']:.1f} | "
                          f"{100 * r['fraction_of_physical_limit']:.1f}% | {r['ms_per_step_in_loop']:.2f} | "
-                         f"{r['ms_forward_only']:.2f} | {r['ms_weights_at_bandwidth']:.2f} | {r['compile_s']:.1f} |")
+                         f"{r['ms_forward_only']:.2f} | {r['ms_weights_at_bandwidth']:.2f} | {r['compile_s']:.1f} | | |")
         for bs, r in m["hf_eager"].items():
+            speedup = f"{r['ours_speedup']:.1f}x" if r.get("ours_speedup") else ""
+            same = f"{r['identical_outputs']}/{len(r['outputs'])}" if r.get("identical_outputs") is not None else ""
             lines.append(f"| {name} | transformers eager | {bs} | {r['tokens_per_s']:.1f} | "
-                         f"{100 * r['tokens_per_s'] / (int(bs) * m['physical_limit_tokens_per_s_batch1']):.1f}% | | | | - |")
-        lines.append(f"| {name} | physical limit | 1 | {m['physical_limit_tokens_per_s_batch1']:.0f} | 100% | | | | - |")
+                         f"{100 * r['tokens_per_s'] / (int(bs) * m['physical_limit_tokens_per_s_batch1']):.1f}% | | | | - "
+                         f"| {speedup} | {same} |")
+        lines.append(f"| {name} | physical limit | 1 | {m['physical_limit_tokens_per_s_batch1']:.0f} | 100% | | | | - | | |")
+    runs = {n: m.get("environment", env).get("time_utc") for n, m in report["models"].items()}
+    if len(set(runs.values())) > 1:
+        lines += ["", "Runs merged, one per model: " + "; ".join(f"{n} measured {t}" for n, t in runs.items()) + "."]
+    lines += ["", "Compile s is the first call's compile time; a figure of a few seconds means the program came "
+              "from JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`) filled by an earlier run on "
+              "the same machine. Speed and outputs are unaffected."]
     return "\n".join(lines) + "\n"
 
 
