@@ -31,6 +31,11 @@ Timing: generation wall time per system (base and aligned alone batched with
 `decoding.generate`, nudging one question at a time: its round loop is host-side Python). The
 first nudged question includes compilation; the median per-question time does not.
 
+Resuming: every answer (per task, system and item) and every judged pair is a row of
+`<out>/results.jsonl`, written as it finishes (`experiments.store`); rerunning the same command
+skips what is there, so a run cut off by a time limit continues where it stopped. A rerun with
+other settings (models, gamma, chunk, limits, dtype) is refused; `--limit` may grow.
+
     python -m experiments.nudging --limit 100 --out experiments/results/nudging
     python -m experiments.nudging --base smollm2-135m-instruct --limit 2 --max-tokens 64  # smoke test
 """
@@ -41,12 +46,14 @@ import argparse
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from . import environment
 from .answers import extract_gsm8k, gsm8k_correct, gsm8k_gold
+from .store import ResultsError, ResultsStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -115,55 +122,90 @@ def cut_at_stop(text: str, stop) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def run_alone(model, prompt_ids: list[list[int]], max_tokens: int, batch: int, stop) -> tuple[list[str], dict]:
-    """Greedy answers of one model alone (batched `decoding.generate`)."""
+def _batches(seq, n):
+    return [seq[i:i + n] for i in range(0, len(seq), n)]
+
+
+def run_alone(store, task, system, model, items, prompt_ids, bucket, max_tokens, batch, stop, log=print) -> None:
+    """Greedy answers of one model alone (batched `decoding.generate`), one row per item in
+    `store`; items already there are skipped."""
     import decoding
-    from decoding.generation import _next_bucket
 
-    bucket = _next_bucket(max(len(p) for p in prompt_ids))
-    texts, tokens, run_s, compile_s = [], 0, 0.0, 0.0
-    for i in range(0, len(prompt_ids), batch):
-        res = decoding.generate(model, prompt_ids[i:i + batch], max_new_tokens=max_tokens, stop=list(stop),
+    pending = [i for i, it in enumerate(items) if (task, system, it["id"]) not in store]
+    if not pending:
+        return
+    log(f"[{task}] {system} alone: {len(pending)} of {len(items)} items to generate")
+    for group in _batches(pending, batch):
+        res = decoding.generate(model, [prompt_ids[i] for i in group], max_new_tokens=max_tokens, stop=list(stop),
                                 prompt_bucket=bucket)
-        texts.extend(cut_at_stop(t, stop).strip() for t in res.texts)
-        tokens += res.stats.new_tokens
-        run_s += res.stats.run_s
-        compile_s += res.stats.compile_s
-    return texts, {"tokens": tokens, "run_s": run_s, "compile_s": compile_s,
-                   "tokens_per_s": tokens / run_s if run_s else float("nan")}
+        batch_id = uuid.uuid4().hex[:12]
+        for j, i in enumerate(group):
+            store.append({"task": task, "system": system, "id": items[i]["id"],
+                          "raw": cut_at_stop(res.texts[j], stop).strip(), "tokens": len(res.tokens[j]),
+                          "batch_id": batch_id, "batch_run_s": res.stats.run_s,
+                          "batch_compile_s": res.stats.compile_s, "batch_new_tokens": res.stats.new_tokens})
 
 
-def run_task(task, items, base, aligned, config, batch):
-    """Answers of the three systems for every item, with per-system timing and nudging stats."""
+def run_nudged(store, task, items, base, aligned, config, log=print) -> None:
+    """Nudged answers, one question at a time (the round loop is host-side), one row each."""
     from tqdm.auto import tqdm
 
-    from alignment import nudge, trim_repetition
+    from alignment import nudge
+
+    prompts, stop = task_prompts(task)
+    pending = [it for it in items if (task, "nudged", it["id"]) not in store]
+    if not pending:
+        return
+    log(f"[{task}] nudged: {len(pending)} of {len(items)} items to generate")
+    for it in tqdm(pending, desc=f"{task} nudged"):
+        r = nudge(base, aligned, it["question"], config, prompts, stop=stop)
+        store.append({"task": task, "system": "nudged", "id": it["id"], "raw": r.text, "nudging": r.stats(),
+                      "seconds": r.seconds})
+
+
+def run_task(store, task, items, base, aligned, config, batch, log=print) -> None:
+    """Every system's answer to every item of `task`, into `store` (resumable)."""
+    from decoding.generation import _next_bucket
 
     prompts, stop = task_prompts(task)
     base_ids = [base.tokenizer.encode(prompts.base_prefix(it["question"]).rstrip(), add_special_tokens=True)
                 for it in items]
     aligned_ids = [aligned.tokenizer.encode(prompts.aligned_prefix(aligned.tokenizer, it["question"]),
                                             add_special_tokens=False) for it in items]
-    outputs, timing = {}, {}
-    print(f"[{task}] base alone, aligned alone ({len(items)} items)")
-    outputs["base"], timing["base"] = run_alone(base, base_ids, config.max_tokens, batch, stop)
-    outputs["aligned"], timing["aligned"] = run_alone(aligned, aligned_ids, config.max_tokens, batch, ())
-    nudged, stats, seconds = [], [], []
-    for it in tqdm(items, desc=f"{task} nudged"):
-        r = nudge(base, aligned, it["question"], config, prompts, stop=stop)
-        nudged.append(r.text)
-        stats.append(r.stats())
-        seconds.append(r.seconds)
-    outputs["nudged"] = nudged
-    tokens = sum(s["aligned_tokens"] + s["base_tokens"] for s in stats)
-    timing["nudged"] = {"tokens": tokens, "run_s": float(sum(seconds)), "median_item_s": float(np.median(seconds)),
-                        "tokens_per_s": tokens / sum(seconds)}
-    records = []
-    for i, it in enumerate(items):
-        rec = {"id": it["id"], "question": it["question"], "gold": it["gold"], "nudging": stats[i]}
+    # One prompt bucket per (task, model), fixed by every item of the task: a resumed run pads
+    # the same way, so its programs and outputs are those of an uninterrupted one.
+    run_alone(store, task, "base", base, items, base_ids, _next_bucket(max(map(len, base_ids))),
+              config.max_tokens, batch, stop, log)
+    run_alone(store, task, "aligned", aligned, items, aligned_ids, _next_bucket(max(map(len, aligned_ids))),
+              config.max_tokens, batch, (), log)
+    run_nudged(store, task, items, base, aligned, config, log)
+
+
+def task_records(store, task, items) -> tuple[list[dict], dict]:
+    """The per-item records (texts of the three systems, nudging stats) and per-system timing."""
+    from alignment import trim_repetition
+
+    records, timing = [], {}
+    for it in items:
+        rec = {"id": it["id"], "question": it["question"], "gold": it["gold"]}
         for s in SYSTEMS:
-            rec[s] = {"raw": outputs[s][i], "text": trim_repetition(outputs[s][i])}
+            row = store.get((task, s, it["id"]))
+            rec[s] = {"raw": row["raw"], "text": trim_repetition(row["raw"])}
+            if s == "nudged":
+                rec["nudging"] = row["nudging"]
         records.append(rec)
+    for s in ("base", "aligned"):
+        rows = [store.get((task, s, it["id"])) for it in items]
+        batches = {r["batch_id"]: r for r in rows}
+        run_s = sum(r["batch_run_s"] for r in batches.values())
+        tokens = sum(r["tokens"] for r in rows)
+        timing[s] = {"tokens": tokens, "run_s": run_s, "compile_s": sum(r["batch_compile_s"] for r in batches.values()),
+                     "tokens_per_s": tokens / run_s if run_s else float("nan")}
+    rows = [store.get((task, "nudged", it["id"])) for it in items]
+    seconds = [r["seconds"] for r in rows]
+    tokens = sum(r["nudging"]["aligned_tokens"] + r["nudging"]["base_tokens"] for r in rows)
+    timing["nudged"] = {"tokens": tokens, "run_s": float(sum(seconds)), "median_item_s": float(np.median(seconds)),
+                        "tokens_per_s": tokens / sum(seconds) if sum(seconds) else float("nan")}
     return records, timing
 
 
@@ -271,22 +313,31 @@ class Judge:
         return out
 
 
-def judge_pairs(judge: Judge, records) -> dict:
-    from tqdm.auto import tqdm
-
+def judge_pairs(judge: Judge, store, task: str, records, log=print) -> dict:
+    """Order-swapped pairwise preferences for every pair of systems (one row per pair and item)."""
     out = {}
-    for x, y in tqdm(PAIRS, desc="judging"):
-        xy = [judge.prompt(r["question"], r[x]["text"], r[y]["text"]) for r in records]
-        yx = [judge.prompt(r["question"], r[y]["text"], r[x]["text"]) for r in records]
-        p_xy, p_yx = judge.p_first(xy), judge.p_first(yx)
-        pref = [(a + (1.0 - b)) / 2 for a, b in zip(p_xy, p_yx)]
+    for x, y in PAIRS:
+        system = f"judge:{x}>{y}"
+        pending = [r for r in records if (task, system, r["id"]) not in store]
+        if pending:
+            log(f"[{task}] judging {x} vs {y}: {len(pending)} of {len(records)} items")
+        for group in _batches(pending, judge.batch):
+            xy = [judge.prompt(r["question"], r[x]["text"], r[y]["text"]) for r in group]
+            yx = [judge.prompt(r["question"], r[y]["text"], r[x]["text"]) for r in group]
+            p_xy, p_yx = judge.p_first(xy), judge.p_first(yx)
+            for r, a, b in zip(group, p_xy, p_yx):
+                store.append({"task": task, "system": system, "id": r["id"], "p_xy": a, "p_yx": b,
+                              "pref": (a + (1.0 - b)) / 2})
+        rows = [store.get((task, system, r["id"])) for r in records]
+        pref = [row["pref"] for row in rows]
         wins = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in pref]
         for r, p in zip(records, pref):
             r.setdefault("judge", {})[f"{x}>{y}"] = p
+        firsts = [row["p_xy"] for row in rows] + [row["p_yx"] for row in rows]
         out[f"{x} vs {y}"] = {
             "win_rate": float(np.mean(wins)), "ci95": bootstrap(wins),
             "soft_preference": float(np.mean(pref)), "soft_ci95": bootstrap(pref),
-            "position_bias_p_first": float(np.mean(p_xy + p_yx)), "n": len(records),
+            "position_bias_p_first": float(np.mean(firsts)), "n": len(records),
         }
     return out
 
@@ -396,11 +447,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-judge", action="store_true", help="skip the AlpacaEval judging")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding gsm8k/ and alpaca_eval/")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (JSON, Markdown, PNG)")
+    p.add_argument("--repair", action="store_true", help="keep the valid rows of a damaged results.jsonl")
     return p
 
 
-def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+KEY_FIELDS = ("task", "system", "id")
+IDENTITY_FIELDS = ("base", "aligned", "judge", "max_tokens", "gamma", "chunk", "max_rounds", "dtype")
+
+
+def _check_run_file(path: Path, identity: dict) -> None:
+    """Refuse to resume a run whose settings differ (its stored rows would not match)."""
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())["identity"]
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"error: {path} is not a run file of this experiment ({err}); use another --out.") from None
+    diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+    if diff:
+        raise SystemExit(f"error: {path.parent} holds a run with other settings "
+                         + ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                         + ". Use another --out (or the stored settings) to keep results comparable.")
+
+
+def run(args, load=None, log=print) -> dict:
+    """Generate (resuming what `args.out` already holds), judge and write the report.
+
+    `load(name, dtype) -> decoding.Model` loads the models (default `decoding.load`)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = sorted(set(tasks) - {"gsm8k", "alpaca"})
     if bad or not tasks:
@@ -415,35 +488,56 @@ def main(argv=None) -> dict:
     import decoding
     from alignment import Nudging
 
+    if load is None:
+        def load(name, dtype):
+            return decoding.load(name, dtype=dtype)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {k: getattr(args, k) for k in IDENTITY_FIELDS}
+    _check_run_file(out / "run.json", identity)
+    env = environment.describe()
+    (out / "run.json").write_text(json.dumps({"identity": identity, "environment": env}, indent=1, default=str))
+
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     config = Nudging(gamma=args.gamma, chunk=args.chunk, max_tokens=args.max_tokens, max_rounds=args.max_rounds)
     t0 = time.perf_counter()
-    base, aligned = decoding.load(args.base, dtype=dtype), decoding.load(args.aligned, dtype=dtype)
+    base, aligned = load(args.base, dtype), load(args.aligned, dtype)
     load_s = time.perf_counter() - t0
     report = {
         "settings": {**{k: getattr(args, k) for k in ("base", "aligned", "judge", "limit", "max_tokens", "gamma",
                                                       "chunk", "max_rounds", "batch", "dtype")},
                      "load_s": load_s, "judge_method": "order-swapped next-token P(A)/P(B)"},
-        "environment": environment.describe(),
+        "environment": env,
         "tasks": {},
     }
-    for task, items in data.items():
-        records, timing = run_task(task, items, base, aligned, config, args.batch)
-        entry = {"n": len(items), "timing": timing, "nudging": nudging_summary(records), "records": records}
-        if task == "gsm8k":
-            entry["accuracy"] = score_gsm8k(records)
-        report["tasks"][task] = entry
-    if "alpaca" in data and not args.no_judge:
-        judge = Judge(decoding.load(args.judge, dtype=dtype), batch=min(args.batch, 8))
-        report["tasks"]["alpaca"]["judge"] = judge_pairs(judge, report["tasks"]["alpaca"]["records"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with ResultsStore.open(out / "results.jsonl", repair_file=args.repair, key_fields=KEY_FIELDS, log=log) as store:
+        log(f"{len(store)} rows already in {store.path}")
+        for task, items in data.items():
+            run_task(store, task, items, base, aligned, config, args.batch, log)
+            records, timing = task_records(store, task, items)
+            entry = {"n": len(items), "timing": timing, "nudging": nudging_summary(records), "records": records}
+            if task == "gsm8k":
+                entry["accuracy"] = score_gsm8k(records)
+            report["tasks"][task] = entry
+        if "alpaca" in data and not args.no_judge:
+            judge = Judge(load(args.judge, dtype), batch=min(args.batch, 8))
+            report["tasks"]["alpaca"]["judge"] = judge_pairs(judge, store, "alpaca",
+                                                             report["tasks"]["alpaca"]["records"], log)
     (out / "nudging.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "nudging.md").write_text(markdown(report))
     plot(report, out / "nudging.png")
-    print(markdown(report))
-    print(f"wrote {out / 'nudging.json'}, nudging.md, nudging.png")
+    log(markdown(report))
+    log(f"wrote {out / 'nudging.json'}, nudging.md, nudging.png")
     return report
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except ResultsError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""The nudging experiment's runner (experiments/nudging.py) on tiny random models.
+
+Tiny Llama-family models over the real SmolLM2 tokenizer stand in for the base, the aligned
+model and the judge, so the whole pipeline (three systems, GSM8K scoring, order-swapped
+judging, the report) runs in seconds. What is checked: a run cut short resumes without
+recomputing or duplicating a row and ends with the report an uninterrupted run writes; a
+resumed run with other settings is refused.
+"""
+
+import json
+
+import pytest
+
+from experiments import nudging as exp
+from tiny import smollm_tokenizer, tiny_model
+
+GSM8K = [{"question": f"Tom has {n} apples and eats {k}. How many are left?", "answer": f"... #### {n - k}"}
+         for n, k in ((5, 2), (9, 4), (7, 7))]
+ALPACA = [{"id": i, "instruction": text} for i, text in
+          enumerate(("Name a colour.", "Write a haiku about rain.", "Say hello."))]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "gsm8k").mkdir()
+    (d / "alpaca_eval").mkdir()
+    (d / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K))
+    (d / "alpaca_eval" / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    return d
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok = smollm_tokenizer()
+    if tok is None:
+        pytest.skip("the SmolLM2 tokenizer (registry smollm2-135m-instruct) is not available here")
+    kw = dict(tokenizer=tok, vocab_size=len(tok), max_position_embeddings=4096)
+    return {"tiny-base": tiny_model(seed=1, **kw), "tiny-aligned": tiny_model(seed=2, **kw),
+            "tiny-judge": tiny_model(seed=3, **kw)}
+
+
+def make_args(out, data_dir, **kw):
+    args = exp._parser().parse_args(["--base", "tiny-base", "--aligned", "tiny-aligned", "--judge", "tiny-judge",
+                                     "--max-tokens", "12", "--chunk", "4", "--batch", "2", "--dtype", "float32",
+                                     "--data-dir", str(data_dir), "--out", str(out)])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+class Counting:
+    """Loads the tiny models and counts nudged questions, by wrapping `alignment.nudge`."""
+
+    def __init__(self, models, monkeypatch):
+        import alignment
+
+        self.models, self.nudged = models, 0
+        real = alignment.nudge
+
+        def counted(*a, **k):
+            self.nudged += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(alignment, "nudge", counted)
+
+    def load(self, name, dtype):
+        return self.models[name]
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_cut_short_run_resumes_without_recomputing(tmp_path, data_dir, models, monkeypatch):
+    full_out, part_out = tmp_path / "full", tmp_path / "part"
+    full = exp.run(make_args(full_out, data_dir), load=Counting(models, monkeypatch).load, log=lambda *_: None)
+
+    first = Counting(models, monkeypatch)
+    exp.run(make_args(part_out, data_dir, limit=2), load=first.load, log=lambda *_: None)
+    assert first.nudged == 4  # 2 questions x 2 tasks
+    second = Counting(models, monkeypatch)
+    resumed = exp.run(make_args(part_out, data_dir), load=second.load, log=lambda *_: None)
+    assert second.nudged == 2, "a resumed run recomputed stored answers"
+
+    keys = [(r["task"], r["system"], r["id"]) for r in rows(part_out)]
+    assert len(keys) == len(set(keys)) == 2 * 3 * 3 + 3 * 3  # answers of 3 systems x 2 tasks x 3; 3 pairs x 3
+    for task in ("gsm8k", "alpaca"):
+        for a, b in zip(full["tasks"][task]["records"], resumed["tasks"][task]["records"]):
+            for s in exp.SYSTEMS:
+                assert a[s]["text"] == b[s]["text"], (task, s, a["id"])
+    assert resumed["tasks"]["gsm8k"]["accuracy"] == full["tasks"]["gsm8k"]["accuracy"]
+    for pair, j in full["tasks"]["alpaca"]["judge"].items():
+        assert resumed["tasks"]["alpaca"]["judge"][pair]["soft_preference"] == pytest.approx(j["soft_preference"])
+    report = json.loads((part_out / "nudging.json").read_text())
+    assert report["tasks"]["alpaca"]["judge"].keys() == full["tasks"]["alpaca"]["judge"].keys()
+    assert (part_out / "nudging.md").read_text().startswith("# Nudging")
+
+
+def test_a_resumed_run_with_other_settings_is_refused(tmp_path, data_dir, models, monkeypatch):
+    out = tmp_path / "run"
+    loader = Counting(models, monkeypatch)
+    exp.run(make_args(out, data_dir, limit=1, tasks="gsm8k"), load=loader.load, log=lambda *_: None)
+    with pytest.raises(SystemExit, match="gamma: stored 0.3, now 0.5"):
+        exp.run(make_args(out, data_dir, limit=1, tasks="gsm8k", gamma=0.5), load=loader.load, log=lambda *_: None)
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    args = make_args(tmp_path / "out", tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match="gsm8k data not found"):
+        exp.run(args, load=None)
