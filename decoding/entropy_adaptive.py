@@ -32,7 +32,8 @@ One step, for every batch row at once (each row has its own active model):
   commit    `decoding.loop.commit` (EOS, length, stop sequences) and the context buffer;
   switch    the entropy joins the row's rolling window; if the window mean says the other
             model, and the current one has generated at least `min_dwell` tokens since it
-            became active, the row switches for its next token.
+            became active, the row switches for its next token (a row that this token
+            finished has no next token and does not switch).
 
 Choices (the paper is the authority where it is explicit; items marked *open* are not fixed
 by it and are choices of this implementation):
@@ -331,7 +332,7 @@ class EntropyAdaptive:
         since = state.since_switch + new
         mean = rolling_mean(entropy, k + 1)
         use_large, since2, switched = switch(mean, state.use_large, since, self._threshold(params), self.min_dwell)
-        keep = ~running
+        keep = out.done  # done before or with this token: no next token follows, so no switch
         return State(
             out=out, small=small, large=large, context=context, context_len=context_len,
             use_large=jnp.where(keep, state.use_large, use_large), entropy=entropy,
@@ -340,7 +341,7 @@ class EntropyAdaptive:
             large_tokens=state.large_tokens + jnp.where(state.use_large, new, 0),
             small_catchup=state.small_catchup + jnp.maximum(fed_s - 1, 0),
             large_catchup=state.large_catchup + jnp.maximum(fed_l - 1, 0),
-            switches=state.switches + (switched & running).astype(jnp.int32),
+            switches=state.switches + (switched & ~keep).astype(jnp.int32),
             small_calls=state.small_calls + calls_s, large_calls=state.large_calls + calls_l,
             small_forwards=state.small_forwards + jnp.max(calls_s),
             large_forwards=state.large_forwards + jnp.max(calls_l),

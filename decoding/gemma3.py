@@ -1,10 +1,10 @@
 """Gemma 3 text decoder (Gemma Team 2025, "Gemma 3 Technical Report") behind the common interface.
 
 The functions here have the signatures of `decoding.model`'s (`embed`, `run_layers`,
-`final_norm`, `lm_head`, `unembed`, `forward`, `param_shapes`, `init_params`), which dispatch to
-them when the config is a `Gemma3Config`; every decoding algorithm therefore runs Gemma 3
-unchanged. The forward contract (cache slots, masks, tree verification, layer ranges, hidden
-states) is the one documented in `decoding.model`.
+`final_norm`, `lm_head`, `unembed`, `forward`, `param_shapes`, `param_parts`, `init_params`),
+which dispatch to them when the config is a `Gemma3Config`; every decoding algorithm therefore
+runs Gemma 3 unchanged. The forward contract (cache slots, masks, tree verification, layer
+ranges, hidden states) is the one documented in `decoding.model`.
 
 Legend: B batch, T new tokens, S cache capacity, D hidden, F ffn, V vocab, L layers, H query
 heads, K kv heads, G = H/K, Dh head dim.
@@ -40,6 +40,9 @@ Choices:
     contiguous sequence). With a `slot_mask`, tree nodes written by earlier calls have slot
     index >= position, which can only keep an ancestor visible; ancestors are always inside the
     window when the tree is shallower than it, so the result is exact in that case.
+  * The parameter layout fuses projections as `decoding.model`'s does: `wqkv: [L, D, (H + 2K) * Dh]`
+    (q columns, then k, then v) and `w_gate_up: [L, D, 2F]` (gate columns, then up), one
+    matmul each.
   * Attention and logits accumulate in float32; rotary embeddings are applied in float32 and
     rounded once (transformers rounds after each product in 16-bit dtypes).
 """
@@ -56,7 +59,8 @@ import numpy as np
 
 from .cache import KVCache
 from .config import _IGNORED_KEYS, _SUPPORTED_ROPE_TYPES, ConfigError, _freeze
-from .model import Output, _f32_einsum, attention_mask, unroll_layers
+from .model import LAYER_PARAM_PARTS as _LLAMA_PARTS
+from .model import Output, _f32_einsum, attention_mask, split_parts, unroll_layers
 from .rope import apply_rope, inv_frequencies, rope_tables
 
 SLIDING = "sliding_attention"
@@ -305,21 +309,20 @@ PARAM_SHAPES = {
     "final_norm": lambda c: (c.hidden_size,),
     "lm_head": lambda c: (c.hidden_size, c.vocab_size),
 }
-LAYER_PARAM_SHAPES = {
+LAYER_PARAM_SHAPES = {  # projections fused as in `decoding.model` (see `LAYER_PARAM_PARTS`)
     "attn_norm": lambda c: (c.hidden_size,),
-    "wq": lambda c: (c.hidden_size, c.num_heads * c.head_dim),
-    "wk": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
-    "wv": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
+    "wqkv": lambda c: (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
     "q_norm": lambda c: (c.head_dim,),
     "k_norm": lambda c: (c.head_dim,),
     "wo": lambda c: (c.num_heads * c.head_dim, c.hidden_size),
     "post_attn_norm": lambda c: (c.hidden_size,),
     "mlp_norm": lambda c: (c.hidden_size,),
-    "w_gate": lambda c: (c.hidden_size, c.intermediate_size),
-    "w_up": lambda c: (c.hidden_size, c.intermediate_size),
+    "w_gate_up": lambda c: (c.hidden_size, 2 * c.intermediate_size),
     "w_down": lambda c: (c.intermediate_size, c.hidden_size),
     "post_mlp_norm": lambda c: (c.hidden_size,),
 }
+# fused name -> its blocks along the last axis, in order: ((part, width), ...)
+LAYER_PARAM_PARTS = {name: _LLAMA_PARTS[name] for name in ("wqkv", "w_gate_up")}  # no biases
 
 
 def param_shapes(config: Gemma3Config) -> dict:
@@ -329,6 +332,11 @@ def param_shapes(config: Gemma3Config) -> dict:
     if config.tie_embeddings:
         del top["lm_head"]
     return {**top, "layers": layer}
+
+
+def param_parts(config: Gemma3Config) -> dict:
+    """{fused layer parameter: ((part, width), ...)} (see `decoding.model.param_parts`)."""
+    return {name: fn(config) for name, fn in LAYER_PARAM_PARTS.items()}
 
 
 def init_params(config: Gemma3Config, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
@@ -428,9 +436,10 @@ def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
     b, t, _ = x.shape
     eps = config.rms_norm_eps
     h = _rms_norm(x, lp["attn_norm"], eps)
-    q = jnp.dot(h, lp["wq"]).reshape(b, t, config.num_heads, config.head_dim)
-    k = jnp.dot(h, lp["wk"]).reshape(b, t, config.num_kv_heads, config.head_dim)
-    v = jnp.dot(h, lp["wv"]).reshape(b, t, config.num_kv_heads, config.head_dim)
+    q, k, v = split_parts(jnp.dot(h, lp["wqkv"]), LAYER_PARAM_PARTS["wqkv"](config))
+    q = q.reshape(b, t, config.num_heads, config.head_dim)
+    k = k.reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
     q = apply_rope(_rms_norm(q, lp["q_norm"], eps), cos, sin)
     k = apply_rope(_rms_norm(k, lp["k_norm"], eps), cos, sin)
     rows = jnp.arange(b)[:, None]
@@ -439,7 +448,8 @@ def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
     attn = _attention(config, q, k_all[i], v_all[i], visible)
     x = x + _rms_norm(jnp.dot(attn.reshape(b, t, -1), lp["wo"]), lp["post_attn_norm"], eps)
     h = _rms_norm(x, lp["mlp_norm"], eps)
-    mlp = jax.nn.gelu(jnp.dot(h, lp["w_gate"]), approximate=True) * jnp.dot(h, lp["w_up"])
+    gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), LAYER_PARAM_PARTS["w_gate_up"](config))
+    mlp = jax.nn.gelu(gate, approximate=True) * up
     return x + _rms_norm(jnp.dot(mlp, lp["w_down"]), lp["post_mlp_norm"], eps), k_all, v_all
 
 

@@ -15,17 +15,22 @@ become a `ModelConfig`, Gemma 3 ("gemma3_text", or "gemma3" holding only a text_
 `decoding.gemma3.Gemma3Config` (`config_from_hf`).
 
 Conversion is an explicit name map per architecture: every checkpoint tensor name maps to one
-parameter of `decoding.model.param_shapes` (plus a layer index for per-layer weights) and a
-transform (`transpose` of a `[out, in]` linear weight to our `[in, out]`; for llama-arch GGUF
-files the inverse of llama.cpp's rotary row permutation of Q and K; for Gemma 3 GGUF files
-`offset=-1` on every norm weight, because llama.cpp's converter stores Gemma's `1 + w` where the
-Hugging Face checkpoint stores `w` — transformers' GGUF loader subtracts the one the same way).
+parameter of `decoding.model.param_shapes` (plus a layer index for per-layer weights, and for
+the fused projections `wqkv`/`bqkv`/`w_gate_up` the block of columns it fills: q_proj -> the q
+columns of `wqkv`, see `decoding.model.param_parts`) and a transform (`transpose` of a
+`[out, in]` linear weight to our `[in, out]`; for llama-arch GGUF files the inverse of
+llama.cpp's rotary row permutation of Q and K; for Gemma 3 GGUF files `offset=-1` on every norm
+weight, because llama.cpp's converter stores Gemma's `1 + w` where the Hugging Face checkpoint
+stores `w` — transformers' GGUF loader subtracts the one the same way). Every transform applies
+to the checkpoint tensor on its own, before it is written into its block of a fused parameter.
 Each tensor's shape is checked before it is transformed; unknown names, missing tensors and
-wrong shapes are errors.
+wrong shapes are errors that name the checkpoint tensor.
 
-Tensors are converted one at a time (float32 in numpy, then cast to the requested dtype into a
-preallocated stacked host buffer), and each finished buffer is moved to the device and freed,
-so the host never holds more than one full copy of the model in the target dtype.
+Tensors are converted one at a time (float32 in numpy, then cast to the requested dtype into
+their place in a preallocated stacked host buffer; a fused parameter's converted blocks are
+written side by side, which concatenates them without a second copy), and each finished buffer
+is moved to the device and freed, so the host never holds more than one full copy of the model
+in the target dtype.
 
 A first GGUF load is slow: parsing the metadata (`gguf.GGUFReader`), dequantizing in numpy
 and building the tokenizer in transformers take about 7 + 25 + 15 s for the 1.5B Q4_K_M on two
@@ -57,10 +62,11 @@ from . import registry
 from . import gemma3
 from .config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 from .gemma3 import Gemma3Config
-from .model import Model, check_params, param_shapes
+from .model import Model, check_params, param_parts, param_shapes
 
-# Bumped whenever the conversion changes, so stale converted-GGUF caches are not reused.
-_CONVERTED_FORMAT = 2
+# Bumped whenever the conversion or the parameter layout changes, so stale converted-GGUF caches
+# are not reused (3: fused wqkv / bqkv / w_gate_up).
+_CONVERTED_FORMAT = 3
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_TIMEOUT_S = 10.0  # seconds to wait for the hub to answer a metadata request
 
@@ -79,15 +85,23 @@ class Rule:
     """How one checkpoint tensor becomes one of our parameters.
 
     param: key in `param_shapes` (top level or under "layers").
+    part: for a fused parameter (`param_parts`), the block of its last axis this tensor fills
+        ("q", "k", "v" of `wqkv`/`bqkv`; "gate", "up" of `w_gate_up`).
     transpose: the tensor is a `[out, in]` linear weight; ours is `[in, out]`.
     unpermute: "q" or "k" to undo llama.cpp's rotary row permutation (llama-arch GGUF only).
     offset: added to the tensor in float32 (-1 for the norm weights of Gemma GGUF files).
     """
 
     param: str
+    part: str | None = None
     transpose: bool = False
     unpermute: str | None = None
     offset: float = 0.0
+
+    def target(self, layer: int | None = None) -> str:
+        """The parameter (and block) this rule fills, e.g. "layers.3.wqkv[k]"."""
+        name = self.param if layer is None else f"layers.{layer}.{self.param}"
+        return name if self.part is None else f"{name}[{self.part}]"
 
     def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(reversed(target)) if self.transpose else tuple(target)
@@ -108,19 +122,20 @@ HF_TOP = {
 }
 HF_LAYER = {  # names under "model.layers.{i}."
     "input_layernorm.weight": Rule("attn_norm"),
-    "self_attn.q_proj.weight": Rule("wq", transpose=True),
-    "self_attn.k_proj.weight": Rule("wk", transpose=True),
-    "self_attn.v_proj.weight": Rule("wv", transpose=True),
+    "self_attn.q_proj.weight": Rule("wqkv", "q", transpose=True),
+    "self_attn.k_proj.weight": Rule("wqkv", "k", transpose=True),
+    "self_attn.v_proj.weight": Rule("wqkv", "v", transpose=True),
     "self_attn.o_proj.weight": Rule("wo", transpose=True),
-    "self_attn.q_proj.bias": Rule("bq"),
-    "self_attn.k_proj.bias": Rule("bk"),
-    "self_attn.v_proj.bias": Rule("bv"),
+    "self_attn.q_proj.bias": Rule("bqkv", "q"),
+    "self_attn.k_proj.bias": Rule("bqkv", "k"),
+    "self_attn.v_proj.bias": Rule("bqkv", "v"),
     "post_attention_layernorm.weight": Rule("mlp_norm"),
-    "mlp.gate_proj.weight": Rule("w_gate", transpose=True),
-    "mlp.up_proj.weight": Rule("w_up", transpose=True),
+    "mlp.gate_proj.weight": Rule("w_gate_up", "gate", transpose=True),
+    "mlp.up_proj.weight": Rule("w_gate_up", "up", transpose=True),
     "mlp.down_proj.weight": Rule("w_down", transpose=True),
 }
 HF_LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(.+)")
+HF_LAYER_NAME = "model.layers.{layer}.{name}"  # the inverse of HF_LAYER_PATTERN
 HF_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
 
 GGUF_TOP = {
@@ -130,34 +145,35 @@ GGUF_TOP = {
 }
 GGUF_LAYER = {  # names under "blk.{i}."
     "attn_norm.weight": Rule("attn_norm"),
-    "attn_q.weight": Rule("wq", transpose=True),
-    "attn_k.weight": Rule("wk", transpose=True),
-    "attn_v.weight": Rule("wv", transpose=True),
+    "attn_q.weight": Rule("wqkv", "q", transpose=True),
+    "attn_k.weight": Rule("wqkv", "k", transpose=True),
+    "attn_v.weight": Rule("wqkv", "v", transpose=True),
     "attn_output.weight": Rule("wo", transpose=True),
-    "attn_q.bias": Rule("bq"),
-    "attn_k.bias": Rule("bk"),
-    "attn_v.bias": Rule("bv"),
+    "attn_q.bias": Rule("bqkv", "q"),
+    "attn_k.bias": Rule("bqkv", "k"),
+    "attn_v.bias": Rule("bqkv", "v"),
     "ffn_norm.weight": Rule("mlp_norm"),
-    "ffn_gate.weight": Rule("w_gate", transpose=True),
-    "ffn_up.weight": Rule("w_up", transpose=True),
+    "ffn_gate.weight": Rule("w_gate_up", "gate", transpose=True),
+    "ffn_up.weight": Rule("w_gate_up", "up", transpose=True),
     "ffn_down.weight": Rule("w_down", transpose=True),
 }
 GGUF_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
+GGUF_LAYER_NAME = "blk.{layer}.{name}"
 
 # Gemma 3 (`decoding.gemma3`): qk-norm and four norms per layer, no biases.
 GEMMA3_HF_TOP = HF_TOP
 GEMMA3_HF_LAYER = {  # names under "model.layers.{i}."
     "input_layernorm.weight": Rule("attn_norm"),
-    "self_attn.q_proj.weight": Rule("wq", transpose=True),
-    "self_attn.k_proj.weight": Rule("wk", transpose=True),
-    "self_attn.v_proj.weight": Rule("wv", transpose=True),
+    "self_attn.q_proj.weight": Rule("wqkv", "q", transpose=True),
+    "self_attn.k_proj.weight": Rule("wqkv", "k", transpose=True),
+    "self_attn.v_proj.weight": Rule("wqkv", "v", transpose=True),
     "self_attn.q_norm.weight": Rule("q_norm"),
     "self_attn.k_norm.weight": Rule("k_norm"),
     "self_attn.o_proj.weight": Rule("wo", transpose=True),
     "post_attention_layernorm.weight": Rule("post_attn_norm"),
     "pre_feedforward_layernorm.weight": Rule("mlp_norm"),
-    "mlp.gate_proj.weight": Rule("w_gate", transpose=True),
-    "mlp.up_proj.weight": Rule("w_up", transpose=True),
+    "mlp.gate_proj.weight": Rule("w_gate_up", "gate", transpose=True),
+    "mlp.up_proj.weight": Rule("w_gate_up", "up", transpose=True),
     "mlp.down_proj.weight": Rule("w_down", transpose=True),
     "post_feedforward_layernorm.weight": Rule("post_mlp_norm"),
 }
@@ -171,16 +187,16 @@ GEMMA3_GGUF_TOP = {
 }
 GEMMA3_GGUF_LAYER = {  # names under "blk.{i}."; llama.cpp does not permute Gemma's Q and K
     "attn_norm.weight": Rule("attn_norm", offset=-1.0),
-    "attn_q.weight": Rule("wq", transpose=True),
-    "attn_k.weight": Rule("wk", transpose=True),
-    "attn_v.weight": Rule("wv", transpose=True),
+    "attn_q.weight": Rule("wqkv", "q", transpose=True),
+    "attn_k.weight": Rule("wqkv", "k", transpose=True),
+    "attn_v.weight": Rule("wqkv", "v", transpose=True),
     "attn_q_norm.weight": Rule("q_norm", offset=-1.0),
     "attn_k_norm.weight": Rule("k_norm", offset=-1.0),
     "attn_output.weight": Rule("wo", transpose=True),
     "post_attention_norm.weight": Rule("post_attn_norm", offset=-1.0),
     "ffn_norm.weight": Rule("mlp_norm", offset=-1.0),
-    "ffn_gate.weight": Rule("w_gate", transpose=True),
-    "ffn_up.weight": Rule("w_up", transpose=True),
+    "ffn_gate.weight": Rule("w_gate_up", "gate", transpose=True),
+    "ffn_up.weight": Rule("w_gate_up", "up", transpose=True),
     "ffn_down.weight": Rule("w_down", transpose=True),
     "post_ffw_norm.weight": Rule("post_mlp_norm", offset=-1.0),
 }
@@ -209,19 +225,32 @@ def permute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 class _ParamBuilder:
-    """Collects converted tensors into stacked host buffers of the target dtype."""
+    """Collects converted tensors into stacked host buffers of the target dtype.
 
-    def __init__(self, config: ModelConfig | Gemma3Config, dtype, where: str):
+    sources: {(parameter, part, per-layer?): checkpoint tensor name, with "{layer}" in per-layer
+    names}, to name what is missing in the checkpoint's own terms.
+    """
+
+    def __init__(self, config: ModelConfig | Gemma3Config, dtype, where: str, sources: dict | None = None):
         self.config = config
         self.dtype = np.dtype(jnp.dtype(dtype))
         self.where = where
+        self.sources = sources or {}
         self.shapes = param_shapes(config)
+        self.parts = param_parts(config)  # fused layer parameter -> ((part, width), ...)
+        # (fused parameter, part) -> its columns [start, stop) along the last axis
+        self.columns: dict[tuple[str, str], tuple[int, int]] = {}
+        for param, parts in self.parts.items():
+            start = 0
+            for part, width in parts:
+                self.columns[(param, part)] = (start, start + width)
+                start += width
         self.top: dict[str, np.ndarray] = {}
         self.layers: dict[str, np.ndarray] = {}
-        self.filled: set[tuple[str, int | None]] = set()
+        self.filled: set[tuple[str, str | None, int | None]] = set()
 
     def put(self, name: str, rule: Rule, layer: int | None, tensor: np.ndarray) -> None:
-        """Check `tensor`'s shape against the parameter's, transform it and store it."""
+        """Check `tensor`'s shape against the parameter's (block's), transform it and store it."""
         if layer is None:
             if rule.param not in self.shapes:  # e.g. lm_head of a tied model
                 return
@@ -230,7 +259,7 @@ class _ParamBuilder:
             if rule.param not in self.shapes["layers"]:
                 bias = f" with qkv_bias={self.config.qkv_bias}" if hasattr(self.config, "qkv_bias") else ""
                 raise LoadError(
-                    f"{self.where}: tensor {name!r} maps to {rule.param!r}, which a "
+                    f"{self.where}: tensor {name!r} maps to {rule.target()!r}, which a "
                     f"{self.config.model_type} config{bias} does not have. "
                     "The config and the weights disagree; check config.json / the GGUF metadata."
                 )
@@ -238,29 +267,48 @@ class _ParamBuilder:
                 raise LoadError(f"{self.where}: tensor {name!r} is for layer {layer}, but the config "
                                 f"has {self.config.num_layers} layers.")
             target = self.shapes["layers"][rule.param][1:]
+        parts = self.parts.get(rule.param) if layer is not None else None
+        columns = self.columns.get((rule.param, rule.part))
+        if (parts is None) != (rule.part is None) or (parts is not None and columns is None):
+            raise LoadError(f"{self.where}: the name map sends tensor {name!r} to {rule.target(layer)!r}, "
+                            f"but that parameter's blocks are {parts}.")  # a name map bug, not a file's
+        if columns is not None:
+            target = (*target[:-1], columns[1] - columns[0])
         expected = rule.source_shape(target)
         if tuple(tensor.shape) != expected:
             raise LoadError(
                 f"{self.where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} "
-                f"for parameter {rule.param!r} of config {_describe(self.config)}. The checkpoint does "
+                f"for parameter {rule.target()!r} of config {_describe(self.config)}. The checkpoint does "
                 "not match its config (or was converted with a different layout)."
             )
-        key = (rule.param, layer)
+        key = (rule.param, rule.part, layer)
         if key in self.filled:
-            raise LoadError(f"{self.where}: tensor {name!r} appears twice (parameter {key}).")
+            raise LoadError(f"{self.where}: tensor {name!r} appears twice (parameter {rule.target(layer)}).")
         value = rule.apply(np.asarray(tensor, dtype=np.float32), self.config)
         if layer is None:  # C order: a transposed view would otherwise stay Fortran-ordered
             self.top[rule.param] = np.ascontiguousarray(value, dtype=self.dtype)
         else:
             if rule.param not in self.layers:
                 self.layers[rule.param] = np.empty(self.shapes["layers"][rule.param], self.dtype)
-            self.layers[rule.param][layer] = value  # cast on assignment
+            if columns is None:
+                self.layers[rule.param][layer] = value  # cast on assignment
+            else:  # its block of the fused parameter: the blocks side by side are the concatenation
+                self.layers[rule.param][layer, ..., columns[0]:columns[1]] = value
         self.filled.add(key)
 
     def missing(self) -> list[str]:
-        want = [(p, None) for p in self.shapes if p != "layers"]
-        want += [(p, i) for p in self.shapes["layers"] for i in range(self.config.num_layers)]
-        return [p if i is None else f"layers.{i}.{p}" for p, i in want if (p, i) not in self.filled]
+        """Every parameter (block) not filled yet, named by its checkpoint tensor when known."""
+        want = [(p, None, None) for p in self.shapes if p != "layers"]
+        want += [(p, part, i) for p in self.shapes["layers"] for i in range(self.config.num_layers)
+                 for part, _ in self.parts.get(p, ((None, 0),))]
+        out = []
+        for p, part, i in want:
+            if (p, part, i) in self.filled:
+                continue
+            ours = Rule(p, part).target(i)
+            source = self.sources.get((p, part, i is not None))
+            out.append(ours if source is None else f"{source.format(layer=i)} (-> {ours})")
+        return out
 
     def host_params(self) -> dict:
         missing = self.missing()
@@ -291,6 +339,7 @@ def _convert(
     top: dict[str, Rule],
     layer_rules: dict[str, Rule],
     layer_pattern: re.Pattern,
+    layer_name: str,
     dtype,
     where: str,
     ignored: re.Pattern | None = None,
@@ -299,7 +348,9 @@ def _convert(
     """Convert `(name, read)` pairs with a name map into a host parameter tree.
 
     All names are matched before any tensor is read, so an unknown name fails fast.
-    `renames` are (pattern, replacement) prefixes substituted at the start of each name first.
+    `layer_pattern` matches a per-layer name as (layer, name under it); `layer_name` is its
+    inverse ("...{layer}...{name}"), used to name missing tensors. `renames` are (pattern,
+    replacement) prefixes substituted at the start of each name first.
     """
     plan, unknown = [], []
     for name, read in tensors:
@@ -320,7 +371,10 @@ def _convert(
             f"{where}: tensor name(s) not in the {config.model_type} name map: {shown}. The checkpoint "
             "holds weights this implementation does not model; refusing to drop them silently."
         )
-    builder = _ParamBuilder(config, dtype, where)
+    sources = {(r.param, r.part, False): name for name, r in top.items()}
+    sources.update({(r.param, r.part, True): layer_name.format(layer="{layer}", name=name)
+                    for name, r in layer_rules.items()})
+    builder = _ParamBuilder(config, dtype, where, sources)
     for name, rule, layer, read in plan:
         builder.put(name, rule, layer, read())
     return builder.host_params()
@@ -389,8 +443,8 @@ def load_hf_params(directory: str | os.PathLike, config: ModelConfig | Gemma3Con
         handles = [stack.enter_context(safe_open(str(file), framework="numpy"))
                    for file in safetensors_files(directory)]
         tensors = ((name, functools.partial(f.get_tensor, name)) for f in handles for name in f.keys())
-        return _convert(config, tensors, top, layer, HF_LAYER_PATTERN, dtype, str(directory), HF_IGNORED,
-                        renames)
+        return _convert(config, tensors, top, layer, HF_LAYER_PATTERN, HF_LAYER_NAME, dtype, str(directory),
+                        HF_IGNORED, renames)
 
 
 def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
@@ -575,7 +629,7 @@ def load_gguf_params(reader, config: ModelConfig | Gemma3Config, dtype=jnp.bfloa
                 layer_rules[name] = dataclasses.replace(layer_rules[name], unpermute=which)
 
     tensors = ((t.name, functools.partial(dequantize, t.data, t.tensor_type)) for t in reader.tensors)
-    return _convert(config, tensors, top_rules, layer_rules, GGUF_LAYER_PATTERN, dtype, where)
+    return _convert(config, tensors, top_rules, layer_rules, GGUF_LAYER_PATTERN, GGUF_LAYER_NAME, dtype, where)
 
 
 def gguf_sha256(path: Path) -> str:

@@ -26,9 +26,17 @@ injected hidden states), `final_norm`, `lm_head`, `unembed = lm_head(final_norm(
 
 Parameters are a plain pytree (dict) with per-layer weights stacked on a leading L axis, so the
 layer loop is one `lax.scan` (unrolled on accelerators). Weights are stored as `[in, out]` (x @ W).
+Projections that read the same input are fused along their output axis, so each is one matmul
+(decode at small batch is bound by kernel launches, not by weight traffic):
+  * `wqkv: [L, D, (H + 2K) * Dh]` — q columns, then k, then v (`bqkv: [L, (H + 2K) * Dh]` the
+    same way, only when `config.qkv_bias`);
+  * `w_gate_up: [L, D, 2F]` — gate columns, then up;
+  * `wo: [L, H * Dh, D]`, `w_down: [L, F, D]`, and the norms `attn_norm`, `mlp_norm: [L, D]`.
+`param_parts(config)` lists each fused parameter's blocks (loaders fill one block per checkpoint
+tensor); `split_parts` cuts an activation the same way.
 
-Other architectures: the public functions below (`param_shapes`, `init_params`, `embed`,
-`final_norm`, `lm_head`, `unembed`, `run_layers`, `forward`) hand a config that is not a
+Other architectures: the public functions below (`param_shapes`, `param_parts`, `init_params`,
+`embed`, `final_norm`, `lm_head`, `unembed`, `run_layers`, `forward`) hand a config that is not a
 `ModelConfig` to the module implementing it (`architecture(config)`): a `decoding.gemma3.Gemma3Config`
 to `decoding.gemma3`. Algorithms keep calling these functions and run any architecture unchanged.
 """
@@ -46,25 +54,35 @@ from .cache import KVCache
 from .config import ModelConfig
 from .rope import apply_rope, inv_frequencies, rope_tables
 
-# name -> (shape as a function of the config, stacked per layer?)
+# name -> shape as a function of the config (the one declaration of weights)
 PARAM_SHAPES = {
     "embed": lambda c: (c.vocab_size, c.hidden_size),
     "final_norm": lambda c: (c.hidden_size,),
     "lm_head": lambda c: (c.hidden_size, c.vocab_size),
 }
+# Per-layer weights, stacked on a leading L axis by `param_shapes`. The projections that read
+# the same input are fused along their output axis (one matmul each): see `LAYER_PARAM_PARTS`.
 LAYER_PARAM_SHAPES = {
     "attn_norm": lambda c: (c.hidden_size,),
-    "wq": lambda c: (c.hidden_size, c.num_heads * c.head_dim),
-    "wk": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
-    "wv": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
-    "bq": lambda c: (c.num_heads * c.head_dim,),
-    "bk": lambda c: (c.num_kv_heads * c.head_dim,),
-    "bv": lambda c: (c.num_kv_heads * c.head_dim,),
+    "wqkv": lambda c: (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
+    "bqkv": lambda c: ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim,),  # only with qkv_bias
     "wo": lambda c: (c.num_heads * c.head_dim, c.hidden_size),
     "mlp_norm": lambda c: (c.hidden_size,),
-    "w_gate": lambda c: (c.hidden_size, c.intermediate_size),
-    "w_up": lambda c: (c.hidden_size, c.intermediate_size),
+    "w_gate_up": lambda c: (c.hidden_size, 2 * c.intermediate_size),
     "w_down": lambda c: (c.intermediate_size, c.hidden_size),
+}
+
+
+def _qkv_parts(c) -> tuple[tuple[str, int], ...]:
+    return (("q", c.num_heads * c.head_dim), ("k", c.num_kv_heads * c.head_dim),
+            ("v", c.num_kv_heads * c.head_dim))
+
+
+# fused name -> its blocks along the last axis, in order: ((part, width), ...)
+LAYER_PARAM_PARTS = {
+    "wqkv": _qkv_parts,  # [D, H*Dh | K*Dh | K*Dh]: q columns, then k, then v
+    "bqkv": _qkv_parts,
+    "w_gate_up": lambda c: (("gate", c.intermediate_size), ("up", c.intermediate_size)),  # [D, F | F]
 }
 
 
@@ -90,12 +108,29 @@ def param_shapes(config: ModelConfig) -> dict:
     layer = {
         name: (config.num_layers, *fn(config))
         for name, fn in LAYER_PARAM_SHAPES.items()
-        if config.qkv_bias or name not in ("bq", "bk", "bv")
+        if config.qkv_bias or name != "bqkv"
     }
     top = {name: fn(config) for name, fn in PARAM_SHAPES.items()}
     if config.tie_embeddings:
         del top["lm_head"]
     return {**top, "layers": layer}
+
+
+def param_parts(config: ModelConfig) -> dict:
+    """{fused layer parameter: ((part, width), ...)}: the blocks its last axis concatenates, in
+    order (e.g. "wqkv": q, k, v). Loaders fill each block from its own checkpoint tensor."""
+    if (arch := architecture(config)) is not None:
+        return arch.param_parts(config)
+    shapes = param_shapes(config)["layers"]
+    return {name: fn(config) for name, fn in LAYER_PARAM_PARTS.items() if name in shapes}
+
+
+def split_parts(x: jax.Array, parts: Sequence[tuple[str, int]]) -> tuple[jax.Array, ...]:
+    """Static slices of `x: [..., sum(widths)]` along its last axis, one per `(part, width)`."""
+    bounds = np.cumsum([0] + [w for _, w in parts])
+    if bounds[-1] != x.shape[-1]:
+        raise ValueError(f"parts {tuple(parts)} cover {bounds[-1]} columns, the array has {x.shape[-1]}.")
+    return tuple(x[..., int(a):int(b)] for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 def check_params(config: ModelConfig, params: dict) -> None:
@@ -246,25 +281,30 @@ def _attention(q, k, v, visible):
 
 
 def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
-    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i)."""
+    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i).
+
+    One matmul for q, k and v (`wqkv`, then one bias add) and one for gate and up (`w_gate_up`);
+    their outputs are split by static slices. q and k heads are rotated together.
+    """
     b, t, _ = x.shape
+    nh, kh, dh = config.num_heads, config.num_kv_heads, config.head_dim
     h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    q = jnp.dot(h, lp["wq"])
-    k = jnp.dot(h, lp["wk"])
-    v = jnp.dot(h, lp["wv"])
+    qkv = jnp.dot(h, lp["wqkv"])  # [B, T, (H + 2K) * Dh]
     if config.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = apply_rope(q.reshape(b, t, config.num_heads, config.head_dim), cos, sin)
-    k = apply_rope(k.reshape(b, t, config.num_kv_heads, config.head_dim), cos, sin)
-    v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
+        qkv = qkv + lp["bqkv"]
+    qk, v = split_parts(qkv, (("qk", (nh + kh) * dh), ("v", kh * dh)))
+    qk = apply_rope(qk.reshape(b, t, nh + kh, dh), cos, sin)  # q heads, then k heads
+    q, k = qk[:, :, :nh], qk[:, :, nh:]
+    v = v.reshape(b, t, kh, dh)
+    # The cache keeps k and v as two arrays (`KVCache`): one scatter each.
     rows = jnp.arange(b)[:, None]
     k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
     attn = _attention(q, k_all[i], v_all[i], visible)
     x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
     h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    mlp = jax.nn.silu(jnp.dot(h, lp["w_gate"])) * jnp.dot(h, lp["w_up"])
-    x = x + jnp.dot(mlp, lp["w_down"])
+    gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), LAYER_PARAM_PARTS["w_gate_up"](config))
+    x = x + jnp.dot(jax.nn.silu(gate) * up, lp["w_down"])
     return x, k_all, v_all
 
 

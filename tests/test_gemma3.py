@@ -164,7 +164,8 @@ def test_param_tree_and_init_follow_the_config():
     params = init_params(small, jax.random.PRNGKey(0))
     check_params(small, params)
     assert float(jnp.abs(params["layers"]["post_mlp_norm"]).max()) == 0.0  # x * (1 + 0): unit scale
-    assert float(jnp.abs(params["layers"]["wq"]).max()) > 0.0
+    assert float(jnp.abs(params["layers"]["wqkv"]).max()) > 0.0
+    assert params["layers"]["wqkv"].shape == (2, 16, 48) and params["layers"]["w_gate_up"].shape == (2, 16, 32)
     with pytest.raises(ValueError, match="q_norm"):
         check_params(small, {**params, "layers": {k: v for k, v in params["layers"].items() if k != "q_norm"}})
 

@@ -46,9 +46,20 @@ def test_valid_checkpoint_loads_with_transposed_weights(tmp_path):
     d = write_checkpoint(tmp_path / "ok")
     model = load(d, dtype=jnp.bfloat16, tokenizer=False)
     src = load_file(str(d / "model.safetensors"))
-    assert model.params["layers"]["wq"].shape == (2, 16, 16) and model.params["embed"].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(model.params["layers"]["w_down"][1], np.float32),
-                                  src["model.layers.1.mlp.down_proj.weight"].T.astype(jnp.bfloat16).astype(np.float32))
+
+    def ours(name):
+        return np.asarray(model.params["layers"][name], np.float32)
+
+    def theirs(name):
+        return src[name].T.astype(jnp.bfloat16).astype(np.float32)
+
+    assert model.params["layers"]["wqkv"].shape == (2, 16, 32) and model.params["embed"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(ours("w_down")[1], theirs("model.layers.1.mlp.down_proj.weight"))
+    # Fused projections: q, k, v columns side by side; gate, then up.
+    np.testing.assert_array_equal(ours("wqkv")[1], np.concatenate(
+        [theirs(f"model.layers.1.self_attn.{p}_proj.weight") for p in "qkv"], axis=1))
+    np.testing.assert_array_equal(ours("w_gate_up")[0], np.concatenate(
+        [theirs(f"model.layers.0.mlp.{p}_proj.weight") for p in ("gate", "up")], axis=1))
     np.testing.assert_array_equal(np.asarray(model.params["lm_head"], np.float32),
                                   src["lm_head.weight"].T.astype(jnp.bfloat16).astype(np.float32))
 
@@ -128,7 +139,8 @@ def test_unknown_and_missing_tensors_are_named(tmp_path):
     with pytest.raises(LoadError, match="extra_proj"):
         load(write_checkpoint(tmp_path / "extra", tensors=tensors), tokenizer=False)
     del tensors["model.layers.0.mlp.extra_proj.weight"], tensors["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(LoadError, match="layers.1.w_up"):
+    with pytest.raises(LoadError, match=r"lacks tensors for: model\.layers\.1\.mlp\.up_proj\.weight "
+                                        r"\(-> layers\.1\.w_gate_up\[up\]\)\.$"):
         load(write_checkpoint(tmp_path / "missing", tensors=tensors), tokenizer=False)
 
 
@@ -136,7 +148,7 @@ def test_bias_tensors_without_qkv_bias_config_are_refused(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros((16,), np.float32)
-    with pytest.raises(LoadError, match="bq"):
+    with pytest.raises(LoadError, match=r"q_proj\.bias' maps to 'bqkv\[q\]'.*qkv_bias=False"):
         load(write_checkpoint(tmp_path / "bias", tensors=tensors), tokenizer=False)
 
 

@@ -281,8 +281,8 @@ def test_check_params_names_the_offending_tensor():
     check_params(c, model.params)  # a matching tree passes
 
     missing = jax.tree.map(lambda x: x, model.params)
-    del missing["layers"]["wq"]
-    with pytest.raises(ValueError, match=r"missing \['layers/wq'\]"):
+    del missing["layers"]["wqkv"]
+    with pytest.raises(ValueError, match=r"missing \['layers/wqkv'\]"):
         check_params(c, missing)
 
     wrong = jax.tree.map(lambda x: x, model.params)
@@ -302,19 +302,22 @@ def test_check_params_names_the_offending_tensor():
 
 
 def test_init_params_follows_the_declared_shapes():
-    # vocab = hidden = ffn = heads * head_dim: only two distinct random shapes to compile.
+    # vocab = hidden = ffn = heads * head_dim: few distinct random shapes to compile.
     config = decoding.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
                                   num_kv_heads=2, head_dim=4, qkv_bias=True)
     params = decoding.init_params(config, jax.random.PRNGKey(0), dtype=jnp.float32, scale=0.5)
     check_params(config, params)
-    assert params["layers"]["wq"].dtype == jnp.float32
+    assert params["layers"]["wqkv"].shape == (2, 8, 24) and params["layers"]["wqkv"].dtype == jnp.float32
+    assert params["layers"]["bqkv"].shape == (2, 24) and params["layers"]["w_gate_up"].shape == (2, 8, 16)
+    assert config.param_count() == sum(x.size for x in jax.tree.leaves(params))
     for name in ("attn_norm", "mlp_norm"):
         np.testing.assert_array_equal(np.asarray(params["layers"][name]), 1.0)
     np.testing.assert_array_equal(np.asarray(params["final_norm"]), 1.0)
-    weights = np.concatenate([np.asarray(params["embed"]).ravel(), np.asarray(params["layers"]["w_up"]).ravel()])
+    weights = np.concatenate([np.asarray(params["embed"]).ravel(),
+                              np.asarray(params["layers"]["w_gate_up"]).ravel()])
     assert 0.35 < weights.std() < 0.65  # drawn at the requested scale
     # Every tensor gets its own key.
     assert not np.allclose(np.asarray(params["embed"]), np.asarray(params["lm_head"]))
-    assert not np.allclose(np.asarray(params["layers"]["wq"][0]), np.asarray(params["layers"]["wq"][1]))
+    assert not np.allclose(np.asarray(params["layers"]["wqkv"][0]), np.asarray(params["layers"]["wqkv"][1]))
     other = decoding.init_params(config, jax.random.PRNGKey(1), dtype=jnp.float32, scale=0.5)
     assert not np.allclose(np.asarray(params["embed"]), np.asarray(other["embed"]))

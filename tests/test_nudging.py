@@ -253,7 +253,7 @@ def test_cache_reuse_gives_exactly_the_text_of_reencoding_every_query(pairs, nam
 
 def test_rounds_do_not_recompile(pairs):
     base, aligned = pairs["mixed"]
-    config = Nudging(gamma=0.1, max_tokens=96)
+    config = Nudging(gamma=0.3, max_tokens=128)  # more than 10 rounds on both questions, not ended by EOS
     first = nudge(base, aligned, QUESTION, config)
     with compile_events() as events:
         again = nudge(base, aligned, QUESTION, config)

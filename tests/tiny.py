@@ -106,9 +106,12 @@ def numpy_forward(config: ModelConfig, params: dict, tokens, positions=None, mas
     for i in range(c.num_layers):
         lp = {k: v[i] for k, v in p["layers"].items()}
         h = _rms(x, lp["attn_norm"], c.rms_norm_eps)
-        q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+        qkv = h @ lp["wqkv"]  # fused: q columns, then k, then v
         if c.qkv_bias:
-            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+            qkv = qkv + lp["bqkv"]
+        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        assert qkv.shape[-1] == nq + 2 * nk
+        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
         q = _rope(q.reshape(t, c.num_heads, c.head_dim), pos, c.rope_theta)
         k = _rope(k.reshape(t, c.num_kv_heads, c.head_dim), pos, c.rope_theta)
         v = v.reshape(t, c.num_kv_heads, c.head_dim)
@@ -121,8 +124,8 @@ def numpy_forward(config: ModelConfig, params: dict, tokens, positions=None, mas
             out[:, head] = (s / s.sum(-1, keepdims=True)) @ v[:, kv]
         x = x + out.reshape(t, -1) @ lp["wo"]
         h = _rms(x, lp["mlp_norm"], c.rms_norm_eps)
-        gate = h @ lp["w_gate"]
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ lp["w_up"])) @ lp["w_down"]
+        gate, up = np.split(h @ lp["w_gate_up"], 2, axis=-1)  # fused: gate columns, then up
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ lp["w_down"]
         hidden.append(x)
     head = p["embed"].T if c.tie_embeddings else p["lm_head"]
     logits = _rms(x, p["final_norm"], c.rms_norm_eps) @ head
