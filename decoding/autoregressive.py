@@ -29,6 +29,9 @@ class Context:
     max_new_tokens: int
     capacity: int
     draft: object = None  # ModelConfig of a draft model, when the strategy has one
+    # Module-level switches that change the traced program (`decoding.model.ATTENTION_IMPL`,
+    # `unroll_layers()`): being part of this static argument, they key jit's caches.
+    switches: tuple = ()
 
 
 def prefill(config, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache):

@@ -44,6 +44,7 @@ to `decoding.gemma3`. Algorithms keep calling these functions and run any archit
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import jax
@@ -300,7 +301,12 @@ def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
     rows = jnp.arange(b)[:, None]
     k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
-    attn = _attention(q, k_all[i], v_all[i], visible)
+    if _use_kernel(i, dh):
+        from .kernels.attention import attention_pallas
+
+        attn = attention_pallas(q, k_all, v_all, visible, layer=i, interpret=jax.default_backend() != "gpu")
+    else:
+        attn = _attention(q, k_all[i], v_all[i], visible)
     x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
     h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
     gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), LAYER_PARAM_PARTS["w_gate_up"](config))
@@ -309,6 +315,25 @@ def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
 
 
 UNROLL_LAYERS: bool | None = None  # None: unroll on accelerators, scan on CPU (compile time)
+
+# Attention implementation of the Llama-family layers: "xla" (jnp, `_attention`) or "pallas"
+# (`decoding.kernels.attention.attention_pallas`, reading layer i of the stacked cache in
+# place; on a non-GPU backend it runs in the Pallas interpreter, for tests). The kernel is used
+# where the layer index is static (unrolled layers) and the head dim is a power of two; other
+# layers fall back to "xla". Opt-in: set it (or the DECODING_ATTENTION environment variable)
+# before the first call; `decoding.generate` keys its compiled programs on it.
+ATTENTION_IMPL: str = os.environ.get("DECODING_ATTENTION", "xla")
+
+
+def attention_impl() -> str:
+    if ATTENTION_IMPL not in ("xla", "pallas"):
+        raise ValueError(f"decoding.model.ATTENTION_IMPL (or DECODING_ATTENTION) must be 'xla' or 'pallas', "
+                         f"got {ATTENTION_IMPL!r}.")
+    return ATTENTION_IMPL
+
+
+def _use_kernel(i, head_dim: int) -> bool:
+    return attention_impl() == "pallas" and isinstance(i, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
 def unroll_layers() -> bool:

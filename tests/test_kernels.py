@@ -293,3 +293,45 @@ def test_compiled_kernel_on_gpu(dtype):
                 assert rel_err(out, exact) < tol, (shape, num_splits, unified_max, seed)
             out = attention_pallas(q, k, v, visible, num_splits=num_splits)
             assert rel_err(out, exact) < tol, (shape, num_splits, "mask", seed)
+
+
+def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
+    """`decoding.model.ATTENTION_IMPL = "pallas"` (interpreted off GPUs) in the unrolled layers:
+    the same logits as the jnp attention, the same greedy generation (autoregressive and a
+    dynamic tree, whose verification uses a tree mask), and its own compiled programs."""
+    from decoding import DynamicTree, TreeDecoding, forward, generate
+    from decoding import generation as gen
+    from decoding import model as model_mod
+    from drafting import DraftModel
+    from tiny import tiny_model
+
+    target = tiny_model(seed=5, head_dim=16, num_heads=4, num_kv_heads=2)
+    draft = tiny_model(seed=6, head_dim=16, num_heads=4, num_kv_heads=2, num_layers=1)
+    prompts = [[3, 9, 4, 1, 7], [5, 2]]
+    monkeypatch.setattr(model_mod, "UNROLL_LAYERS", True)
+    cache = target.init_cache(2, 32).truncate(jnp.array([5, 2], jnp.int32))
+    toks, pos = jnp.array([[3, 4], [1, 2]], jnp.int32), jnp.array([[5, 6], [2, 3]], jnp.int32)
+    kernel_mod = importlib.import_module("decoding.kernels.attention")
+
+    traced = []
+    real = kernel_mod.attention_pallas
+    monkeypatch.setattr(kernel_mod, "attention_pallas", lambda *a, **k: traced.append(k["layer"]) or real(*a, **k))
+    runs = {}
+    for impl in ("xla", "pallas"):
+        monkeypatch.setattr(model_mod, "ATTENTION_IMPL", impl)
+        before, traced_before = gen.compile_count(), len(traced)
+        logits = jax.jit(lambda p, c: forward(target.config, p, toks, pos, c).logits)(target.params, cache)
+        ar = generate(target, prompts, max_new_tokens=6, eos_token_id=())
+        tree = generate(target, prompts, strategy=TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)),
+                        draft=draft, max_new_tokens=6, eos_token_id=())
+        runs[impl] = (np.asarray(logits), ar.tokens, tree.tokens, gen.compile_count() - before,
+                      len(traced) - traced_before)
+    np.testing.assert_allclose(runs["pallas"][0], runs["xla"][0], rtol=1e-5, atol=1e-5)
+    assert runs["pallas"][1] == runs["xla"][1] and runs["pallas"][2] == runs["xla"][2] == runs["xla"][1]
+    assert runs["pallas"][3] == 2, "switching the attention implementation must compile new programs"
+    assert runs["xla"][4] == 0
+    # forward: 2 layers; generate (AR prefill + step, tree init + step): the kernel is in every program
+    assert runs["pallas"][4] >= 2 + 4 * target.config.num_layers, "the generate programs did not use the kernel"
+    monkeypatch.setattr(model_mod, "ATTENTION_IMPL", "cuda")
+    with pytest.raises(ValueError, match="'xla' or 'pallas'"):
+        generate(target, prompts, max_new_tokens=2)

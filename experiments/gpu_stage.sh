@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One stage of the GPU measurement plan, on a machine prepared as docs/gpu.md describes
+# (registry GGUF chunks copied to $PARTS, the gguf wheel in .gpu/wheels, data in .gpu/data).
+#
+#   bash experiments/gpu_stage.sh STAGE [SECONDS]
+#
+# Every stage keeps its resumable state in $WORK/<stage> (outside the returned folder) and
+# ends, whatever happened, by packing that folder into $OUT/<stage>.tgz: a stage cut off by
+# SECONDS (default 540) resumes when it is run again on the same machine, and one archive
+# comes back per stage. Programs compiled by earlier stages of the same machine are reused
+# through JAX's persistent compilation cache.
+#
+# Stages (rough H200 minutes, cold compile included):
+#   setup      install gguf, reassemble and verify the registry files          (~0.5)
+#   kernels    the Pallas attention kernel's GPU tests and its benchmark        (~2)
+#   profile    experiments.profile_step on the 1.5B and 0.5B models            (~2)
+#   ar         autoregressive speed, 1.5B and 0.5B, XLA and Pallas attention,
+#              transformers eager beside                                       (~12, two runs)
+#   ref16_b1   Spec-Bench reference16, batch 1: ar spec tree pld layerskip + transformers
+#              ar / assisted, with the phase-time split                        (~12, resumable)
+#   ref16_b8   the same at batch 8, our methods                                 (~6)
+#   all_b8     all of Spec-Bench (480 turns), batch 8, our methods              (~15, resumable)
+#   fp32       float32 greedy equality of spec / tree with ar, batch 8         (~4)
+#   autotune   gamma (chain) and tree shape from calibration + the cost model  (~6)
+#   nudging    Gemma-3-270M nudged by SmolLM2, GSM8K + AlpacaEval, judged      (~10, resumable)
+set -u
+stage=${1:?usage: gpu_stage.sh STAGE [SECONDS]}
+limit=${2:-540}
+export DECODING_CACHE_DIR=${DECODING_CACHE_DIR:-/root/models/cache}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/root/jaxcache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-2}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+PARTS=${PARTS:-/root/models/parts}
+WORK=${WORK:-/root/work}
+OUT=${OUT:-$WORK/out}
+Q=.gpu/data/spec_bench/question.jsonl
+mkdir -p "$WORK/$stage" "$OUT"
+dir=$WORK/$stage
+sb() { timeout "$limit" python3 -m experiments.specbench --questions "$Q" --max-new-tokens 256 --no-progress "$@"; }
+
+case $stage in
+  setup)
+    python3 -m pip install -q --no-deps .gpu/wheels/gguf-*.whl
+    python3 -m experiments.gpu_chunks reassemble "$PARTS" "$DECODING_CACHE_DIR" | tee "$dir/reassemble.txt" ;;
+  kernels)
+    timeout $((limit / 2)) python3 -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tee "$dir/pytest.txt"
+    timeout $((limit / 2)) python3 -m experiments.bench_kernels --out "$dir/kernels" 2>&1 | tee "$dir/bench_kernels.txt" ;;
+  profile)
+    for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
+      timeout $((limit / 2)) python3 -m experiments.profile_step --model $m --out "$dir"
+    done ;;
+  ar)
+    for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
+      [ -f "$dir/$m.json" ] || timeout "$limit" python3 -m experiments.bench_autoregressive --models $m \
+        --batch-sizes 1,8 --attention xla,pallas --hf --questions "$Q" --out "$dir/$m"
+    done ;;
+  ref16_b1)
+    sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --phase-times \
+       --methods ar,spec,tree,pld,layerskip,hf_ar,hf_assisted --out "$dir" ;;
+  ref16_b8)
+    sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --methods ar,spec,tree,pld,layerskip --out "$dir" ;;
+  all_b8)
+    sb --subset all --batch-size 8 --prompt-bucket 2048 --methods ar,spec,tree,pld,layerskip --out "$dir" ;;
+  fp32)
+    sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --dtype float32 --methods ar,spec,tree \
+       --profile none --out "$dir" ;;
+  autotune)
+    timeout $((limit / 2)) python3 -m experiments.autotune --method spec --questions "$Q" --out "$dir/spec"
+    timeout $((limit / 2)) python3 -m experiments.autotune --method tree --questions "$Q" --out "$dir/tree" ;;
+  nudging)
+    timeout "$limit" python3 -m experiments.nudging --limit 100 --data-dir .gpu/data --out "$dir" ;;
+  *)
+    echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+rc=$?
+tar czf "$OUT/$stage.tgz" -C "$WORK" "$stage"
+echo "stage $stage: exit $rc; packed $OUT/$stage.tgz"
+exit $rc
