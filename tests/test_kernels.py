@@ -8,7 +8,9 @@ write shows up as NaN and fails the finiteness checks.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import os
 import secrets
 
 import jax
@@ -52,7 +54,15 @@ def visible_of(lengths, block_mask, t, s):
 
 
 def fresh_seed() -> int:
-    return secrets.randbits(31)
+    """A seed per test, fixed so that runs are reproducible; `DECODING_TEST_SEED=random` draws
+    a new one each run (the failure message names it), any other value is used as given."""
+    env = os.environ.get("DECODING_TEST_SEED")
+    if env == "random":
+        return secrets.randbits(31)
+    if env:
+        return int(env)
+    name = os.environ.get("PYTEST_CURRENT_TEST", "")
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") >> 1
 
 
 def make_inputs(seed, b, t, h, kh, s, dh, dtype=jnp.float32):
@@ -228,9 +238,11 @@ def test_unified_max_mixed_fallback_across_splits():
     ref = reference(q, k, v, visible)
     out = run(attention_pallas_prefix, q, k, v, lengths, unified_max=0.0, interpret=True, num_splits=3,
               block_s=16)
-    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"seed {seed}")
+    # Keys scaled by 40 make scores of order 100: float32 rounding of the scores alone moves
+    # probabilities by about 1e-5 relative, so the tolerance follows that scale.
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=1e-5, err_msg=f"seed {seed}")
     out = run(attention_pallas, q, k, v, visible, unified_max=0.0, interpret=True, num_splits=1, block_s=32)
-    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=1e-5, err_msg=f"seed {seed}")
 
 
 def test_dispatcher():
