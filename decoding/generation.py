@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import loop
+from . import model as _model
 from .autoregressive import Autoregressive, Context
 from .model import Model
 from .sampling import Greedy, Sampling
@@ -230,8 +231,6 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
         check_same_tokenizer(model, draft)
         params["draft"] = draft.params
         draft_cfg = draft.config
-    from . import model as _model
-
     ctx = Context(target=model.config, sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
                   capacity=capacity, draft=draft_cfg, switches=(_model.attention_impl(), _model.unroll_layers()))
     if hasattr(strategy, "validate"):

@@ -24,6 +24,7 @@ put the predicted speedup next to the measured one.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import math
@@ -58,7 +59,7 @@ class Generation:
     row_forwards: list | None = None
 
 
-class Method:
+class Method(abc.ABC):
     """Base class of a built method. Subclasses set `cost` and implement `generate`."""
 
     #: roofline cost description (see `experiments.roofline.predict`), or None
@@ -69,8 +70,9 @@ class Method:
     def __init__(self, label: str, name: str, options: dict):
         self.label, self.name, self.options = label, name, dict(options)
 
+    @abc.abstractmethod
     def generate(self, prompts: list[list[int]], seed: int) -> Generation:
-        raise NotImplementedError
+        """Generate for a batch of token-id prompts; the seed drives sampling."""
 
     def warmup(self, prompts: list[list[int]], seed: int) -> float:
         """Run once untimed, so that what needs compiling is compiled before timing.

