@@ -447,14 +447,19 @@ def load_hf_params(directory: str | os.PathLike, config: ModelConfig | Gemma3Con
                         HF_IGNORED, renames)
 
 
-def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
+def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | str | os.PathLike | Any" = True,
                 source: str | None = None) -> Model:
     """Load a Hugging Face checkpoint directory (config.json + safetensors)."""
     directory = Path(directory)
     config = load_config(directory)
     params = _to_device(load_hf_params(directory, config, dtype))
     check_params(config, params)
-    tok = _hf_tokenizer(directory) if tokenizer else None
+    if tokenizer is True:
+        tok = _hf_tokenizer(directory)
+    elif tokenizer is False or tokenizer is None:
+        tok = None
+    else:
+        tok = _explicit_tokenizer(tokenizer)
     return Model(config=config, params=params, tokenizer=tok, source=source or str(directory))
 
 
@@ -672,20 +677,61 @@ def _read_converted(target: Path) -> tuple[ModelConfig | Gemma3Config, dict]:
     return config, host
 
 
+class TokenizerMismatch(LoadError):
+    """The tokenizer built for a registry checkpoint does not tokenize like the model's own."""
+
+
+def check_tokenizer(tok, entry: "registry.Entry", origin: str) -> None:
+    """Refuse a tokenizer that does not give `entry.probe_ids` for `registry.PROBE_TEXT`.
+
+    A wrong tokenizer is silent: decoding still runs and round-trips text, but the model sees
+    token sequences it was never trained on and writes garbage. transformers 5.17, for one,
+    builds such a tokenizer from the Gemma 3 GGUF (59 pieces for the probe instead of 41)."""
+    if not entry.probe_ids:
+        return
+    got = tuple(int(i) for i in tok(registry.PROBE_TEXT)["input_ids"])
+    if got == entry.probe_ids:
+        return
+    import transformers
+
+    first = next((i for i, (a, b) in enumerate(zip(got, entry.probe_ids)) if a != b), min(len(got), len(entry.probe_ids)))
+    raise TokenizerMismatch(
+        f"the tokenizer {origin} for {entry.name!r} does not tokenize like the model: the probe text "
+        f"{registry.PROBE_TEXT!r} gives {len(got)} tokens, expected {len(entry.probe_ids)} (first difference at "
+        f"token {first}: got {got[first:first + 4]}, expected {entry.probe_ids[first:first + 4]}). This "
+        f"transformers ({transformers.__version__}) builds a wrong tokenizer from this GGUF file, and the model "
+        "would answer with garbage. Upgrade transformers (5.24 builds it right), or pass the model's own "
+        "tokenizer: decoding.load(..., tokenizer='<tokenizer directory or hub id>'), or place tokenizer files "
+        f"saved by a good version in {registry.cache_dir() / 'converted' / (entry.sha256 + '-tokenizer')}."
+    )
+
+
 def _gguf_tokenizer(path: Path, cache_root: Path | None, sha: str | None):
-    """The GGUF's embedded tokenizer via transformers, kept as tokenizer files once converted."""
+    """The GGUF's embedded tokenizer via transformers, kept as tokenizer files once converted.
+
+    For a registry file the tokenizer must pass `check_tokenizer`: a cached one that fails is
+    converted again (it may come from an older transformers), a converted one that fails raises."""
     from transformers import AutoTokenizer
 
+    entry = registry.by_sha256(sha if sha is not None else gguf_sha256(path))
     if cache_root is None:
-        return _hf_tokenizer(path.parent, path.name)
+        tok = _hf_tokenizer(path.parent, path.name)
+        if entry is not None:
+            check_tokenizer(tok, entry, f"transformers built from {path.name}")
+        return tok
     cache_root.mkdir(parents=True, exist_ok=True)
     saved = cache_root / f"{sha}-tokenizer"
     if saved.is_dir():
         try:
-            return AutoTokenizer.from_pretrained(str(saved))
-        except (OSError, ValueError):
-            pass  # unreadable: convert again
+            tok = AutoTokenizer.from_pretrained(str(saved))
+            if entry is not None:
+                check_tokenizer(tok, entry, f"cached in {saved}")
+            return tok
+        except (OSError, ValueError):  # unreadable or wrong (TokenizerMismatch is a ValueError): convert again
+            pass
     tok = _hf_tokenizer(path.parent, path.name)
+    if entry is not None:
+        check_tokenizer(tok, entry, f"transformers built from {path.name}")
     tmp = cache_root / f"{sha}-tokenizer.tmp{os.getpid()}"
     tok.save_pretrained(str(tmp))
     shutil.rmtree(saved, ignore_errors=True)
@@ -696,7 +742,29 @@ def _gguf_tokenizer(path: Path, cache_root: Path | None, sha: str | None):
     return tok
 
 
-def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True,
+def _explicit_tokenizer(tokenizer, sha: str | None = None):
+    """`tokenizer=` given as a directory / hub id or a tokenizer object (checked for registry files)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LoadError(f"could not load the tokenizer {os.fspath(tokenizer)!r}: {err}. Pass a directory "
+                            "holding tokenizer files, a hub id, a tokenizer object, True or False.") from err
+        origin = f"loaded from {os.fspath(tokenizer)!r}"
+    elif callable(tokenizer) and hasattr(tokenizer, "decode"):
+        tok, origin = tokenizer, "passed as tokenizer="
+    else:
+        raise LoadError(f"tokenizer={tokenizer!r}: pass True (the checkpoint's own), False (none), a tokenizer "
+                        "directory or hub id, or a transformers tokenizer object.")
+    entry = registry.by_sha256(sha)
+    if entry is not None:
+        check_tokenizer(tok, entry, origin)
+    return tok
+
+
+def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | str | os.PathLike | Any" = True,
               source: str | None = None, cache: bool | None = None) -> Model:
     """Load a GGUF file (llama / mistral / qwen2 / gemma3), dequantized to `dtype`.
 
@@ -732,7 +800,12 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = 
             _save_converted(host, hf_config, converted)
     params = _to_device(host)
     check_params(config, params)
-    tok = _gguf_tokenizer(path, cache_root, sha) if tokenizer else None
+    if tokenizer is True:
+        tok = _gguf_tokenizer(path, cache_root, sha)
+    elif tokenizer is False or tokenizer is None:
+        tok = None
+    else:
+        tok = _explicit_tokenizer(tokenizer, sha if sha is not None else gguf_sha256(path))
     return Model(config=config, params=params, tokenizer=tok, source=source or str(path))
 
 
@@ -743,12 +816,14 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: bool = True) -> Model:
+def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | str | os.PathLike | Any" = True) -> Model:
     """Load a checkpoint as a `Model` (see the module docstring for accepted sources).
 
     dtype: parameter dtype on the device (weights are converted in float32 first).
-    tokenizer: attach `transformers.AutoTokenizer` (chat template included) as `model.tokenizer`.
-    `model.source` records what was loaded (a registry name, path or hub id).
+    tokenizer: True attaches the checkpoint's own `transformers.AutoTokenizer` (chat template
+    included) as `model.tokenizer`; False none; a directory, hub id or tokenizer object that one.
+    For registry files the tokenizer is checked against the token ids the registry records
+    (`TokenizerMismatch` when it tokenizes differently). `model.source` records what was loaded (a registry name, path or hub id).
     """
     text = os.fspath(source)
     if isinstance(source, str) and text in registry.REGISTRY:

@@ -11,6 +11,12 @@ the error names both hashes. A verified file gets a `<file>.sha256` marker holdi
 hash, so later calls do not rehash a gigabyte: the file is trusted when the marker's hash is the
 expected one and the size still matches, and rehashed otherwise.
 
+Each entry also records the token ids its model's own tokenizer gives `PROBE_TEXT`. The loader
+builds the tokenizer from the GGUF through transformers, and some transformers versions build
+a wrong one from a valid file (5.17 splits Gemma 3 text into pieces the model never saw, and
+the model answers with garbage); `decoding.loading` compares the probe and refuses such a
+tokenizer with an error that says what to do.
+
 To add a checkpoint, append an `Entry` to `_ENTRIES` (see docs/models.md).
 """
 
@@ -30,6 +36,9 @@ from tqdm.auto import tqdm
 
 CACHE_ENV = "DECODING_CACHE_DIR"
 _CHUNK = 1 << 22  # bytes read at a time while hashing / copying
+#: text whose token ids each entry records (`Entry.probe_ids`): words, digits, punctuation,
+#: newlines and non-ASCII characters, so a tokenizer missing merges or byte handling differs
+PROBE_TEXT = "Question: Janet\u2019s ducks lay 16 eggs per day.\nHow much (in dollars) does she make?\nAnswer: 2\u00d79 = 18, tr\u00e8s bien!"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +58,8 @@ class Entry:
     filename: str
     size: int
     sha256: str
+    #: ids of `PROBE_TEXT` under the model's tokenizer (special tokens added as it adds them)
+    probe_ids: tuple[int, ...] = ()
 
     @property
     def description(self) -> str:
@@ -62,6 +73,10 @@ def _parts(prefix: str, count: int) -> tuple[str, ...]:
     return tuple(f"{prefix}-part{i}" for i in range(1, count + 1))
 
 
+# The two Qwen2.5-Coder files share one tokenizer.
+QWEN_PROBE = (14582, 25, 53665, 748, 77778, 10962, 220, 16, 21, 18805, 817, 1899, 624, 4340, 1753, 320, 258, 11192, 8,
+              1558, 1340, 1281, 5267, 16141, 25, 220, 17, 17568, 24, 284, 220, 16, 23, 11, 24901, 14370, 0)
+
 _ENTRIES = (
     Entry(
         name="qwen2.5-coder-1.5b-instruct",
@@ -73,6 +88,7 @@ _ENTRIES = (
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        probe_ids=QWEN_PROBE,
     ),
     Entry(
         name="qwen2.5-coder-0.5b-instruct",
@@ -84,6 +100,7 @@ _ENTRIES = (
         filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        probe_ids=QWEN_PROBE,
     ),
     Entry(
         name="gemma-3-270m",
@@ -95,6 +112,7 @@ _ENTRIES = (
         filename="gemma-3-270m-q4_k_m.gguf",
         size=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        probe_ids=(2, 14977, 236787, 57681, 236858, 236751, 64674, 6267, 236743, 236770, 236825, 14318, 810, 1719, 236761, 107, 3910, 1623, 568, 495, 11092, 236768, 1677, 1304, 1386, 236881, 107, 7925, 236787, 236743, 236778, 237858, 236819, 578, 236743, 236770, 236828, 236764, 10427, 6472, 236888),
     ),
     Entry(
         name="smollm2-135m-instruct",
@@ -106,6 +124,7 @@ _ENTRIES = (
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        probe_ids=(17872, 42, 38615, 417, 99, 26077, 2060, 216, 33, 38, 5246, 567, 1194, 30, 198, 2020, 1083, 365, 254, 8358, 25, 1072, 1041, 919, 47, 198, 21350, 42, 216, 34, 20628, 41, 446, 216, 33, 40, 28, 681, 42623, 1632, 264, 17),
     ),
 )
 REGISTRY: dict[str, Entry] = {e.name: e for e in _ENTRIES}
@@ -129,6 +148,11 @@ def entry(name: str) -> Entry:
             f"unknown model name {name!r}; known names: {', '.join(REGISTRY)}. "
             "Pass a local Hugging Face directory or a .gguf path to load other checkpoints."
         ) from None
+
+
+def by_sha256(sha256: str | None) -> Entry | None:
+    """The entry whose file has this sha256, if any (a registry file loaded by path)."""
+    return next((e for e in _ENTRIES if e.sha256 == sha256), None) if sha256 else None
 
 
 def cache_dir() -> Path:

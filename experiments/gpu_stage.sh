@@ -23,7 +23,7 @@
 #   fp32       float32 greedy equality of spec / tree with ar, batch 8         (~4)
 #   autotune   gamma (chain) and tree shape from calibration + the cost model  (~6)
 #   nudging    Gemma-3-270M nudged by SmolLM2, GSM8K + AlpacaEval, judged      (~10, resumable)
-set -u
+set -u -o pipefail
 stage=${1:?usage: gpu_stage.sh STAGE [SECONDS]}
 limit=${2:-540}
 export DECODING_CACHE_DIR=${DECODING_CACHE_DIR:-/root/models/cache}
@@ -41,8 +41,15 @@ sb() { timeout "$limit" python3 -m experiments.specbench --questions "$Q" --max-
 
 case $stage in
   setup)
-    python3 -m pip install -q --no-deps .gpu/wheels/gguf-*.whl
-    python3 -m experiments.gpu_chunks reassemble "$PARTS" "$DECODING_CACHE_DIR" | tee "$dir/reassemble.txt" ;;
+    # Once per machine: later commands of the same machine find the marker and skip it.
+    if [ -f "$dir/done" ]; then echo "setup: already done on this machine"; exit 0; fi
+    # Tokenizer files saved here (.gpu/tok/tokenizers.tgz, if carried): some transformers versions
+    # build a wrong tokenizer from a GGUF (the loader refuses it: decoding.loading.check_tokenizer).
+    mkdir -p "$DECODING_CACHE_DIR/converted"
+    [ -f .gpu/tok/tokenizers.tgz ] && tar xzf .gpu/tok/tokenizers.tgz -C "$DECODING_CACHE_DIR/converted"
+    python3 -m pip install -q --no-deps .gpu/wheels/gguf-*.whl &&
+      python3 -m experiments.gpu_chunks reassemble "$PARTS" "$DECODING_CACHE_DIR" | tee "$dir/reassemble.txt" &&
+      touch "$dir/done" ;;
   kernels)
     timeout $((limit / 2)) python3 -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tee "$dir/pytest.txt"
     timeout $((limit / 2)) python3 -m experiments.bench_kernels --out "$dir/kernels" 2>&1 | tee "$dir/bench_kernels.txt" ;;
@@ -69,6 +76,10 @@ case $stage in
     timeout $((limit / 2)) python3 -m experiments.autotune --method spec --questions "$Q" --out "$dir/spec"
     timeout $((limit / 2)) python3 -m experiments.autotune --method tree --questions "$Q" --out "$dir/tree" ;;
   nudging)
+    # Continue the committed run (rows are keyed; a resumed run refuses other settings).
+    if [ ! -f "$dir/results.jsonl" ] && [ -f experiments/results/nudging/results.jsonl ]; then
+      cp experiments/results/nudging/results.jsonl experiments/results/nudging/run.json "$dir/"
+    fi
     timeout "$limit" python3 -m experiments.nudging --limit 100 --data-dir .gpu/data --out "$dir" ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;

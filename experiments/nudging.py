@@ -369,6 +369,11 @@ def markdown(report: dict) -> str:
                          f"{tm['tokens_per_s']:.1f} | {tm['run_s']:.1f} |")
         lines.append("")
     for task, t in report["tasks"].items():
+        if t.get("requested", t["n"]) != t["n"]:
+            lines += [f"**{task}: partial** - {t['n']} of the first {t['requested']} items have all three answers; "
+                      "the figures below cover those items only.", ""]
+        if task == "alpaca" and "judge" not in t:
+            lines += ["AlpacaEval: not judged yet (the judge runs once every item has its three answers).", ""]
         n = t["nudging"]
         lines += [f"Nudging on {task}: aligned model wrote {n['aligned_token_fraction']:.3f} of the tokens "
                   f"(per-answer mean {n['aligned_token_fraction_mean']:.3f}; words "
@@ -448,6 +453,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding gsm8k/ and alpaca_eval/")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (JSON, Markdown, PNG)")
     p.add_argument("--repair", action="store_true", help="keep the valid rows of a damaged results.jsonl")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="rewrite the report from --out's rows and run.json (no models, no generation, no judge); "
+                        "items not yet answered by all three systems are left out and counted")
     return p
 
 
@@ -532,9 +540,47 @@ def run(args, load=None, log=print) -> dict:
     return report
 
 
+def summarize_only(args, log=print) -> dict:
+    """The report of a run folder as it stands, without loading a model (e.g. on another machine
+    than the one that generated the rows: the device and versions come from its run.json)."""
+    out = Path(args.out)
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        raise SystemExit(f"error: {run_file} not found: nothing to summarize (run the experiment first).")
+    meta = json.loads(run_file.read_text())
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        data = {t: load_task(Path(args.data_dir), t, args.limit) for t in tasks}
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
+    ident = meta.get("identity", {})
+    report = {"settings": {**ident, "limit": args.limit, "batch": args.batch,
+                           "judge_method": "order-swapped next-token P(A)/P(B)"},
+              "environment": meta.get("environment", {}), "tasks": {}}
+    with ResultsStore.open(out / "results.jsonl", repair_file=False, key_fields=KEY_FIELDS, log=log) as store:
+        for task, items in data.items():
+            done = [it for it in items if all((task, s_, it["id"]) in store for s_ in SYSTEMS)]
+            if not done:
+                log(f"[{task}] no item has all three answers yet")
+                continue
+            records, timing = task_records(store, task, done)
+            entry = {"n": len(done), "requested": len(items), "timing": timing,
+                     "nudging": nudging_summary(records), "records": records}
+            if task == "gsm8k":
+                entry["accuracy"] = score_gsm8k(records)
+            report["tasks"][task] = entry
+    (out / "nudging.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "nudging.md").write_text(markdown(report))
+    plot(report, out / "nudging.png")
+    log(markdown(report))
+    return report
+
+
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
     try:
+        if args.summarize_only:
+            return summarize_only(args)
         return run(args)
     except ResultsError as err:
         raise SystemExit(f"error: {err}") from None

@@ -355,10 +355,12 @@ def _batches(items: Sequence[qmod.WorkItem], size: int) -> list[list[qmod.WorkIt
 class _Runner:
     """Runs the pending items of one method and stores each row as soon as it exists."""
 
-    def __init__(self, cfg: BenchConfig, env: BenchEnv, store: ResultsStore, out_dir: Path, session: str):
+    def __init__(self, cfg: BenchConfig, env: BenchEnv, store: ResultsStore, out_dir: Path, session: str,
+                 on_info=None):
         self.cfg, self.env, self.store, self.out_dir, self.session = cfg, env, store, out_dir, session
         self._prompts: dict = {}
         self.infos: dict = {}  # label -> Method.info() of the methods built in this session
+        self.on_info = on_info or (lambda label: None)  # called as soon as a method's info is known
 
     def prompt(self, label: str, item: qmod.WorkItem) -> list[int]:
         key = (label, item.question_id, item.turn) if item.turn > 1 else (item.question_id, 1)
@@ -416,6 +418,7 @@ class _Runner:
             return
         method = resolved.build(self.env)
         self.infos[label] = method.info()
+        self.on_info(label)  # persisted now: a run killed mid-method keeps the method's settings and cost
         try:
             self._warmup(method, label, pending)
             bar = _progress(len(pending), label, self.cfg.progress)
@@ -512,6 +515,36 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
     return full
 
 
+def fill_missing_methods(out_dir: Path, meta: dict, rows: Sequence[dict], log=print) -> list[str]:
+    """Record in run.json the settings and cost of methods that have rows but no record.
+
+    Runs killed before this record was written per method (older versions wrote it only at
+    the end of a session) leave methods without a roofline cost. Each such method is built
+    again from its label with the run's target, draft and dtype (models loaded, nothing
+    generated); the PyTorch peers have no cost and are recorded without being built."""
+    missing = sorted({r["method"] for r in rows} - set(meta.get("methods", {})))
+    if not missing:
+        return []
+    ident = meta["identity"]
+    cfg = BenchConfig(target=ident["target"], draft=ident["draft"], dtype=ident["dtype"],
+                      max_new_tokens=ident["max_new_tokens"], batch_size=ident["batch_size"],
+                      temperature=ident["sampling"]["temperature"], top_k=ident["sampling"]["top_k"],
+                      top_p=ident["sampling"]["top_p"])
+    env = BenchEnv(cfg)
+    for r in methods_mod.resolve(missing, check=False):
+        if r.spec.uses_torch:
+            info = {"name": r.spec.name, "options": r.options, "cost": None}
+        else:
+            info = r.build(env).info()
+        meta.setdefault("methods", {})[r.label] = {"name": r.spec.name, "options": r.options, "cost": info.get("cost"),
+                                                   "info": info, "recorded_by": "summarize-only"}
+    for key, value in env.loaded_configs().items():
+        meta.setdefault(key, value)
+    _write_json(out_dir / "run.json", meta)
+    log(f"recorded the settings and cost of {', '.join(missing)} in {out_dir / 'run.json'}")
+    return missing
+
+
 def _selection_text(rows: Sequence[dict]) -> str:
     qs = {(r["category"], r["question_id"]) for r in rows}
     turns = {(r["question_id"], r["turn"]) for r in rows}
@@ -569,7 +602,21 @@ def run(cfg: BenchConfig, *, log=None) -> dict:
         log(f"{len(items)} (question, turn) items x {len(resolved)} methods -> {out_dir} "
             f"({len(store)} rows already there)")
         env = BenchEnv(cfg)
-        runner = _Runner(cfg, env, store, out_dir, session)
+
+        def record(label: str) -> None:
+            """Keep a method's settings and cost, the loaded configs and the device profile in run.json."""
+            r = next(x for x in resolved if x.label == label)
+            info = runner.infos[label]
+            meta["methods"][label] = {"name": r.spec.name, "options": r.options, "cost": info.get("cost"),
+                                      "info": info}
+            meta.update(env.loaded_configs())
+            if meta.get("target_config") and "device_profile" not in meta:
+                prof = device_profile(cfg.profile, identity["device_kind"])
+                if prof is not None:
+                    meta["device_profile"] = prof.as_dict()
+            _write_json(out_dir / "run.json", meta)
+
+        runner = _Runner(cfg, env, store, out_dir, session, on_info=record)
         failed = []
         for r in resolved:
             try:
@@ -584,16 +631,8 @@ def run(cfg: BenchConfig, *, log=None) -> dict:
                                        "error": f"{type(err).__name__}: {err}",
                                        "traceback": traceback.format_exc()[-4000:]})
                 log(f"method {r.label} failed: {type(err).__name__}: {err}")
-            if r.label in runner.infos:  # built in this session: record its settings and cost
-                info = runner.infos[r.label]
-                meta["methods"][r.label] = {"name": r.spec.name, "options": r.options,
-                                            "cost": info.get("cost"), "info": info}
-        meta.update(env.loaded_configs())
-        if meta.get("target_config") and "device_profile" not in meta:
-            prof = device_profile(cfg.profile, identity["device_kind"])
-            if prof is not None:
-                meta["device_profile"] = prof.as_dict()
-        _write_json(out_dir / "run.json", meta)
+            if r.label in runner.infos:  # built in this session: record its final info (load / compile times)
+                record(r.label)
         result = write_summary(out_dir, store.rows(), meta, cfg.baseline, cfg.greedy, [r.label for r in resolved])
     result["failed"] = failed
     log(f"wrote {out_dir / 'summary.md'}")
@@ -696,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 err(f"{out_dir} has no run.json: nothing to summarize.")
                 return 2
             with ResultsStore.open(out_dir / "results.jsonl", repair_file=cfg.repair) as store:
+                fill_missing_methods(out_dir, meta, store.rows(), log=lambda m: print(m, file=sys.stderr))
                 write_summary(out_dir, store.rows(), meta, cfg.baseline,
                               meta["identity"]["sampling"]["temperature"] == 0)
             print(out_dir / "summary.md")

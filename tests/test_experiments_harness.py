@@ -233,6 +233,25 @@ def test_toy_run_with_the_core_baseline(bench, monkeypatch):
     assert len(_calls(tmp_path)) == calls and len(_rows(out)) == 3 * len(ALL_KEYS)
 
 
+def test_summarize_only_records_methods_a_killed_run_did_not(bench):
+    """Runs killed before the per-method record existed left methods without settings or cost;
+    --summarize-only builds them again from their labels and the report gets its roofline."""
+    tmp_path, qfile = bench
+    out = tmp_path / "out"
+    assert specbench.main(_args(qfile, out, "--methods", "ar,pld", "--max-new-tokens", "4",
+                                "--profile", "h100-sxm")) == 0
+    meta = json.loads((out / "run.json").read_text())
+    pld_cost = meta["methods"]["pld"]["cost"]
+    assert pld_cost["kind"] == "chain" and pld_cost["draft"] == "free"
+    del meta["methods"]["pld"], meta["methods"]["ar"]
+    (out / "run.json").write_text(json.dumps(meta))
+    assert specbench.main(_args(qfile, out, "--summarize-only")) == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["methods"]["pld"]["cost"] == pld_cost and meta["methods"]["pld"]["recorded_by"] == "summarize-only"
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert "speedup" in summary["methods"]["pld"]["predicted"]
+
+
 def test_other_settings_are_refused_in_the_same_directory(bench):
     tmp_path, qfile = bench
     out = tmp_path / "out"
@@ -312,6 +331,9 @@ def test_sigkill_then_restart_loses_and_recomputes_nothing(bench):
     proc.stderr.close()
     before = _complete_lines(results)
     assert 5 <= len(before) < 2 * len(ALL_KEYS)
+    # the method in flight was recorded when it was built, not only at the end of the session
+    killed_meta = json.loads((out / "run.json").read_text())
+    assert killed_meta["methods"]["fake_a"]["options"] == {"knob": 1}
 
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     if done.returncode == 3:  # killed in the middle of a write: the user is told to --repair

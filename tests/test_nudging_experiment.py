@@ -109,3 +109,25 @@ def test_missing_data_is_a_clear_error(tmp_path):
     args = make_args(tmp_path / "out", tmp_path / "nowhere")
     with pytest.raises(SystemExit, match="gsm8k data not found"):
         exp.run(args, load=None)
+
+
+def test_summarize_only_reports_the_answered_items_and_keeps_the_runs_device(tmp_path, data_dir, models, monkeypatch):
+    out = tmp_path / "run"
+    loader = Counting(models, monkeypatch)
+    exp.run(make_args(out, data_dir, limit=2, no_judge=True), load=loader.load, log=lambda *_: None)
+    meta = json.loads((out / "run.json").read_text())
+    meta["environment"]["device"]["device_kind"] = "Some GPU"  # as if made on another machine
+    (out / "run.json").write_text(json.dumps(meta))
+    import alignment
+
+    monkeypatch.setattr(alignment, "nudge", lambda *a, **k: pytest.fail("summarize-only generated an answer"))
+    args = make_args(out, data_dir, limit=3, summarize_only=True)  # 3 requested, 2 answered
+    report = exp.summarize_only(args, log=lambda *_: None)
+    for task in ("gsm8k", "alpaca"):
+        assert report["tasks"][task]["n"] == 2 and report["tasks"][task]["requested"] == 3
+    assert report["tasks"]["gsm8k"]["accuracy"]["nudged"]["n"] == 2
+    md = (out / "nudging.md").read_text()
+    assert "device Some GPU" in md and "gsm8k: partial" in md and "not judged yet" in md
+    assert json.loads((out / "run.json").read_text())["environment"]["device"]["device_kind"] == "Some GPU"
+    with pytest.raises(SystemExit, match="nothing to summarize"):
+        exp.summarize_only(make_args(tmp_path / "empty", data_dir, summarize_only=True), log=lambda *_: None)
