@@ -495,6 +495,10 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
                         bytes_per_param=roofline.dtype_bytes(meta["identity"]["dtype"]),
                         batch=meta["identity"]["batch_size"])
     events = read_events(out_dir)
+    from .summary import add_phases
+
+    add_phases(summary, events, {label: info.get("cost") for label, info in meta.get("methods", {}).items()},
+               batch=meta["identity"]["batch_size"])
     for label, d in summary["methods"].items():
         d["warmup_s"] = sum(e.get("warmup_s", 0.0) for e in events if e.get("event") == "warmup"
                             and e.get("method") == label)

@@ -285,6 +285,69 @@ def greedy_markdown(check: dict) -> str:
     return "\n".join(lines)
 
 
+def add_phases(summary: dict, events: Sequence[dict], method_costs: dict, batch: int = 1) -> None:
+    """Attach each method's phase times (the last `phases` event of `--phase-times`) and what
+    they imply, against the baseline's measured time per decode step of the same run:
+
+    - step_ms: baseline milliseconds per decode step = 1000 * batch / baseline tokens/s;
+    - verify_steps: verify_ms / step_ms (one target forward over the draft, in AR steps);
+    - draft_step_ratio: (propose_ms / draft steps per round) / step_ms, the measured
+      draft/target cost ratio c (draft steps: gamma for a chain, depth for a tree);
+    - implied_speedup: tau * step_ms / round_ms, the speedup the round time predicts (rounds
+      only; prefill and the loop's exit are not in it), beside the measured speedup.
+    """
+    base = summary.get("baseline")
+    b = summary["methods"].get(base, {}).get("overall", {}) if base else {}
+    tps = b.get("tokens_per_s")
+    step_ms = 1000.0 * batch / tps if tps else None
+    latest: dict = {}
+    for e in events:
+        if e.get("event") == "phases":
+            latest[e["method"]] = e
+    for m, e in latest.items():
+        d = summary["methods"].get(m)
+        if d is None:
+            continue
+        ph = {k: e[k] for k in ("propose_ms", "verify_ms", "accept_commit_ms", "round_ms") if k in e}
+        cost = method_costs.get(m) or {}
+        steps = cost.get("gamma") if cost.get("kind") == "chain" else cost.get("depth")
+        if step_ms:
+            ph["step_ms"] = step_ms
+            if "verify_ms" in ph:
+                ph["verify_steps"] = ph["verify_ms"] / step_ms
+            if steps and "propose_ms" in ph and cost.get("draft") != "free":
+                ph["draft_steps"] = steps
+                ph["draft_step_ratio"] = ph["propose_ms"] / steps / step_ms
+            tau = d["overall"].get("tau")
+            if tau and ph.get("round_ms"):
+                ph["implied_speedup"] = tau * step_ms / ph["round_ms"]
+        d["phases"] = ph
+
+
+def phases_markdown(summary: dict) -> str:
+    rows = [(m, d["phases"]) for m, d in summary["methods"].items() if d.get("phases")]
+    if not rows:
+        return ""
+
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else ""
+
+    out = ["| Method | propose ms | verify ms | accept+commit ms | round ms | verify / AR step | "
+           "draft step / AR step (c) | speedup implied by the round | speedup measured |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for m, ph in rows:
+        out.append(f"| {m} | {f(ph.get('propose_ms'), '.2f')} | {f(ph.get('verify_ms'), '.2f')} | "
+                   f"{f(ph.get('accept_commit_ms'), '.2f')} | {f(ph.get('round_ms'), '.2f')} | "
+                   f"{f(ph.get('verify_steps'), '.2f')} | {f(ph.get('draft_step_ratio'), '.2f')} | "
+                   f"{f(ph.get('implied_speedup'), '.2f')}x | "
+                   f"{f(summary['methods'][m]['overall'].get('speedup'), '.2f')}x |")
+    step = next((ph["step_ms"] for _, ph in rows if "step_ms" in ph), None)
+    if step:
+        out += ["", f"AR step: {step:.2f} ms (the baseline's measured time per decode step). Each phase ran as "
+                "its own program on the first batch, so the phases' sum exceeds the round."]
+    return "\n".join(out)
+
+
 def render_markdown(summary: dict, meta: dict | None = None) -> str:
     """The whole report: configuration, leaderboard, categories, predictions, checks, errors."""
     meta = meta or {}
@@ -317,6 +380,9 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
             + (f"device profile: {meta['device_profile']['name']}." if meta.get("device_profile") else
                "no device profile was available."), "",
             predictions_markdown(summary), ""]
+    ph = phases_markdown(summary)
+    if ph:
+        out += ["## Phase times and the draft/target cost ratio", "", ph, ""]
     acc = acceptance_markdown(summary)
     if acc:
         out += ["## Acceptance rate per draft position (given the previous one was accepted)", "", acc, ""]

@@ -6,7 +6,7 @@ import pytest
 
 from decoding import ModelConfig
 from experiments import roofline
-from experiments.summary import add_predictions, greedy_check, plot, render_markdown, summarize
+from experiments.summary import add_phases, add_predictions, greedy_check, plot, render_markdown, summarize
 
 
 def row(method, qid, category, time_s, new_tokens, forwards, turn=1, tokens=None, prompt_tokens=10):
@@ -115,3 +115,27 @@ def test_acceptance_per_position_sums_round_counts():
     assert acc["acceptance_per_position"] == pytest.approx([3 / 5, 1 / 3])
     assert acc["draft_forwards"] == 8
     assert "| spec | 0.60 | 0.33 | 8 |" in render_markdown(summarize(rows))
+
+
+def test_phase_times_give_the_draft_target_cost_ratio():
+    # ar: 130 tokens in 13 s -> 10 tokens/s -> 100 ms per step at batch 1
+    s = summarize(ROWS, baseline="ar")
+    tau = s["methods"]["spec"]["overall"]["tau"]
+    events = [{"event": "phases", "method": "spec", "propose_ms": 999.0, "verify_ms": 1.0, "round_ms": 1.0},
+              {"event": "phases", "method": "spec", "propose_ms": 200.0, "verify_ms": 90.0,
+               "accept_commit_ms": 5.0, "round_ms": 250.0},  # the last event counts
+              {"event": "phases", "method": "gone", "propose_ms": 1.0}]
+    add_phases(s, events, {"spec": {"kind": "chain", "gamma": 4, "draft": "model"}}, batch=1)
+    ph = s["methods"]["spec"]["phases"]
+    assert ph["step_ms"] == pytest.approx(100.0)
+    assert ph["verify_steps"] == pytest.approx(0.9)
+    assert ph["draft_step_ratio"] == pytest.approx(200.0 / 4 / 100.0)
+    assert ph["implied_speedup"] == pytest.approx(tau * 100.0 / 250.0)
+    assert "phases" not in s["methods"]["ar"]
+    md = render_markdown(s)
+    assert "## Phase times and the draft/target cost ratio" in md and "| spec | 200.00 | 90.00 | 5.00 | 250.00 | 0.90 | 0.50 |" in md
+    # batch 4: a step serves 4 rows, so it takes 4x the per-token time; a free drafter has no c
+    s4 = summarize(ROWS, baseline="ar")
+    add_phases(s4, events[1:2], {"spec": {"kind": "chain", "gamma": 4, "draft": "free"}}, batch=4)
+    assert s4["methods"]["spec"]["phases"]["step_ms"] == pytest.approx(400.0)
+    assert "draft_step_ratio" not in s4["methods"]["spec"]["phases"]
