@@ -19,6 +19,7 @@ are cut to the shortest prefix whose text contains it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Iterator, Sequence
 
@@ -273,18 +274,48 @@ def _whole(strategy, ctx, params, prompt, lengths, key):
 
 _whole_jit = jax.jit(_whole, static_argnums=(0, 1))
 
+#: XLA:GPU command buffers (CUDA graphs) for the whole-generation program. On a GPU, XLA runs a
+#: `while_loop` by copying its predicate to the host after every iteration and launching the
+#: body's kernels again, so a decode step pays a device-to-host round trip and one launch per
+#: kernel. With WHILE and CONDITIONAL command buffers the loop becomes a CUDA graph with
+#: conditional nodes and stays on the device. "" keeps XLA's default; "while" is that set plus
+#: the default kinds; any other value is passed as XLA's `xla_gpu_enable_command_buffer` (a
+#: comma-separated list of FUSION, CUBLAS, CUBLASLT, CUSTOM_CALL, CUDNN, COLLECTIVES,
+#: CONDITIONAL, WHILE, DYNAMIC_SLICE_FUSION). Opt-in and keyed into the compiled-program cache;
+#: other backends ignore it. Environment: DECODING_COMMAND_BUFFERS.
+COMMAND_BUFFERS: str = os.environ.get("DECODING_COMMAND_BUFFERS", "")
+_COMMAND_BUFFER_PRESETS = {"while": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
+
+
+def compiler_options() -> dict | None:
+    """The XLA compile options `COMMAND_BUFFERS` asks for (None: XLA's defaults)."""
+    value = COMMAND_BUFFERS.strip()
+    if not value or value == "default":
+        return None
+    value = _COMMAND_BUFFER_PRESETS.get(value.lower(), value)
+    return {"xla_gpu_enable_command_buffer": value}
+
 
 def _signature(tree) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _compiled(prep: _Prepared):
+    options = compiler_options()
     key = (prep.strategy, prep.ctx, prep.prompt.shape, _signature(prep.params),
-           jax.tree_util.tree_structure(prep.params))
+           jax.tree_util.tree_structure(prep.params), tuple(sorted((options or {}).items())))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    exe = _whole_jit.lower(prep.strategy, prep.ctx, prep.params, prep.prompt, prep.lengths, prep.key).compile()
+    lowered = _whole_jit.lower(prep.strategy, prep.ctx, prep.params, prep.prompt, prep.lengths, prep.key)
+    try:
+        exe = lowered.compile(compiler_options=options) if options else lowered.compile()
+    except Exception as err:  # XLA's message for a bad value is terse: say where it came from
+        if options and "xla_gpu_enable_command_buffer" in str(err):
+            raise ValueError(f"decoding.generation.COMMAND_BUFFERS (or DECODING_COMMAND_BUFFERS) = "
+                             f"{COMMAND_BUFFERS!r} is not a valid xla_gpu_enable_command_buffer list: {err}. "
+                             "Use '', 'while' or a comma-separated list of XLA's command buffer kinds.") from err
+        raise
     _COMPILED[key] = exe
     return exe, time.perf_counter() - t0
 

@@ -135,6 +135,9 @@ def main(argv=None):
     ap.add_argument("--attention", default="xla",
                     help="comma-separated attention implementations to measure in turn: xla, pallas "
                          "(decoding.model.ATTENTION_IMPL)")
+    ap.add_argument("--command-buffers", default="default",
+                    help="comma-separated XLA:GPU command buffer settings to measure in turn: default, while "
+                         "(decoding.generation.COMMAND_BUFFERS: the decode loop as a CUDA graph)")
     ap.add_argument("--random-weights", action="store_true",
                     help="smoke test: the models' configs with random weights (speed only; no quality)")
     ap.add_argument("--out", default="experiments/results/autoregressive")
@@ -148,6 +151,7 @@ def main(argv=None):
         return
 
     from decoding import Model, init_params, load
+    from decoding import generation as gen_mod
     from decoding import model as model_mod
     from decoding.generation import default_eos_ids, encode_prompts
 
@@ -173,23 +177,29 @@ def main(argv=None):
                  "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}}
         ids = encode_prompts(model.tokenizer, prompts, chat=True)
         eos = default_eos_ids(model.tokenizer)
-        for impl in args.attention.split(","):
+        variants = [(impl, cb) for impl in args.attention.split(",") for cb in args.command_buffers.split(",")]
+        for impl, cb in variants:
             model_mod.ATTENTION_IMPL = impl
+            gen_mod.COMMAND_BUFFERS = "" if cb == "default" else cb
+            tags = ([f"{impl} attention"] if impl != "xla" else []) + ([f"command buffers {cb}"] if cb != "default" else [])
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
                 r = run_ours(model, ids, bs, args.max_new_tokens)
                 r["attention"] = impl
+                r["command_buffers"] = cb
                 r["fraction_of_physical_limit"] = r["tokens_per_s"] / (bs * limit)
                 r["ms_per_step_in_loop"] = 1e3 * r["run_s"] / r["target_forwards"] if r["target_forwards"] else None
                 r["ms_forward_only"] = forward_only_ms(model, batch=bs)
                 r["ms_weights_at_bandwidth"] = 1e3 * wb / bw
-                key = str(bs) if impl == "xla" else f"{bs} ({impl} attention)"
-                if impl != "xla" and str(bs) in entry["ours"]:
-                    r["identical_to_xla_attention"] = sum(
-                        a == b for a, b in zip(r["outputs"], entry["ours"][str(bs)]["outputs"]))
+                key = f"{bs} ({', '.join(tags)})" if tags else str(bs)
+                if tags and str(bs) in entry["ours"]:  # same process, same prompts: the default beside it
+                    base = entry["ours"][str(bs)]
+                    r["identical_to_default"] = sum(a == b for a, b in zip(r["outputs"], base["outputs"]))
+                    r["speedup_over_default"] = r["tokens_per_s"] / base["tokens_per_s"]
                 entry["ours"][key] = r
                 print(f"{name} ours batch {key}: {r['tokens_per_s']:.1f} tok/s "
                       f"({100 * r['fraction_of_physical_limit']:.1f}% of {bs * limit:.0f} tok/s limit), "
                       f"compile {r['compile_s']:.1f} s", flush=True)
+        gen_mod.COMMAND_BUFFERS = ""
         model_mod.ATTENTION_IMPL = "xla"
         if args.hf and not args.random_weights:
             for bs in [int(b) for b in args.hf_batch_sizes.split(",")]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -51,10 +52,19 @@ def git_revision() -> dict:
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
+def switches() -> dict:
+    """The library's program-changing switches as set for this process (environment or code)."""
+    from decoding import generation, model
+
+    return {"attention": model.ATTENTION_IMPL, "command_buffers": generation.COMMAND_BUFFERS or "default",
+            "unroll_layers": model.unroll_layers(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
 def describe() -> dict:
     """Everything above, with the command line and the time (UTC)."""
     return {
         "device": device(),
+        "switches": switches(),
         "versions": versions(),
         "git": git_revision(),
         "command": " ".join(["python", *getattr(sys, "orig_argv", sys.argv)[1:]]),

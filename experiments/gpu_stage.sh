@@ -16,6 +16,8 @@
 #   profile    experiments.profile_step on the 1.5B and 0.5B models            (~2)
 #   ar         autoregressive speed, 1.5B and 0.5B, XLA and Pallas attention,
 #              transformers eager beside                                       (~12, two runs)
+#   graphs     autoregressive speed, 1.5B and 0.5B, batch 1 and 8, with and without the decode
+#              loop as a CUDA graph (decoding.generation.COMMAND_BUFFERS=while), same process (~6)
 #   ref16_b1   Spec-Bench reference16, batch 1: ar spec tree pld layerskip + transformers
 #              ar / assisted, with the phase-time split                        (~12, resumable)
 #   ref16_b8   the same at batch 8, our methods                                 (~6)
@@ -61,6 +63,11 @@ case $stage in
     for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
       [ -f "$dir/$m.json" ] || timeout "$limit" python3 -m experiments.bench_autoregressive --models $m \
         --batch-sizes 1,8 --attention xla,pallas --hf --questions "$Q" --out "$dir/$m"
+    done ;;
+  graphs)
+    for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
+      [ -f "$dir/$m.json" ] || timeout $((limit / 2)) python3 -m experiments.bench_autoregressive --models $m \
+        --batch-sizes 1,8 --command-buffers default,while --questions "$Q" --out "$dir/$m"
     done ;;
   ref16_b1)
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --phase-times \
