@@ -681,13 +681,13 @@ class TokenizerMismatch(LoadError):
     """The tokenizer built for a registry checkpoint does not tokenize like the model's own."""
 
 
-def check_tokenizer(tok, entry: "registry.Entry", origin: str) -> None:
+def check_tokenizer(tok, entry: "registry.Entry | None", origin: str) -> None:
     """Refuse a tokenizer that does not give `entry.probe_ids` for `registry.PROBE_TEXT`.
 
     A wrong tokenizer is silent: decoding still runs and round-trips text, but the model sees
     token sequences it was never trained on and writes garbage. transformers 5.17, for one,
     builds such a tokenizer from the Gemma 3 GGUF (59 pieces for the probe instead of 41)."""
-    if not entry.probe_ids:
+    if entry is None or not entry.probe_ids:  # not a registry file: nothing recorded to compare
         return
     got = tuple(int(i) for i in tok(registry.PROBE_TEXT)["input_ids"])
     if got == entry.probe_ids:
@@ -716,22 +716,19 @@ def _gguf_tokenizer(path: Path, cache_root: Path | None, sha: str | None):
     entry = registry.by_sha256(sha if sha is not None else gguf_sha256(path))
     if cache_root is None:
         tok = _hf_tokenizer(path.parent, path.name)
-        if entry is not None:
-            check_tokenizer(tok, entry, f"transformers built from {path.name}")
+        check_tokenizer(tok, entry, f"transformers built from {path.name}")
         return tok
     cache_root.mkdir(parents=True, exist_ok=True)
     saved = cache_root / f"{sha}-tokenizer"
     if saved.is_dir():
         try:
             tok = AutoTokenizer.from_pretrained(str(saved))
-            if entry is not None:
-                check_tokenizer(tok, entry, f"cached in {saved}")
+            check_tokenizer(tok, entry, f"cached in {saved}")
             return tok
         except (OSError, ValueError):  # unreadable or wrong (TokenizerMismatch is a ValueError): convert again
             pass
     tok = _hf_tokenizer(path.parent, path.name)
-    if entry is not None:
-        check_tokenizer(tok, entry, f"transformers built from {path.name}")
+    check_tokenizer(tok, entry, f"transformers built from {path.name}")
     tmp = cache_root / f"{sha}-tokenizer.tmp{os.getpid()}"
     tok.save_pretrained(str(tmp))
     shutil.rmtree(saved, ignore_errors=True)
@@ -758,9 +755,7 @@ def _explicit_tokenizer(tokenizer, sha: str | None = None):
     else:
         raise LoadError(f"tokenizer={tokenizer!r}: pass True (the checkpoint's own), False (none), a tokenizer "
                         "directory or hub id, or a transformers tokenizer object.")
-    entry = registry.by_sha256(sha)
-    if entry is not None:
-        check_tokenizer(tok, entry, origin)
+    check_tokenizer(tok, registry.by_sha256(sha), origin)
     return tok
 
 
@@ -823,7 +818,8 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | st
     tokenizer: True attaches the checkpoint's own `transformers.AutoTokenizer` (chat template
     included) as `model.tokenizer`; False none; a directory, hub id or tokenizer object that one.
     For registry files the tokenizer is checked against the token ids the registry records
-    (`TokenizerMismatch` when it tokenizes differently). `model.source` records what was loaded (a registry name, path or hub id).
+    (`TokenizerMismatch` when it tokenizes differently).
+    `model.source` records what was loaded (a registry name, path or hub id).
     """
     text = os.fspath(source)
     if isinstance(source, str) and text in registry.REGISTRY:

@@ -532,6 +532,11 @@ def run(args, load=None, log=print) -> dict:
             judge = Judge(load(args.judge, dtype), batch=min(args.batch, 8))
             report["tasks"]["alpaca"]["judge"] = judge_pairs(judge, store, "alpaca",
                                                              report["tasks"]["alpaca"]["records"], log)
+    return write_report(out, report, log)
+
+
+def write_report(out: Path, report: dict, log=print) -> dict:
+    """nudging.json, nudging.md and nudging.png in `out`."""
     (out / "nudging.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "nudging.md").write_text(markdown(report))
     plot(report, out / "nudging.png")
@@ -569,11 +574,7 @@ def summarize_only(args, log=print) -> dict:
             if task == "gsm8k":
                 entry["accuracy"] = score_gsm8k(records)
             report["tasks"][task] = entry
-    (out / "nudging.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "nudging.md").write_text(markdown(report))
-    plot(report, out / "nudging.png")
-    log(markdown(report))
-    return report
+    return write_report(out, report, log)
 
 
 def main(argv=None) -> dict:

@@ -360,7 +360,7 @@ class _Runner:
         self.cfg, self.env, self.store, self.out_dir, self.session = cfg, env, store, out_dir, session
         self._prompts: dict = {}
         self.infos: dict = {}  # label -> Method.info() of the methods built in this session
-        self.on_info = on_info or (lambda label: None)  # called as soon as a method's info is known
+        self.on_info = on_info or (lambda label, info: None)  # called as soon as a method's info is known
 
     def prompt(self, label: str, item: qmod.WorkItem) -> list[int]:
         key = (label, item.question_id, item.turn) if item.turn > 1 else (item.question_id, 1)
@@ -418,7 +418,7 @@ class _Runner:
             return
         method = resolved.build(self.env)
         self.infos[label] = method.info()
-        self.on_info(label)  # persisted now: a run killed mid-method keeps the method's settings and cost
+        self.on_info(label, self.infos[label])  # persisted now: a run killed mid-method keeps the method's settings and cost
         try:
             self._warmup(method, label, pending)
             bar = _progress(len(pending), label, self.cfg.progress)
@@ -474,7 +474,7 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
                   method_order: Sequence[str] = ()) -> dict:
     """summary.json, summary.md and the plots, from the rows and run.json alone."""
     from . import roofline
-    from .summary import add_predictions, plot, render_markdown, summarize
+    from .summary import add_phases, add_predictions, plot, render_markdown, summarize
 
     summary = summarize(store_rows, baseline=baseline, methods=method_order, greedy=greedy)
     prof = meta.get("device_profile")
@@ -495,8 +495,6 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
                         bytes_per_param=roofline.dtype_bytes(meta["identity"]["dtype"]),
                         batch=meta["identity"]["batch_size"])
     events = read_events(out_dir)
-    from .summary import add_phases
-
     add_phases(summary, events, {label: info.get("cost") for label, info in meta.get("methods", {}).items()},
                batch=meta["identity"]["batch_size"])
     for label, d in summary["methods"].items():
@@ -607,10 +605,9 @@ def run(cfg: BenchConfig, *, log=None) -> dict:
             f"({len(store)} rows already there)")
         env = BenchEnv(cfg)
 
-        def record(label: str) -> None:
+        def record(label: str, info: dict) -> None:
             """Keep a method's settings and cost, the loaded configs and the device profile in run.json."""
             r = next(x for x in resolved if x.label == label)
-            info = runner.infos[label]
             meta["methods"][label] = {"name": r.spec.name, "options": r.options, "cost": info.get("cost"),
                                       "info": info}
             meta.update(env.loaded_configs())
@@ -636,7 +633,7 @@ def run(cfg: BenchConfig, *, log=None) -> dict:
                                        "traceback": traceback.format_exc()[-4000:]})
                 log(f"method {r.label} failed: {type(err).__name__}: {err}")
             if r.label in runner.infos:  # built in this session: record its final info (load / compile times)
-                record(r.label)
+                record(r.label, runner.infos[r.label])
         result = write_summary(out_dir, store.rows(), meta, cfg.baseline, cfg.greedy, [r.label for r in resolved])
     result["failed"] = failed
     log(f"wrote {out_dir / 'summary.md'}")
