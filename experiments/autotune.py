@@ -340,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompts", type=int, default=4, help="calibration prompts (spread over reference16)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--prompt-bucket", type=int, default=1024,
+                   help="pad every prompt to this many tokens, so each setting compiles one program (0: per prompt)")
     p.add_argument("--gammas", default="1-8")
     p.add_argument("--depths", default="2-7")
     p.add_argument("--top-ks", default="1,2,4,8")
@@ -351,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = specbench.BenchConfig(target=args.target, draft=specbench.draft_from_arg(args.target, args.draft),
-                                dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+                                dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                                prompt_bucket=args.prompt_bucket)
     env = specbench.BenchEnv(cfg)
     items = questions.select(questions.load_questions(args.questions), "reference16")
     chosen = (items[::2] + items[1::2])[: args.prompts]
@@ -385,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {"result": result.as_dict(), "device_profile": device.as_dict(), "environment": info,
               "config": {"method": args.method, "target": args.target, "draft": cfg.draft, "dtype": args.dtype,
                          "prompts": [f"{it.question_id}/turn1" for it in chosen],
-                         "max_new_tokens": args.max_new_tokens, "sampling": "greedy"}}
+                         "max_new_tokens": args.max_new_tokens, "prompt_bucket": args.prompt_bucket,
+                         "sampling": "greedy"}}
     (out / "autotune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     md = (f"# Autotuning {args.method} on {args.target} ({info['device']['device_kind']})\n\n"
           f"Device profile: {device.name}; calibration: {result.calibration_settings}; prompts: "

@@ -18,12 +18,15 @@
 #              transformers eager beside                                       (~12, two runs)
 #   graphs     autoregressive speed, 1.5B and 0.5B, batch 1 and 8, with and without the decode
 #              loop as a CUDA graph (decoding.generation.COMMAND_BUFFERS=while), same process (~6)
+#   graphs_b1  Spec-Bench reference16, batch 1: ar and spec, each with and without the decode loop
+#              as a CUDA graph (method option graphs=while), one process             (~6)
 #   ref16_b1   Spec-Bench reference16, batch 1: ar spec tree pld layerskip + transformers
 #              ar / assisted, with the phase-time split                        (~12, resumable)
 #   ref16_b8   the same at batch 8, our methods                                 (~6)
 #   all_b8     all of Spec-Bench (480 turns), batch 8, our methods              (~15, resumable)
 #   fp32       float32 greedy equality of spec / tree with ar, batch 8         (~4)
-#   autotune   gamma (chain) and tree shape from calibration + the cost model  (~6)
+#   autotune   gamma (chain) and tree shape from calibration + the cost model; each method is
+#              skipped once done, so a cut-off stage finishes when run again      (~8)
 #   nudging    Gemma-3-270M nudged by SmolLM2, GSM8K + AlpacaEval, judged      (~10, resumable)
 set -u -o pipefail
 stage=${1:?usage: gpu_stage.sh STAGE [SECONDS]}
@@ -72,6 +75,9 @@ case $stage in
   ref16_b1)
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --phase-times \
        --methods ar,spec,tree,pld,layerskip,hf_ar,hf_assisted --out "$dir" ;;
+  graphs_b1)
+    sb --subset reference16 --batch-size 1 --prompt-bucket 1024 \
+       --methods ar,spec,ar:graphs=while,spec:graphs=while --out "$dir" ;;
   ref16_b8)
     sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --methods ar,spec,tree,pld,layerskip --out "$dir" ;;
   all_b8)
@@ -80,8 +86,15 @@ case $stage in
     sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --dtype float32 --methods ar,spec,tree \
        --profile none --out "$dir" ;;
   autotune)
-    timeout $((limit / 2)) python3 -m experiments.autotune --method spec --questions "$Q" --out "$dir/spec"
-    timeout $((limit / 2)) python3 -m experiments.autotune --method tree --questions "$Q" --out "$dir/tree" ;;
+    # 256 new tokens and the 1024 bucket: the autoregressive baseline is ref16_b1's program.
+    t0=$SECONDS; rc=0
+    for m in spec tree; do
+      [ -f "$dir/$m/autotune.json" ] && continue
+      left=$((limit - (SECONDS - t0))); [ $left -gt 30 ] || { rc=124; break; }
+      timeout $left python3 -m experiments.autotune --method $m --questions "$Q" --max-new-tokens 256 \
+        --prompt-bucket 1024 --out "$dir/$m" || rc=$?
+    done
+    (exit $rc) ;;
   nudging)
     # Continue the committed run (rows are keyed; a resumed run refuses other settings).
     if [ ! -f "$dir/results.jsonl" ] && [ -f experiments/results/nudging/results.jsonl ]; then

@@ -15,6 +15,10 @@ missing one gives a clear error before any work starts):
   hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
 The draft model's weights reach `decoding.generate` through its `draft=` argument.
 
+Every core method also takes `graphs=` (default: XLA's own command buffers): `ar:graphs=while`
+runs the whole-generation program as a CUDA graph (`decoding.generation.COMMAND_BUFFERS`), so
+one run compares a method with and without it, e.g. `--methods ar,spec,ar:graphs=while,spec:graphs=while`.
+
 Other methods can be added from a module: `--plugin my.module` imports it, and it calls
 `register(MethodSpec(...))`.
 
@@ -25,6 +29,7 @@ put the predicted speedup next to the measured one.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -180,6 +185,8 @@ def parse(item: str) -> Resolved:
             known = ", ".join(sorted(spec.defaults)) or "none"
             raise MethodSpecError(f"method {item!r}: unknown option {key!r}; {name} takes: {known}.")
         options[key] = _convert(value, spec.defaults[key], f"method {item!r}, option {key}")
+    if options.get("graphs"):
+        _check_graphs(item, options["graphs"])
     return Resolved(label_of(name, options, spec.defaults), spec, options)
 
 
@@ -247,14 +254,50 @@ def _jsonable(value):
     return repr(value)
 
 
+_GRAPH_KINDS = {"FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "COLLECTIVES", "CONDITIONAL", "WHILE",
+                "DYNAMIC_SLICE_FUSION"}
+
+
+def _check_graphs(label: str, value: str) -> None:
+    """Refuse a `graphs=` value before any model work (XLA would only refuse it at compile time)."""
+    if value in ("", "default", "while"):
+        return
+    bad = [k for k in value.split("+") if k.upper() not in _GRAPH_KINDS]
+    if bad:
+        raise MethodSpecError(f"method {label!r}: graphs={value!r} is not 'default', 'while' or XLA command "
+                              f"buffer kinds joined by '+' (unknown: {', '.join(bad)}; known: "
+                              f"{', '.join(sorted(_GRAPH_KINDS))}).")
+
+
 class JaxMethod(Method):
-    """A strategy of the core run through `decoding.generate` on the run's target model."""
+    """A strategy of the core run through `decoding.generate` on the run's target model.
+
+    The `graphs` option sets `decoding.generation.COMMAND_BUFFERS` while the method runs (and
+    restores it after), so methods with and without it share one process.
+    """
 
     def __init__(self, label, name, options, env, strategy, *, draft_model=None, cost=None):
         super().__init__(label, name, options)
         self.env, self.strategy, self.draft_model, self.cost = env, strategy, draft_model, cost
 
+    @contextlib.contextmanager
+    def _switches(self):
+        from decoding import generation
+
+        saved = generation.COMMAND_BUFFERS
+        graphs = self.options.get("graphs", "")
+        if graphs:  # '+' separates kinds on the command line, where ',' separates methods
+            generation.COMMAND_BUFFERS = {"default": "", "while": "while"}.get(graphs, graphs.replace("+", ",").upper())
+        try:
+            yield
+        finally:
+            generation.COMMAND_BUFFERS = saved
+
     def generate(self, prompts, seed):
+        with self._switches():
+            return self._generate(prompts, seed)
+
+    def _generate(self, prompts, seed):
         import decoding
 
         res = decoding.generate(self.env.target, prompts, strategy=self.strategy, sampling=self.env.sampling(),
@@ -274,9 +317,10 @@ class JaxMethod(Method):
             return None
         from decoding.profiling import phase_times
 
-        return phase_times(self.env.target, prompts, self.strategy, draft=self.draft_model,
-                           sampling=self.env.sampling(), max_new_tokens=self.env.max_new_tokens,
-                           prompt_bucket=getattr(self.env, "prompt_bucket", None))
+        with self._switches():
+            return phase_times(self.env.target, prompts, self.strategy, draft=self.draft_model,
+                               sampling=self.env.sampling(), max_new_tokens=self.env.max_new_tokens,
+                               prompt_bucket=getattr(self.env, "prompt_bucket", None))
 
     def info(self):
         d = super().info()
@@ -339,17 +383,19 @@ def _check_torch():
 
 
 for _spec in (
-    MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar),
-    MethodSpec("spec", "speculative decoding with the --draft model", _build_spec, {"gamma": 4},
+    MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar, {"graphs": ""}),
+    MethodSpec("spec", "speculative decoding with the --draft model", _build_spec, {"gamma": 4, "graphs": ""},
                _needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
     MethodSpec("tree", "tree decoding (dynamic tree) with the --draft model", _build_tree,
-               {"depth": 6, "top_k": 10, "nodes": 60},
+               {"depth": 6, "top_k": 10, "nodes": 60, "graphs": ""},
                _needs("decoding.TreeDecoding", "drafting.DraftModel", "decoding.DynamicTree", method="tree"),
                uses_draft_model=True),
-    MethodSpec("pld", "prompt lookup decoding (n-gram drafts from the prompt)", _build_pld, {"gamma": 10, "ngram": 3},
+    MethodSpec("pld", "prompt lookup decoding (n-gram drafts from the prompt)", _build_pld,
+               {"gamma": 10, "ngram": 3, "graphs": ""},
                _needs("decoding.Speculative", "drafting.PromptLookup", method="pld")),
     MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
-               {"gamma": 4, "layers": 0}, _needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
+               {"gamma": 4, "layers": 0, "graphs": ""},
+               _needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
     MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
                uses_torch=True),
     MethodSpec("hf_assisted", "transformers assisted generation (assistant_model = the --draft model)",

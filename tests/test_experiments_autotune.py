@@ -133,3 +133,34 @@ def test_calibration_statistics_add_up_over_prompts():
     assert stats["accept_histogram"] == [2, 1, 1] and stats["rounds"] == 4
     assert stats["tau"] == pytest.approx(10 / 6) and stats["tokens_per_s"] == pytest.approx(5.0)
     assert autotune.chain_reach(stats, 2) == pytest.approx([0.5, 0.25])
+
+
+def test_the_command_line_on_the_toy_pair(tmp_path):
+    """End to end through the benchmark's methods: calibration, candidates, measured top two,
+    the baseline, and the files a report is made from (one program per setting: prompts padded
+    to the bucket)."""
+    import json
+
+    from decoding import generation
+    from experiments import questions
+
+    try:
+        questions.load_questions()
+    except FileNotFoundError as err:
+        pytest.skip(f"Spec-Bench questions not available: {err}")
+    before = generation.compile_count()
+    code = autotune.main(["--method", "spec", "--target", "toy", "--draft", "toy-draft", "--gammas", "1-3",
+                          "--max-new-tokens", "6", "--prompt-bucket", "256", "--profile", "h100-sxm",
+                          "--out", str(tmp_path)])
+    assert code == 0
+    record = json.loads((tmp_path / "autotune.json").read_text())
+    assert record["config"]["prompt_bucket"] == 256
+    result = record["result"]
+    assert result["calibration_settings"] == {"gamma": 3}
+    measured = [c for c in result["candidates"] if c["measured_tokens_per_s"] is not None]
+    assert len(measured) == 2 and result["choice"]["settings"] in [c["settings"] for c in measured]
+    # calibration (gamma 3) + the two measured settings (gamma 3 at most once) + the baseline:
+    # one program each, whatever the four prompts' lengths
+    programs = 1 + len({json.dumps(c["settings"]) for c in measured} - {json.dumps({"gamma": 3})}) + 1
+    assert generation.compile_count() - before == programs
+    assert "| settings |" in (tmp_path / "autotune.md").read_text()

@@ -165,6 +165,33 @@ def test_method_strings(bench):
     assert [r.label for r in methods.resolve(["ar,fake_a", "fake_b"])] == ["ar", "fake_a", "fake_b"]
 
 
+def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench, monkeypatch):
+    import decoding
+    from decoding import generation
+
+    assert methods.parse("ar:graphs=while").label == "ar:graphs=while"
+    assert methods.parse("spec:graphs=while").options == {"gamma": 4, "graphs": "while"}
+    assert methods.parse("ar:graphs=fusion+while").options["graphs"] == "fusion+while"
+    with pytest.raises(methods.MethodSpecError, match="graphs='NOPE'.*unknown: NOPE"):
+        methods.parse("ar:graphs=NOPE")
+    env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft=None, max_new_tokens=3))
+    seen, real = [], decoding.generate
+
+    def spy(*a, **k):
+        seen.append(generation.COMMAND_BUFFERS)
+        return real(*a, **k)
+
+    monkeypatch.setattr(decoding, "generate", spy)
+    monkeypatch.setattr(generation, "COMMAND_BUFFERS", "")
+    prompts = [list(b"hello")]
+    plain = methods.parse("ar").build(env).generate(prompts, 0)
+    graphs = methods.parse("ar:graphs=while").build(env).generate(prompts, 0)
+    kinds = methods.parse("ar:graphs=fusion+while").build(env).generate(prompts, 0)
+    assert seen == ["", "while", "FUSION,WHILE"]
+    assert generation.COMMAND_BUFFERS == ""  # restored after each method
+    assert graphs.tokens == plain.tokens == kinds.tokens
+
+
 def test_missing_core_strategies_give_a_clear_error():
     check = methods._needs("decoding.NoSuchStrategy", method="future")
     with pytest.raises(methods.MethodUnavailable, match="decoding.NoSuchStrategy.*does not have yet"):
