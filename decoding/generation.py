@@ -48,6 +48,10 @@ class Stats:
     compile_s: float
     run_s: float
     extra: dict = dataclasses.field(default_factory=dict)
+    #: each row's target calls while it was still generating, prefill included: a row's own
+    #: tokens per call is tokens_per_row[b] / forwards_per_row[b] (1.00 for autoregressive),
+    #: where the batch keeps calling the target for rows that have not finished yet
+    forwards_per_row: list = dataclasses.field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -345,6 +349,7 @@ def _finish(prep: _Prepared, state, compile_s: float, run_s: float) -> Result:
         compile_s=compile_s,
         run_s=run_s,
         extra=extra,
+        forwards_per_row=[int(s) for s in steps],
     )
     return Result(texts=texts, tokens=rows, stats=stats, prompt_tokens=prep.ids)
 

@@ -22,8 +22,11 @@
 #              as a CUDA graph (method option graphs=while), one process             (~6)
 #   ref16_b1   Spec-Bench reference16, batch 1: ar spec tree pld layerskip + transformers
 #              ar / assisted, with the phase-time split                        (~12, resumable)
+#   tuned_b1   reference16, batch 1: ar and the tree shape `autotune` chose, one process  (~3)
 #   ref16_b8   the same at batch 8, our methods                                 (~6)
-#   all_b8     all of Spec-Bench (480 turns), batch 8, our methods              (~15, resumable)
+#   all_b8     all of Spec-Bench (480 turns), batch 8, our methods ($METHODS overrides the list;
+#              ~25 for all five, resumable; continues the committed rows of
+#              experiments/results/specbench/all_b8_<card>, if any)
 #   fp32       float32 greedy equality of spec / tree with ar, batch 8         (~4)
 #   autotune   gamma (chain) and tree shape from calibration + the cost model; each method is
 #              skipped once done, so a cut-off stage finishes when run again      (~8)
@@ -80,8 +83,18 @@ case $stage in
        --methods ar,spec,ar:graphs=while,spec:graphs=while --out "$dir" ;;
   ref16_b8)
     sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --methods ar,spec,tree,pld,layerskip --out "$dir" ;;
+  tuned_b1)
+    sb --subset reference16 --batch-size 1 --prompt-bucket 1024 \
+       --methods ar,tree:depth=5:top_k=8:nodes=64,spec --out "$dir" ;;
   all_b8)
-    sb --subset all --batch-size 8 --prompt-bucket 2048 --methods ar,spec,tree,pld,layerskip --out "$dir" ;;
+    # A run resumes only on the same kind of card (the run's identity names it).
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]*' | tr A-Z a-z)
+    seed=experiments/results/specbench/all_b8_${card:-none}
+    if [ ! -f "$dir/results.jsonl" ] && [ -f "$seed/results.jsonl" ]; then
+      cp "$seed/results.jsonl" "$seed/run.json" "$dir/" && cp "$seed/events.jsonl" "$dir/" 2>/dev/null
+    fi
+    sb --subset all --batch-size 8 --prompt-bucket 2048 --methods "${METHODS:-ar,spec,tree,pld,layerskip}" \
+       --out "$dir" ;;
   fp32)
     sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --dtype float32 --methods ar,spec,tree \
        --profile none --out "$dir" ;;

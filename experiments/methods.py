@@ -49,7 +49,8 @@ class Generation:
     """What one batched call produced. tokens/texts per row; times in seconds.
 
     target_forwards: batched target calls (prefill included); row_forwards: each row's own
-    target calls when rows were run separately (else every row counts the batched calls);
+    target calls (those made while the row was still generating, or its own calls when rows
+    were run separately); without it every row counts the batched calls;
     tau: tokens per target call (mean over rows); extra: method-specific figures (e.g.
     acceptance_per_position).
     """
@@ -306,7 +307,8 @@ class JaxMethod(Method):
         st = res.stats
         return Generation(tokens=[list(map(int, t)) for t in res.tokens], texts=list(res.texts), run_s=st.run_s,
                           compile_s=st.compile_s, target_forwards=int(st.target_forwards), tau=float(st.tau),
-                          extra=_jsonable({k: v for k, v in st.extra.items() if k != "tau"}))
+                          extra=_jsonable({k: v for k, v in st.extra.items() if k != "tau"}),
+                          row_forwards=list(st.forwards_per_row) or None)
 
     def warmup(self, prompts, seed):
         return self.generate(prompts, seed).compile_s

@@ -190,6 +190,7 @@ def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench
     assert seen == ["", "while", "FUSION,WHILE"]
     assert generation.COMMAND_BUFFERS == ""  # restored after each method
     assert graphs.tokens == plain.tokens == kinds.tokens
+    assert plain.row_forwards == [len(t) for t in plain.tokens]  # each row's own calls (tau 1.00)
 
 
 def test_missing_core_strategies_give_a_clear_error():

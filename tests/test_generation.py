@@ -194,6 +194,9 @@ def test_stats_are_consistent(model, batch_result, reference):
         # The prefill produces each row's first token; then one forward per further token,
         # until the longest row is done.
         assert st.target_forwards == max(st.tokens_per_row)
+        # Each row counts only the calls made while it was generating: its own tau is 1.00
+        # even when it stopped early and the batch went on for the others.
+        assert st.forwards_per_row == st.tokens_per_row
         assert st.run_s > 0 and st.compile_s >= 0
         assert st.tokens_per_s == pytest.approx(st.new_tokens / st.run_s)
         d = st.as_dict()

@@ -100,6 +100,11 @@ def test_self_drafting_accepts_everything(strategy):
     counts, steps = np.asarray(state.out.count), np.asarray(state.out.steps)
     np.testing.assert_array_equal(steps, 1 + -(-(counts - 1) // (depth + 1)))
     assert result.stats.extra["accepted_per_round"] == depth  # tau -> depth + 1 for long outputs
+    # The result's per-row forwards are those counts, and every running row's round is one
+    # call: the prefill plus the rounds a row took part in.
+    assert result.stats.forwards_per_row == steps.tolist()
+    assert sum(result.stats.forwards_per_row) - len(PROMPTS) == result.stats.extra["row_rounds"]
+    assert len(set(result.stats.forwards_per_row)) > 1  # rows finished at different rounds
 
 
 def test_prompt_lookup_accepts_on_repetitive_prompt():
