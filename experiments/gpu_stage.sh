@@ -23,7 +23,7 @@
 #   ref16_b1   Spec-Bench reference16, batch 1: ar spec tree pld layerskip + transformers
 #              ar / assisted, with the phase-time split                        (~12, resumable)
 #   tuned_b1   reference16, batch 1: ar and the tree shape `autotune` chose, one process  (~3)
-#   ref16_b8   the same at batch 8, our methods                                 (~6)
+#   ref16_b8   the same at batch 8 (batches filled across categories), our methods (~6)
 #   all_b8     all of Spec-Bench (480 turns), batch 8, our methods ($METHODS overrides the list;
 #              ~25 for all five, resumable; continues the committed rows of
 #              experiments/results/specbench/all_b8_<card>, if any)
@@ -82,7 +82,8 @@ case $stage in
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 \
        --methods ar,spec,ar:graphs=while,spec:graphs=while --out "$dir" ;;
   ref16_b8)
-    sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --methods ar,spec,tree,pld,layerskip --out "$dir" ;;
+    sb --subset reference16 --batch-size 8 --batching mixed --prompt-bucket 1024 \
+       --methods ar,spec,tree,pld,layerskip --out "$dir" ;;
   tuned_b1)
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 \
        --methods ar,tree:depth=5:top_k=8:nodes=64,spec --out "$dir" ;;
@@ -96,7 +97,7 @@ case $stage in
     sb --subset all --batch-size 8 --prompt-bucket 2048 --methods "${METHODS:-ar,spec,tree,pld,layerskip}" \
        --out "$dir" ;;
   fp32)
-    sb --subset reference16 --batch-size 8 --prompt-bucket 1024 --dtype float32 --methods ar,spec,tree \
+    sb --subset reference16 --batch-size 8 --batching mixed --prompt-bucket 1024 --dtype float32 --methods ar,spec,tree \
        --profile none --out "$dir" ;;
   autotune)
     # 256 new tokens and the 1024 bucket: the autoregressive baseline is ref16_b1's program.

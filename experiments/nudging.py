@@ -43,11 +43,13 @@ other settings (models, gamma, chunk, limits, dtype) is refused; `--limit` may g
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -315,7 +317,6 @@ class Judge:
 
 def judge_pairs(judge: Judge, store, task: str, records, log=print) -> dict:
     """Order-swapped pairwise preferences for every pair of systems (one row per pair and item)."""
-    out = {}
     for x, y in PAIRS:
         system = f"judge:{x}>{y}"
         pending = [r for r in records if (task, system, r["id"]) not in store]
@@ -328,7 +329,16 @@ def judge_pairs(judge: Judge, store, task: str, records, log=print) -> dict:
             for r, a, b in zip(group, p_xy, p_yx):
                 store.append({"task": task, "system": system, "id": r["id"], "p_xy": a, "p_yx": b,
                               "pref": (a + (1.0 - b)) / 2})
-        rows = [store.get((task, system, r["id"])) for r in records]
+    return judge_summary(store, task, records)
+
+
+def judge_summary(store, task: str, records) -> dict | None:
+    """Win rates from the stored judge rows (None unless every pair of every record is judged)."""
+    if any((task, f"judge:{x}>{y}", r["id"]) not in store for x, y in PAIRS for r in records):
+        return None
+    out = {}
+    for x, y in PAIRS:
+        rows = [store.get((task, f"judge:{x}>{y}", r["id"])) for r in records]
         pref = [row["pref"] for row in rows]
         wins = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in pref]
         for r, p in zip(records, pref):
@@ -340,6 +350,29 @@ def judge_pairs(judge: Judge, store, task: str, records, log=print) -> dict:
             "position_bias_p_first": float(np.mean(firsts)), "n": len(records),
         }
     return out
+
+
+def provenance(rows: Sequence[dict], sessions: Sequence[dict]) -> dict:
+    """Which device wrote the rows of each task and system: {"task/system": {device: rows}}.
+
+    A session wrote the rows from its `first_row` (in file order) up to the next session's."""
+    starts = [int(s["first_row"]) for s in sessions]
+    out: dict = {}
+    for i, row in enumerate(rows):
+        k = bisect.bisect_right(starts, i) - 1
+        device = sessions[k]["environment"].get("device", {}).get("device_kind", "?") if k >= 0 else "unknown"
+        counts = out.setdefault(f"{row['task']}/{row['system']}", {})
+        counts[device] = counts.get(device, 0) + 1
+    return out
+
+
+def sessions_after(run_file: Path, env: dict, first_row: int) -> list[dict]:
+    """The run's sessions with this one appended. A run file written before sessions were
+    recorded counts as one session that wrote every row before `first_row`."""
+    old = json.loads(run_file.read_text()) if run_file.exists() else {}
+    sessions = list(old.get("sessions") or
+                    ([{"environment": old["environment"], "first_row": 0}] if "environment" in old else []))
+    return sessions + [{"environment": env, "first_row": first_row}]
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,8 +389,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Nudging", "",
         f"Base `{s['base']}` nudged by `{s['aligned']}`; gamma {s['gamma']}, chunk {s['chunk']}, "
-        f"max tokens {s['max_tokens']}, greedy, dtype {s['dtype']}; device "
-        f"{report['environment']['device'].get('device_kind', '?')}.", "",
+        f"max tokens {s['max_tokens']}, greedy, dtype {s['dtype']}; {_devices_line(report)}.", "",
     ]
     if "gsm8k" in report["tasks"]:
         t = report["tasks"]["gsm8k"]
@@ -388,8 +420,25 @@ def markdown(report: dict) -> str:
             lines.append(f"| {pair} | {j['win_rate']:.3f} | {_ci(j['ci95'])} | {j['soft_preference']:.3f} | "
                          f"{j['position_bias_p_first']:.3f} |")
         lines += ["", "Win: the judge's order-averaged P(X better) > 0.5 (see experiments/nudging.py).", ""]
+    prov = report.get("provenance") or {}
+    if len({d for counts in prov.values() for d in counts}) > 1:
+        lines += ["## Where the rows were generated", "",
+                  "The run was resumed on other machines; times compare only within one device.", "",
+                  "| task/system | rows per device |", "| --- | --- |"]
+        for key, counts in prov.items():
+            lines.append(f"| {key} | {', '.join(f'{d}: {n}' for d, n in counts.items())} |")
+        lines.append("")
     lines.append(f"Command: `{report['environment'].get('command', '')}`")
     return "\n".join(lines) + "\n"
+
+
+def _devices_line(report: dict) -> str:
+    devices = []
+    for counts in (report.get("provenance") or {}).values():
+        devices += [d for d in counts if d not in devices]
+    if len(devices) > 1:
+        return "devices " + " and ".join(devices) + " (see the last section)"
+    return f"device {devices[0] if devices else report['environment'].get('device', {}).get('device_kind', '?')}"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -505,7 +554,6 @@ def run(args, load=None, log=print) -> dict:
     identity = {k: getattr(args, k) for k in IDENTITY_FIELDS}
     _check_run_file(out / "run.json", identity)
     env = environment.describe()
-    (out / "run.json").write_text(json.dumps({"identity": identity, "environment": env}, indent=1, default=str))
 
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     config = Nudging(gamma=args.gamma, chunk=args.chunk, max_tokens=args.max_tokens, max_rounds=args.max_rounds)
@@ -521,6 +569,9 @@ def run(args, load=None, log=print) -> dict:
     }
     with ResultsStore.open(out / "results.jsonl", repair_file=args.repair, key_fields=KEY_FIELDS, log=log) as store:
         log(f"{len(store)} rows already in {store.path}")
+        sessions = sessions_after(out / "run.json", env, len(store))
+        (out / "run.json").write_text(json.dumps({"identity": identity, "environment": env, "sessions": sessions},
+                                                 indent=1, default=str))
         for task, items in data.items():
             run_task(store, task, items, base, aligned, config, args.batch, log)
             records, timing = task_records(store, task, items)
@@ -532,7 +583,16 @@ def run(args, load=None, log=print) -> dict:
             judge = Judge(load(args.judge, dtype), batch=min(args.batch, 8))
             report["tasks"]["alpaca"]["judge"] = judge_pairs(judge, store, "alpaca",
                                                              report["tasks"]["alpaca"]["records"], log)
+        report["sessions"] = [_session_brief(x) for x in sessions]
+        report["provenance"] = provenance(store.rows(), sessions)
     return write_report(out, report, log)
+
+
+def _session_brief(session: dict) -> dict:
+    env = session.get("environment", {})
+    return {"first_row": session.get("first_row"), "device": env.get("device", {}).get("device_kind"),
+            "versions": {k: env.get("versions", {}).get(k) for k in ("jax", "transformers")},
+            "command": env.get("command"), "time_utc": env.get("time_utc")}
 
 
 def write_report(out: Path, report: dict, log=print) -> dict:
@@ -573,7 +633,14 @@ def summarize_only(args, log=print) -> dict:
                      "nudging": nudging_summary(records), "records": records}
             if task == "gsm8k":
                 entry["accuracy"] = score_gsm8k(records)
+            if task == "alpaca" and len(done) == len(items):
+                judged = judge_summary(store, task, records)
+                if judged is not None:
+                    entry["judge"] = judged
             report["tasks"][task] = entry
+        sessions = meta.get("sessions") or [{"environment": meta.get("environment", {}), "first_row": 0}]
+        report["sessions"] = [_session_brief(x) for x in sessions]
+        report["provenance"] = provenance(store.rows(), sessions)
     return write_report(out, report, log)
 
 

@@ -182,6 +182,8 @@ def truncated(config, layers: int):
     """`config` with only its first `layers` layers (a layer-skip self-draft's cost)."""
     if not 1 <= layers <= config.num_layers:
         raise ValueError(f"layers must be in [1, {config.num_layers}], got {layers}.")
+    if hasattr(config, "layer_types"):  # Gemma 3: one attention kind per layer
+        return dataclasses.replace(config, num_layers=layers, layer_types=tuple(config.layer_types[:layers]))
     return dataclasses.replace(config, num_layers=layers)
 
 

@@ -76,6 +76,7 @@ class BenchConfig:
     first_turn_only: bool = False
     max_new_tokens: int = 256
     batch_size: int = 1
+    batching: str = "category"
     prompt_bucket: int = 0
     phase_times: bool = False
     temperature: float = 0.0
@@ -119,6 +120,8 @@ class BenchConfig:
             "target": self.target, "draft": self.draft, "dtype": self.dtype, "max_new_tokens": self.max_new_tokens,
             "batch_size": self.batch_size, "sampling": self.sampling_settings, "seed": self.seed,
             "chat": self.chat, "questions_sha256": questions_sha, "device_kind": device_kind,
+            # named only when not the default, so runs stored before the option still resume
+            **({"batching": self.batching} if self.batching != "category" else {}),
         }
 
 
@@ -339,11 +342,14 @@ def _seed(cfg: BenchConfig, item: qmod.WorkItem) -> int:
     return (cfg.seed * 1_000_003 + item.question_id * 10 + item.turn) % (2**31 - 1)
 
 
-def _batches(items: Sequence[qmod.WorkItem], size: int) -> list[list[qmod.WorkItem]]:
-    """Consecutive batches of at most `size` items of one category and turn."""
+def _batches(items: Sequence[qmod.WorkItem], size: int, batching: str = "category") -> list[list[qmod.WorkItem]]:
+    """Consecutive batches of at most `size` items of one turn; with "category" batching also of
+    one category (each batch's time belongs to one category; the reference prompts, two per
+    category, then make batches of two), with "mixed" batching filled to `size` in order."""
     out, cur = [], []
     for it in items:
-        if cur and (len(cur) == size or cur[0].category != it.category or cur[0].turn != it.turn):
+        other = cur and (cur[0].turn != it.turn or (batching == "category" and cur[0].category != it.category))
+        if cur and (len(cur) == size or other):
             out.append(cur)
             cur = []
         cur.append(it)
@@ -378,7 +384,7 @@ class _Runner:
     def _warmup(self, method, label: str, pending: Sequence[qmod.WorkItem]) -> None:
         first = [it for it in pending if it.turn == 1] or list(pending)
         shapes: dict = {}
-        for batch in _batches(first, self.cfg.batch_size):
+        for batch in _batches(first, self.cfg.batch_size, self.cfg.batching):
             prompts = [self.prompt(label, it) for it in batch]
             shapes.setdefault((len(batch), _bucket(max(len(p) for p in prompts))), (prompts, batch[0]))
             if not method.warmup_per_shape:
@@ -423,7 +429,8 @@ class _Runner:
             self._warmup(method, label, pending)
             bar = _progress(len(pending), label, self.cfg.progress)
             for turn in sorted({it.turn for it in pending}):
-                for batch in _batches([it for it in pending if it.turn == turn], self.cfg.batch_size):
+                for batch in _batches([it for it in pending if it.turn == turn], self.cfg.batch_size,
+                                      self.cfg.batching):
                     prompts = [self.prompt(label, it) for it in batch]
                     seed = _seed(self.cfg, batch[0])
                     gen = method.generate(prompts, seed)
@@ -584,6 +591,8 @@ def run(cfg: BenchConfig, *, log=None) -> dict:
                         categories=cfg.categories, question_ids=cfg.question_ids, first_turn_only=cfg.first_turn_only)
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise ValueError("--batch-size and --max-new-tokens must be >= 1.")
+    if cfg.batching not in ("category", "mixed"):
+        raise ValueError(f"--batching must be 'category' or 'mixed', got {cfg.batching!r}.")
     out_dir = cfg.out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     env_info = environment.describe()
@@ -670,6 +679,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--first-turn-only", action="store_true", help="skip MT-bench's second turns")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batching", default="category", choices=("category", "mixed"),
+                   help="category: a batch holds one category (per-category times are exact; the 16 reference "
+                        "prompts then make batches of two); mixed: batches filled to --batch-size in order (each "
+                        "row is charged the batch's time / its rows)")
     p.add_argument("--phase-times", action="store_true",
                    help="also time each speculative phase (propose / verify / accept+commit) as a separate "
                         "program on the first batch; recorded in events.jsonl")
@@ -706,6 +719,7 @@ def config_from_args(args) -> BenchConfig:
         categories=[c for c in args.categories.split(",") if c] if args.categories else None,
         question_ids=[int(i) for i in args.question_ids.split(",") if i] if args.question_ids else None,
         first_turn_only=args.first_turn_only, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        batching=args.batching,
         prompt_bucket=args.prompt_bucket, phase_times=args.phase_times, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
         out=args.out, repair=args.repair, profile=args.profile, fail_fast=args.fail_fast,
         progress=not args.no_progress)

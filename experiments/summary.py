@@ -160,6 +160,8 @@ def summarize(rows: Sequence[dict], *, baseline: str = "ar", methods: Sequence[s
             "compile_s": sum(r.get("compile_s", 0.0) for r in mrows),
             "acceptance": acceptance(mrows),
             "sessions": sorted({r.get("session", "") for r in mrows}),
+            # mean rows per batched call: rows / calls, each row being 1/batch_size of a call
+            "rows_per_call": len(mrows) / sum(1.0 / r.get("batch_size", 1) for r in mrows),
         }
     summary = {
         "baseline": baseline if base_rows is not None else None,
@@ -348,6 +350,15 @@ def phases_markdown(summary: dict) -> str:
     return "\n".join(out)
 
 
+def _batching_text(summary: dict, cfg: dict) -> str:
+    """' (category batches: 2.0 rows per call on average)' when batches were not all full."""
+    if (cfg.get("batch_size") or 1) <= 1:
+        return ""
+    per_call = [d["rows_per_call"] for d in summary.get("methods", {}).values() if "rows_per_call" in d]
+    mean = sum(per_call) / len(per_call) if per_call else float("nan")
+    return f" ({cfg.get('batching', 'category')} batches: {mean:.1f} rows per call on average)"
+
+
 def render_markdown(summary: dict, meta: dict | None = None) -> str:
     """The whole report: configuration, leaderboard, categories, predictions, checks, errors."""
     meta = meta or {}
@@ -362,8 +373,8 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
             "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
             f"- target: {cfg.get('target')}; draft: {cfg.get('draft')}; dtype: {cfg.get('dtype')}",
             f"- questions: {cfg.get('selection_text', '?')}",
-            f"- batch size: {cfg.get('batch_size')}; max new tokens: {cfg.get('max_new_tokens')}; "
-            f"sampling: {cfg.get('sampling')}; chat template: {cfg.get('chat')}",
+            f"- batch size: {cfg.get('batch_size')}{_batching_text(summary, cfg)}; max new tokens: "
+            f"{cfg.get('max_new_tokens')}; sampling: {cfg.get('sampling')}; chat template: {cfg.get('chat')}",
             f"- command: `{env.get('command', '')}`",
         ]
         if meta.get("sessions", 1) > 1:

@@ -297,6 +297,30 @@ def test_other_settings_are_refused_in_the_same_directory(bench):
         methods.register(original, replace=True)
 
 
+def test_batching_by_category_or_mixed(bench):
+    """Category batches hold one category and turn; mixed ones are filled to the batch size
+    (turns still apart: a turn-2 prompt needs the method's own turn-1 answer). The report says
+    how full the batches were, and a run is not resumed with the other batching."""
+    tmp_path, qfile = bench
+    sizes = {}
+    for batching in ("category", "mixed"):
+        out = tmp_path / batching
+        assert specbench.main(_args(qfile, out, "--methods", "fake_a", "--batch-size", "3",
+                                    "--batching", batching)) == 0
+        rows = _rows(out)
+        sizes[batching] = sorted(r["batch_size"] for r in rows)
+        if batching == "category":
+            assert len({(r["category"], r["turn"]) for r in rows if r["batch_size"] == 3}) == 1
+        md = (out / "summary.md").read_text()
+        per_call = len(rows) / sum(1 / b for b in sizes[batching])
+        assert f"- batch size: 3 ({batching} batches: {per_call:.1f} rows per call on average)" in md
+    # turn 1: writing 2, qa 4, translation 2 -> 2 | 3 + 1 | 2 by category, 3 + 3 + 2 mixed; turn 2: 2
+    assert sizes["category"] == sorted([2, 2, 3, 3, 3, 1, 2, 2, 2, 2])
+    assert sizes["mixed"] == sorted([3, 3, 3, 3, 3, 3, 2, 2, 2, 2])
+    assert specbench.main(_args(qfile, tmp_path / "category", "--methods", "fake_a", "--batch-size", "3",
+                                "--batching", "mixed")) == 2
+
+
 def test_a_failing_method_is_recorded_and_the_others_still_run(bench, capsys):
     tmp_path, qfile = bench
     out = tmp_path / "out"

@@ -117,3 +117,17 @@ def test_measure_profile_runs_on_this_device():
     prof = roofline.measure_profile(copy_bytes=1 << 20, matmul_size=128, repeats=2)
     assert prof.source == "measured"
     assert prof.memory_bandwidth > 1e6 and prof.peak_flops > 1e6
+
+
+def test_truncated_keeps_a_gemma3_config_valid():
+    """A layer-skip draft of a Gemma 3 target: the per-layer attention kinds are cut with the
+    layers (the config refuses a mismatch), and the cost counts only the kept layers."""
+    from decoding.gemma3 import Gemma3Config
+
+    kinds = ("sliding_attention", "sliding_attention", "full_attention", "sliding_attention")
+    full = Gemma3Config(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=4, num_heads=1,
+                        num_kv_heads=1, head_dim=16, layer_types=kinds)
+    half = roofline.truncated(full, 2)
+    assert half.num_layers == 2 and half.layer_types == kinds[:2]
+    per_layer = (roofline.weight_params(full) - roofline.weight_params(half)) / 2
+    assert per_layer > 0 and roofline.weight_params(roofline.truncated(full, 1)) == roofline.weight_params(half) - per_layer

@@ -117,6 +117,7 @@ def test_summarize_only_reports_the_answered_items_and_keeps_the_runs_device(tmp
     exp.run(make_args(out, data_dir, limit=2, no_judge=True), load=loader.load, log=lambda *_: None)
     meta = json.loads((out / "run.json").read_text())
     meta["environment"]["device"]["device_kind"] = "Some GPU"  # as if made on another machine
+    meta["sessions"][0]["environment"]["device"]["device_kind"] = "Some GPU"
     (out / "run.json").write_text(json.dumps(meta))
     import alignment
 
@@ -131,3 +132,36 @@ def test_summarize_only_reports_the_answered_items_and_keeps_the_runs_device(tmp
     assert json.loads((out / "run.json").read_text())["environment"]["device"]["device_kind"] == "Some GPU"
     with pytest.raises(SystemExit, match="nothing to summarize"):
         exp.summarize_only(make_args(tmp_path / "empty", data_dir, summarize_only=True), log=lambda *_: None)
+
+
+def test_a_run_resumed_elsewhere_says_which_device_wrote_which_rows(tmp_path, data_dir, models, monkeypatch):
+    """Sessions are recorded with the first row each wrote; an older run file without them
+    counts as one session. The report names both devices and where each task's rows came from,
+    and --summarize-only reports the stored judgements of a finished run."""
+    out = tmp_path / "run"
+    loader = Counting(models, monkeypatch)
+    exp.run(make_args(out, data_dir, limit=1, tasks="gsm8k"), load=loader.load, log=lambda *_: None)
+    n_first = len(rows(out))
+    meta = json.loads((out / "run.json").read_text())
+    assert [x["first_row"] for x in meta["sessions"]] == [0]
+    meta["environment"]["device"]["device_kind"] = "GPU A"
+    del meta["sessions"]  # a run file from before sessions were recorded
+    (out / "run.json").write_text(json.dumps(meta))
+
+    report = exp.run(make_args(out, data_dir, limit=2), load=loader.load, log=lambda *_: None)
+    meta = json.loads((out / "run.json").read_text())
+    assert [(x["first_row"], x["environment"]["device"]["device_kind"]) for x in meta["sessions"]] == [
+        (0, "GPU A"), (n_first, "cpu")]
+    prov = report["provenance"]
+    assert prov["gsm8k/base"] == {"GPU A": 1, "cpu": 1} and prov["alpaca/nudged"] == {"cpu": 2}
+    assert prov["alpaca/judge:nudged>base"] == {"cpu": 2}
+    md = (out / "nudging.md").read_text()
+    assert "devices GPU A and cpu" in md and "| gsm8k/nudged | GPU A: 1, cpu: 1 |" in md
+
+    import alignment
+
+    monkeypatch.setattr(alignment, "nudge", lambda *a, **k: pytest.fail("summarize-only generated an answer"))
+    again = exp.summarize_only(make_args(out, data_dir, limit=2, summarize_only=True), log=lambda *_: None)
+    assert again["provenance"] == prov
+    for pair, j in report["tasks"]["alpaca"]["judge"].items():
+        assert again["tasks"]["alpaca"]["judge"][pair]["win_rate"] == j["win_rate"]
