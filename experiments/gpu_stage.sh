@@ -23,6 +23,7 @@
 #   ref16_b1   Spec-Bench reference16, batch 1: ar spec tree pld layerskip + transformers
 #              ar / assisted, with the phase-time split                        (~12, resumable)
 #   tuned_b1   reference16, batch 1: ar and the tree shape `autotune` chose, one process  (~3)
+#   tree_sweep reference16, batch 1: ar and tree shapes around the tuned one, one process   (~6)
 #   ref16_b8   the same at batch 8 (batches filled across categories), our methods (~6)
 #   all_b8     all of Spec-Bench (480 turns), batch 8, our methods ($METHODS overrides the list;
 #              ~25 for all five, resumable; continues the committed rows of
@@ -87,6 +88,10 @@ case $stage in
   tuned_b1)
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 \
        --methods ar,tree:depth=5:top_k=8:nodes=64,spec --out "$dir" ;;
+  tree_sweep)
+    sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --methods \
+       ar,tree:depth=5:top_k=8:nodes=48,tree:depth=6:top_k=8:nodes=64,tree:depth=5:top_k=4:nodes=32,tree:depth=4:top_k=8:nodes=32 \
+       --out "$dir" ;;
   all_b8)
     # A run resumes only on the same kind of card (the run's identity names it).
     card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]*' | tr A-Z a-z)

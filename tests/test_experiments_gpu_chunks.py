@@ -47,3 +47,22 @@ def test_a_missing_chunk_is_reported_and_nothing_is_kept(tmp_path, fake_entry):
     with pytest.raises(SystemExit, match="missing or damaged"):
         gpu_chunks.reassemble(parts, tmp_path / "out")
     assert not (tmp_path / "out" / "tiny.gguf").exists()
+
+
+def test_every_gpu_stage_names_methods_the_harness_knows():
+    """The GPU stages are run on a machine lent for minutes: a misspelt method or option there
+    costs device time, so every method list of experiments/gpu_stage.sh must resolve here,
+    and the script must parse."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from experiments import methods
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "gpu_stage.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text().replace("\\\n", " ")
+    lists = re.findall(r'--methods\s+"?(?:\$\{METHODS:-)?([\w:=,+]+)', text)
+    assert len(lists) >= 7, lists  # ref16_b1, graphs_b1, ref16_b8, tuned_b1, tree_sweep, all_b8, fp32
+    for item in lists:
+        assert methods.resolve([item], check=False), item
