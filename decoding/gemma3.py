@@ -60,7 +60,7 @@ import numpy as np
 from .cache import KVCache
 from .config import _IGNORED_KEYS, _SUPPORTED_ROPE_TYPES, ConfigError, _freeze
 from .model import LAYER_PARAM_PARTS as _LLAMA_PARTS
-from .model import Output, _f32_einsum, attention_mask, split_parts, unroll_layers
+from .model import Output, _f32_einsum, attention_mask, layer_range, split_parts
 from .rope import apply_rope, inv_frequencies, rope_tables
 
 SLIDING = "sliding_attention"
@@ -479,49 +479,25 @@ def run_layers(
     `decoding.model.run_layers`: keys/values written at `cache.lengths[b] + t`, cursor not
     moved; returns `(x, hidden, cache)` with `hidden[i]` the stream after layer i)."""
     start, end = (0, config.num_layers) if layers is None else layers
-    if not 0 <= start <= end <= config.num_layers:
-        raise ValueError(f"layers={layers} is not a range within [0, {config.num_layers}].")
-    bad = [i for i in return_hidden if not start < i <= end and i != start]
-    if bad:
-        raise ValueError(f"return_hidden={tuple(return_hidden)} asks for layers outside ({start}, {end}].")
     kinds = config.sliding_layers[start:end]
     t = x.shape[1]
     slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     visible = layer_masks(config, cache.lengths, positions, cache.capacity, mask, slot_mask)
     rope = {local: _rope(config, positions, local) for local in set(kinds)}
-    hidden = {}
-    if start in return_hidden:
-        hidden[start] = x
-    k_all, v_all = cache.k, cache.v
-    if unroll_layers():
-        for i in range(start, end):
+    some = next(iter(rope.values()), None)
+    sliding = jnp.asarray(config.sliding_layers, bool)
+
+    def layer(lp, x, k_all, v_all, i):
+        if isinstance(i, int):  # unrolled: this layer's rope and mask, chosen statically
             local = config.sliding_layers[i]
-            lp = jax.tree.map(lambda w: w[i], params["layers"])
-            x, k_all, v_all = _layer(config, lp, x, *rope[local], k_all, v_all, i, slots, visible[local])
-            if i + 1 in return_hidden:
-                hidden[i + 1] = x
-        return x, hidden, KVCache(k_all, v_all, cache.lengths)
-    stacked = jax.tree.map(lambda w: w[start:end], params["layers"])
-    want_hidden = bool([i for i in return_hidden if i != start])
-    some = next(iter(rope.values()))
-    cos_g, sin_g = rope.get(False, some)
-    cos_l, sin_l = rope.get(True, some)
-
-    def body(carry, inputs):
-        x, k_all, v_all = carry
-        lp, i, local = inputs
-        cos = jnp.where(local, cos_l, cos_g)
-        sin = jnp.where(local, sin_l, sin_g)
+            return _layer(config, lp, x, *rope[local], k_all, v_all, i, slots, visible[local])
+        local = sliding[i]  # under scan: both kinds computed once, selected per layer
+        (cos_l, sin_l), (cos_g, sin_g) = rope.get(True, some), rope.get(False, some)
+        cos, sin = jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g)
         vis = jnp.where(local, visible[True], visible[False])
-        x, k_all, v_all = _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, vis)
-        return (x, k_all, v_all), (x if want_hidden else None)
+        return _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, vis)
 
-    xs = (stacked, jnp.arange(start, end, dtype=jnp.int32), jnp.asarray(kinds, bool))
-    (x, k_all, v_all), trace = jax.lax.scan(body, (x, k_all, v_all), xs)
-    for i in return_hidden:
-        if i != start:
-            hidden[i] = trace[i - start - 1]
-    return x, hidden, KVCache(k_all, v_all, cache.lengths)
+    return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden)
 
 
 def forward(

@@ -376,17 +376,33 @@ def run_layers(
     if (arch := architecture(config)) is not None:
         return arch.run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
                                layers=layers, return_hidden=return_hidden)
+    inv_freq, factor = _rope_consts(config)
+    cos, sin = rope_tables(positions, inv_freq, factor)
+    t = x.shape[1]
+    slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window, slot_mask)
+
+    def layer(lp, x, k_all, v_all, i):
+        return _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible)
+
+    return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden)
+
+
+def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
+                layers: tuple[int, int] | None = None, return_hidden: Sequence[int] = ()):
+    """Drive decoder layers `[start, end)` of any architecture: check the range, run
+    `layer(lp, x, k_all, v_all, i) -> (x, k_all, v_all)` on each layer's parameters `lp`, and
+    collect the hidden states asked for. Returns `(x, hidden, cache)` (cursor not moved).
+
+    Unrolled (`unroll_layers()`), `i` is a Python int, so a layer may branch on it statically;
+    under `lax.scan` it is a traced int32.
+    """
     start, end = (0, config.num_layers) if layers is None else layers
     if not 0 <= start <= end <= config.num_layers:
         raise ValueError(f"layers={layers} is not a range within [0, {config.num_layers}].")
     bad = [i for i in return_hidden if not start < i <= end and i != start]
     if bad:
         raise ValueError(f"return_hidden={tuple(return_hidden)} asks for layers outside ({start}, {end}].")
-    inv_freq, factor = _rope_consts(config)
-    cos, sin = rope_tables(positions, inv_freq, factor)
-    t = x.shape[1]
-    slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window, slot_mask)
     hidden = {}
     if start in return_hidden:
         hidden[start] = x
@@ -395,7 +411,7 @@ def run_layers(
         # Straight-line layers: no per-layer loop predicate round trip on GPUs, static slices.
         for i in range(start, end):
             lp = jax.tree.map(lambda w: w[i], params["layers"])
-            x, k_all, v_all = _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible)
+            x, k_all, v_all = layer(lp, x, k_all, v_all, i)
             if i + 1 in return_hidden:
                 hidden[i + 1] = x
         return x, hidden, KVCache(k_all, v_all, cache.lengths)
@@ -405,7 +421,7 @@ def run_layers(
     def body(carry, inputs):
         x, k_all, v_all = carry
         lp, i = inputs
-        x, k_all, v_all = _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible)
+        x, k_all, v_all = layer(lp, x, k_all, v_all, i)
         return (x, k_all, v_all), (x if want_hidden else None)
 
     idx = jnp.arange(start, end, dtype=jnp.int32)
