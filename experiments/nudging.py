@@ -34,7 +34,9 @@ first nudged question includes compilation; the median per-question time does no
 Resuming: every answer (per task, system and item) and every judged pair is a row of
 `<out>/results.jsonl`, written as it finishes (`experiments.store`); rerunning the same command
 skips what is there, so a run cut off by a time limit continues where it stopped. A rerun with
-other settings (models, gamma, chunk, limits, dtype) is refused; `--limit` may grow.
+other settings (models, gamma, chunk, limits, dtype) is refused; `--limit` may grow. `run.json`
+lists the sessions (machine, versions, command) with the first row each wrote, and the report
+says which device wrote the rows of each task and system when there were several.
 
     python -m experiments.nudging --limit 100 --out experiments/results/nudging
     python -m experiments.nudging --base smollm2-135m-instruct --limit 2 --max-tokens 64  # smoke test
