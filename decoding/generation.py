@@ -288,6 +288,9 @@ _whole_jit = jax.jit(_whole, static_argnums=(0, 1))
 #: CONDITIONAL, WHILE, DYNAMIC_SLICE_FUSION). Opt-in and keyed into the compiled-program cache;
 #: other backends ignore it. Environment: DECODING_COMMAND_BUFFERS.
 COMMAND_BUFFERS: str = os.environ.get("DECODING_COMMAND_BUFFERS", "")
+#: the kinds XLA's `xla_gpu_enable_command_buffer` accepts
+COMMAND_BUFFER_KINDS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "COLLECTIVES", "CONDITIONAL", "WHILE",
+                        "DYNAMIC_SLICE_FUSION")
 _COMMAND_BUFFER_PRESETS = {"while": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
 
 

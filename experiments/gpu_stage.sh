@@ -25,7 +25,7 @@
 #   tuned_b1   reference16, batch 1: ar and the tree shape `autotune` chose, one process  (~3)
 #   tree_sweep reference16, batch 1: ar and tree shapes around the tuned one, one process   (~6)
 #   ref16_b8   the same at batch 8 (batches filled across categories), our methods (~6)
-#   all_b8     all of Spec-Bench (480 turns), batch 8, our methods ($METHODS overrides the list;
+#   all_b8     all of Spec-Bench (560 turns), batch 8, our methods ($METHODS overrides the list;
 #              ~25 for all five, resumable; continues the committed rows of
 #              experiments/results/specbench/all_b8_<card>, if any)
 #   fp32       float32 greedy equality of spec / tree with ar, batch 8         (~4)

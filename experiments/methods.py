@@ -255,19 +255,23 @@ def _jsonable(value):
     return repr(value)
 
 
-_GRAPH_KINDS = {"FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "COLLECTIVES", "CONDITIONAL", "WHILE",
-                "DYNAMIC_SLICE_FUSION"}
+def _command_buffers(graphs: str) -> str:
+    """The `decoding.generation.COMMAND_BUFFERS` value a `graphs=` option stands for ('+' joins
+    kinds on the command line, where ',' separates methods)."""
+    return {"default": "", "while": "while"}.get(graphs, graphs.replace("+", ",").upper())
 
 
 def _check_graphs(label: str, value: str) -> None:
     """Refuse a `graphs=` value before any model work (XLA would only refuse it at compile time)."""
+    from decoding.generation import COMMAND_BUFFER_KINDS
+
     if value in ("", "default", "while"):
         return
-    bad = [k for k in value.split("+") if k.upper() not in _GRAPH_KINDS]
+    bad = [k for k in value.split("+") if k.upper() not in COMMAND_BUFFER_KINDS]
     if bad:
         raise MethodSpecError(f"method {label!r}: graphs={value!r} is not 'default', 'while' or XLA command "
                               f"buffer kinds joined by '+' (unknown: {', '.join(bad)}; known: "
-                              f"{', '.join(sorted(_GRAPH_KINDS))}).")
+                              f"{', '.join(COMMAND_BUFFER_KINDS)}).")
 
 
 class JaxMethod(Method):
@@ -286,9 +290,8 @@ class JaxMethod(Method):
         from decoding import generation
 
         saved = generation.COMMAND_BUFFERS
-        graphs = self.options.get("graphs", "")
-        if graphs:  # '+' separates kinds on the command line, where ',' separates methods
-            generation.COMMAND_BUFFERS = {"default": "", "while": "while"}.get(graphs, graphs.replace("+", ",").upper())
+        if self.options.get("graphs"):
+            generation.COMMAND_BUFFERS = _command_buffers(self.options["graphs"])
         try:
             yield
         finally:

@@ -351,7 +351,7 @@ def phases_markdown(summary: dict) -> str:
 
 
 def _batching_text(summary: dict, cfg: dict) -> str:
-    """' (category batches: 2.0 rows per call on average)' when batches were not all full."""
+    """' (category batches: 2.0 rows per call on average)' for a run with batch size > 1."""
     if (cfg.get("batch_size") or 1) <= 1:
         return ""
     per_call = [d["rows_per_call"] for d in summary.get("methods", {}).values() if "rows_per_call" in d]
