@@ -28,6 +28,8 @@
 #   all_b8     all of Spec-Bench (560 turns), batch 8, our methods ($METHODS overrides the list;
 #              ~25 for all five, resumable; continues the committed rows of
 #              experiments/results/specbench/all_b8_<card>, if any)
+#   all_b1     all of Spec-Bench, batch 1: ar, the best measured tree shape, spec, pld ($METHODS
+#              overrides; ~8 for ar, resumable; continues experiments/results/specbench/all_b1_<card>)
 #   fp32       float32 greedy equality of spec / tree with ar, batch 8         (~4)
 #   autotune   gamma (chain) and tree shape from calibration + the cost model; each method is
 #              skipped once done, so a cut-off stage finishes when run again      (~8)
@@ -47,6 +49,20 @@ Q=.gpu/data/spec_bench/question.jsonl
 mkdir -p "$WORK/$stage" "$OUT"
 dir=$WORK/$stage
 sb() { timeout "$limit" python3 -m experiments.specbench --questions "$Q" --max-new-tokens 256 --no-progress "$@"; }
+# The methods of all of Spec-Bench at batch 1: the baseline, the tree shape measured best on the
+# reference prompts (tree_sweep), the chain and prompt lookup.
+ALL_B1_METHODS=ar,tree:depth=5:top_k=4:nodes=32,spec,pld
+# Continue the committed rows of experiments/results/specbench/<name>_<card> (a run resumes only
+# on the same kind of card: the run's identity names it), unless this machine has started already.
+seed_from() {
+  local card seed
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]\+' | head -1 | tr A-Z a-z)
+  seed=experiments/results/specbench/$1_${card:-none}
+  if [ ! -f "$dir/results.jsonl" ] && [ -f "$seed/results.jsonl" ]; then
+    cp "$seed/results.jsonl" "$seed/run.json" "$dir/" && cp "$seed/events.jsonl" "$dir/" 2>/dev/null
+    echo "continuing the committed rows of $seed"
+  fi
+}
 
 case $stage in
   setup)
@@ -93,14 +109,12 @@ case $stage in
        ar,tree:depth=5:top_k=8:nodes=48,tree:depth=6:top_k=8:nodes=64,tree:depth=5:top_k=4:nodes=32,tree:depth=4:top_k=8:nodes=32 \
        --out "$dir" ;;
   all_b8)
-    # A run resumes only on the same kind of card (the run's identity names it).
-    card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]*' | tr A-Z a-z)
-    seed=experiments/results/specbench/all_b8_${card:-none}
-    if [ ! -f "$dir/results.jsonl" ] && [ -f "$seed/results.jsonl" ]; then
-      cp "$seed/results.jsonl" "$seed/run.json" "$dir/" && cp "$seed/events.jsonl" "$dir/" 2>/dev/null
-    fi
+    seed_from all_b8
     sb --subset all --batch-size 8 --prompt-bucket 2048 --methods "${METHODS:-ar,spec,tree,pld,layerskip}" \
        --out "$dir" ;;
+  all_b1)
+    seed_from all_b1
+    sb --subset all --batch-size 1 --prompt-bucket 2048 --methods "${METHODS:-$ALL_B1_METHODS}" --out "$dir" ;;
   fp32)
     sb --subset reference16 --batch-size 8 --batching mixed --prompt-bucket 1024 --dtype float32 --methods ar,spec,tree \
        --profile none --out "$dir" ;;

@@ -187,6 +187,12 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def output_stem(model: str, batch: int) -> str:
+    """File name stem of a report: the model's last path component, dots kept
+    ("qwen2.5-coder-1.5b-instruct" -> "qwen2.5-coder-1.5b-instruct_b1")."""
+    return f"{Path(model.rstrip('/')).name}_b{batch}"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
@@ -202,9 +208,9 @@ def main(argv=None) -> dict:
     report = run(args.model, args.batch, args.new_tokens, args.context, args.forwards, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{Path(args.model).stem}_b{args.batch}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem = output_stem(args.model, args.batch)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     return report
 

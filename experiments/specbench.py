@@ -554,6 +554,58 @@ def fill_missing_methods(out_dir: Path, meta: dict, rows: Sequence[dict], log=pr
     return missing
 
 
+def merge_runs(dst: Path, src: Path, log=print) -> dict:
+    """Add the rows of run folder `src` to run folder `dst` (a run continued on another machine).
+
+    Both must record the same identity (target, draft, dtype, sampling, batch, question file,
+    device kind, ...) and give every shared method label the same options; otherwise nothing
+    is written. Rows whose key `dst` already holds are kept as they are in `dst` (counted as
+    skipped); `src`'s sessions, method records and events are added, so the report still says
+    which session produced each row. Returns {"added": n, "skipped": n}.
+    """
+    src_meta = read_run_meta(src)
+    if src_meta is None:
+        raise SettingsMismatch(f"{src} has no run.json: it is not a run folder of experiments.specbench.")
+    dst.mkdir(parents=True, exist_ok=True)
+    dst_meta = read_run_meta(dst)
+    check_identity(dst_meta, src_meta["identity"], dst)
+    for label, info in src_meta.get("methods", {}).items():
+        old = (dst_meta or {}).get("methods", {}).get(label)
+        if old is not None and old.get("options") != info.get("options"):
+            raise SettingsMismatch(f"method {label!r} means {old.get('options')} in {dst} but {info.get('options')} "
+                                   f"in {src}: the rows cannot be merged.")
+    with ResultsStore.open(src / "results.jsonl") as src_store:
+        src_rows = src_store.rows()
+    added = skipped = 0
+    with ResultsStore.open(dst / "results.jsonl") as store:
+        for row in src_rows:
+            key = tuple(row.get(f) for f in store.key_fields)
+            if key in store:
+                skipped += 1
+            else:
+                store.append(row)
+                added += 1
+    meta = dst_meta or {k: v for k, v in src_meta.items() if k not in ("methods", "sessions")}
+    meta.setdefault("methods", {})
+    meta.setdefault("sessions", [])
+    for label, info in src_meta.get("methods", {}).items():
+        meta["methods"].setdefault(label, info)
+    known = {s["session"] for s in meta["sessions"]}
+    new_sessions = [s for s in src_meta.get("sessions", []) if s["session"] not in known]
+    meta["sessions"].extend(new_sessions)
+    for key in ("target_config", "draft_config", "device_profile"):
+        if key in src_meta:
+            meta.setdefault(key, src_meta[key])
+    _write_json(dst / "run.json", meta)
+    new_ids = {s["session"] for s in new_sessions}
+    for event in read_events(src):
+        if event.get("session") in new_ids:
+            append_event(dst, event)
+    log(f"merged {src} into {dst}: {added} rows added, {skipped} already there; "
+        f"{len(new_sessions)} session(s) added")
+    return {"added": added, "skipped": skipped}
+
+
 def _selection_text(rows: Sequence[dict]) -> str:
     qs = {(r["category"], r["question_id"]) for r in rows}
     turns = {(r["question_id"], r["turn"]) for r in rows}
@@ -700,6 +752,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="auto",
                    help="device profile for roofline predictions: auto, measure, none, or a known name")
     p.add_argument("--summarize-only", action="store_true", help="rewrite the summary of --out and exit")
+    p.add_argument("--merge", default=None, metavar="RUN_DIR",
+                   help="add the rows of another run folder with the same settings to --out (a run continued "
+                        "on another machine), rewrite the summary and exit")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing method")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -743,7 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name:12s} {spec.description}" + (f" [{opts}]" if opts else ""))
             return 0
         cfg = config_from_args(args)
-        if args.summarize_only:
+        if args.merge:
+            merge_runs(cfg.out_dir(), Path(args.merge), log=lambda m: print(m, file=sys.stderr))
+        if args.summarize_only or args.merge:
             out_dir = cfg.out_dir()
             meta = read_run_meta(out_dir)
             if meta is None:

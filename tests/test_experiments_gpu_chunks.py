@@ -63,6 +63,9 @@ def test_every_gpu_stage_names_methods_the_harness_knows():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text().replace("\\\n", " ")
     lists = re.findall(r'--methods\s+"?(?:\$\{METHODS:-)?([\w:=,+]+)', text)
+    kept = re.findall(r'^\w+_METHODS=([\w:=,+]+)', text, flags=re.M)  # lists kept in a variable (all_b1)
+    assert kept, "ALL_B1_METHODS not found"
+    lists += kept
     assert len(lists) >= 7, lists  # ref16_b1, graphs_b1, ref16_b8, tuned_b1, tree_sweep, all_b8, fp32
     for item in lists:
         assert methods.resolve([item], check=False), item

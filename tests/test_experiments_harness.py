@@ -280,6 +280,34 @@ def test_summarize_only_records_methods_a_killed_run_did_not(bench):
     assert "speedup" in summary["methods"]["pld"]["predicted"]
 
 
+def test_merge_adds_another_machines_rows_and_refuses_other_settings(bench):
+    """A run continued elsewhere: --merge adds its rows, sessions and method records; rows
+    already in --out stay as they are; a folder made with other settings is refused untouched."""
+    tmp_path, qfile = bench
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert specbench.main(_args(qfile, a, "--methods", "ar", "--max-new-tokens", "4")) == 0
+    assert specbench.main(_args(qfile, b, "--methods", "ar,fake_a", "--max-new-tokens", "4")) == 0
+    a_ar = {(r["question_id"], r["turn"]): r for r in _rows(a)}
+    assert specbench.main(_args(qfile, a, "--merge", str(b), "--max-new-tokens", "4")) == 0
+    rows = _rows(a)
+    assert len(rows) == 2 * len(ALL_KEYS)
+    assert {(r["question_id"], r["turn"]): r for r in rows if r["method"] == "ar"} == a_ar  # kept, not replaced
+    meta = json.loads((a / "run.json").read_text())
+    assert set(meta["methods"]) == {"ar", "fake_a"} and len(meta["sessions"]) == 2
+    assert {r["session"] for r in rows} == {s["session"] for s in meta["sessions"]}
+    summary = json.loads((a / "summary.json").read_text())["summary"]
+    assert set(summary["methods"]) == {"ar", "fake_a"}
+    # Merging again adds nothing.
+    assert specbench.main(_args(qfile, a, "--merge", str(b), "--max-new-tokens", "4")) == 0
+    assert len(_rows(a)) == 2 * len(ALL_KEYS)
+    assert len(json.loads((a / "run.json").read_text())["sessions"]) == 2
+    # Other settings: refused, nothing written.
+    assert specbench.main(_args(qfile, c, "--methods", "fake_a", "--max-new-tokens", "8")) == 0
+    before = (a / "results.jsonl").read_text()
+    assert specbench.main(_args(qfile, a, "--merge", str(c), "--max-new-tokens", "4")) == 2
+    assert (a / "results.jsonl").read_text() == before
+
+
 def test_other_settings_are_refused_in_the_same_directory(bench):
     tmp_path, qfile = bench
     out = tmp_path / "out"

@@ -37,3 +37,13 @@ def test_only_device_stream_events_are_kept_on_accelerators():
     events = meta + [ev("k1", 0, 1, pid=1, tid=1), ev("k1-op", 0, 1, pid=1, tid=2), ev("host", 0, 1, pid=2)]
     kept = _device_events({"traceEvents": events}, "gpu")
     assert [e["name"] for e in kept] == ["k1"]
+
+
+def test_report_names_keep_the_model_name_whole():
+    """Both Qwen sizes once shared the stem "qwen2" (Path.stem cut at the first dot), so the second
+    report overwrote the first."""
+    from experiments.profile_step import output_stem
+
+    names = {output_stem(m, 1) for m in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")}
+    assert names == {"qwen2.5-coder-1.5b-instruct_b1", "qwen2.5-coder-0.5b-instruct_b1"}
+    assert output_stem("/models/SmolLM2-135M/", 8) == "SmolLM2-135M_b8"
