@@ -28,7 +28,7 @@
 #   all_b8     all of Spec-Bench (560 turns), batch 8, our methods ($METHODS overrides the list;
 #              ~25 for all five, resumable; continues the committed rows of
 #              experiments/results/specbench/all_b8_<card>, if any)
-#   all_b1     all of Spec-Bench, batch 1: ar, the best measured tree shape, spec, pld ($METHODS
+#   all_b1     all of Spec-Bench, batch 1: ar, the best measured tree shape, spec, pld, layerskip ($METHODS
 #              overrides; ~8 for ar, resumable; continues experiments/results/specbench/all_b1_<card>)
 #   fp32       float32 greedy equality of spec / tree with ar, batch 8         (~4)
 #   autotune   gamma (chain) and tree shape from calibration + the cost model; each method is
@@ -50,8 +50,8 @@ mkdir -p "$WORK/$stage" "$OUT"
 dir=$WORK/$stage
 sb() { timeout "$limit" python3 -m experiments.specbench --questions "$Q" --max-new-tokens 256 --no-progress "$@"; }
 # The methods of all of Spec-Bench at batch 1: the baseline, the tree shape measured best on the
-# reference prompts (tree_sweep), the chain and prompt lookup.
-ALL_B1_METHODS=ar,tree:depth=5:top_k=4:nodes=32,spec,pld
+# reference prompts (tree_sweep), the chain, prompt lookup and layer-skip.
+ALL_B1_METHODS=ar,tree:depth=5:top_k=4:nodes=32,spec,pld,layerskip
 # Continue the committed rows of experiments/results/specbench/<name>_<card> (a run resumes only
 # on the same kind of card: the run's identity names it), unless this machine has started already.
 seed_from() {
@@ -79,8 +79,9 @@ case $stage in
     timeout $((limit / 2)) python3 -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tee "$dir/pytest.txt"
     timeout $((limit / 2)) python3 -m experiments.bench_kernels --out "$dir/kernels" 2>&1 | tee "$dir/bench_kernels.txt" ;;
   profile)
-    for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
-      timeout $((limit / 2)) python3 -m experiments.profile_step --model $m --out "$dir"
+    # $PROFILE_MODELS overrides the pair; the 1.5B model needs about 3 minutes (two compilations).
+    for m in ${PROFILE_MODELS:-qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct}; do
+      [ -f "$dir/${m}_b1.json" ] || timeout $((limit / 2)) python3 -m experiments.profile_step --model $m --out "$dir"
     done ;;
   ar)
     for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
