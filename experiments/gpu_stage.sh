@@ -24,6 +24,8 @@
 #              ar / assisted, with the phase-time split                        (~12, resumable)
 #   tuned_b1   reference16, batch 1: ar and the tree shape `autotune` chose, one process  (~3)
 #   tree_sweep reference16, batch 1: ar and tree shapes around the tuned one, one process   (~6)
+#   attn_b1    reference16, batch 1: ar, the best tree and spec, each with XLA's attention and with the
+#              Pallas kernel (method option attention=pallas), one process                 (~9)
 #   ref16_b8   the same at batch 8 (batches filled across categories), our methods (~6)
 #   all_b8     all of Spec-Bench (560 turns), batch 8, our methods ($METHODS overrides the list;
 #              ~25 for all five, resumable; continues the committed rows of
@@ -108,6 +110,10 @@ case $stage in
   tree_sweep)
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --methods \
        ar,tree:depth=5:top_k=8:nodes=48,tree:depth=6:top_k=8:nodes=64,tree:depth=5:top_k=4:nodes=32,tree:depth=4:top_k=8:nodes=32 \
+       --out "$dir" ;;
+  attn_b1)
+    sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --methods \
+       ar,ar:attention=pallas,tree:depth=5:top_k=4:nodes=32,tree:depth=5:top_k=4:nodes=32:attention=pallas,spec,spec:attention=pallas \
        --out "$dir" ;;
   all_b8)
     seed_from all_b8

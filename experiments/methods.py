@@ -15,9 +15,12 @@ missing one gives a clear error before any work starts):
   hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
 The draft model's weights reach `decoding.generate` through its `draft=` argument.
 
-Every core method also takes `graphs=` (default: XLA's own command buffers): `ar:graphs=while`
-runs the whole-generation program as a CUDA graph (`decoding.generation.COMMAND_BUFFERS`), so
-one run compares a method with and without it, e.g. `--methods ar,spec,ar:graphs=while,spec:graphs=while`.
+Every core method also takes two switches, each unset by default, so one run compares a method
+with and without them:
+  * `graphs=`: `ar:graphs=while` runs the whole-generation program as a CUDA graph
+    (`decoding.generation.COMMAND_BUFFERS`), e.g. `--methods ar,spec,ar:graphs=while,spec:graphs=while`;
+  * `attention=xla|pallas`: the attention of the target and of a draft model
+    (`decoding.model.ATTENTION_IMPL`), e.g. `--methods ar,ar:attention=pallas,spec:attention=pallas`.
 
 Other methods can be added from a module: `--plugin my.module` imports it, and it calls
 `register(MethodSpec(...))`.
@@ -188,6 +191,9 @@ def parse(item: str) -> Resolved:
         options[key] = _convert(value, spec.defaults[key], f"method {item!r}, option {key}")
     if options.get("graphs"):
         _check_graphs(item, options["graphs"])
+    if options.get("attention") not in (None, "", "xla", "pallas"):
+        raise MethodSpecError(f"method {item!r}: attention={options['attention']!r} is not 'xla' or 'pallas' "
+                              "(leave it out for the library's default, decoding.model.ATTENTION_IMPL).")
     return Resolved(label_of(name, options, spec.defaults), spec, options)
 
 
@@ -277,8 +283,9 @@ def _check_graphs(label: str, value: str) -> None:
 class JaxMethod(Method):
     """A strategy of the core run through `decoding.generate` on the run's target model.
 
-    The `graphs` option sets `decoding.generation.COMMAND_BUFFERS` while the method runs (and
-    restores it after), so methods with and without it share one process.
+    The `graphs` and `attention` options set `decoding.generation.COMMAND_BUFFERS` and
+    `decoding.model.ATTENTION_IMPL` while the method runs (and restore them after), so methods
+    with and without them share one process (both key the compiled-program cache).
     """
 
     def __init__(self, label, name, options, env, strategy, *, draft_model=None, cost=None):
@@ -288,14 +295,17 @@ class JaxMethod(Method):
     @contextlib.contextmanager
     def _switches(self):
         from decoding import generation
+        from decoding import model as model_mod
 
-        saved = generation.COMMAND_BUFFERS
+        saved = generation.COMMAND_BUFFERS, model_mod.ATTENTION_IMPL
         if self.options.get("graphs"):
             generation.COMMAND_BUFFERS = _command_buffers(self.options["graphs"])
+        if self.options.get("attention"):
+            model_mod.ATTENTION_IMPL = self.options["attention"]
         try:
             yield
         finally:
-            generation.COMMAND_BUFFERS = saved
+            generation.COMMAND_BUFFERS, model_mod.ATTENTION_IMPL = saved
 
     def generate(self, prompts, seed):
         with self._switches():
@@ -388,18 +398,18 @@ def _check_torch():
 
 
 for _spec in (
-    MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar, {"graphs": ""}),
-    MethodSpec("spec", "speculative decoding with the --draft model", _build_spec, {"gamma": 4, "graphs": ""},
+    MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar, {"graphs": "", "attention": ""}),
+    MethodSpec("spec", "speculative decoding with the --draft model", _build_spec, {"gamma": 4, "graphs": "", "attention": ""},
                _needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
     MethodSpec("tree", "tree decoding (dynamic tree) with the --draft model", _build_tree,
-               {"depth": 6, "top_k": 10, "nodes": 60, "graphs": ""},
+               {"depth": 6, "top_k": 10, "nodes": 60, "graphs": "", "attention": ""},
                _needs("decoding.TreeDecoding", "drafting.DraftModel", "decoding.DynamicTree", method="tree"),
                uses_draft_model=True),
     MethodSpec("pld", "prompt lookup decoding (n-gram drafts from the prompt)", _build_pld,
-               {"gamma": 10, "ngram": 3, "graphs": ""},
+               {"gamma": 10, "ngram": 3, "graphs": "", "attention": ""},
                _needs("decoding.Speculative", "drafting.PromptLookup", method="pld")),
     MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
-               {"gamma": 4, "layers": 0, "graphs": ""},
+               {"gamma": 4, "layers": 0, "graphs": "", "attention": ""},
                _needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
     MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
                uses_torch=True),

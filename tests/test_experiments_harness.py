@@ -170,7 +170,7 @@ def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench
     from decoding import generation
 
     assert methods.parse("ar:graphs=while").label == "ar:graphs=while"
-    assert methods.parse("spec:graphs=while").options == {"gamma": 4, "graphs": "while"}
+    assert methods.parse("spec:graphs=while").options == {"gamma": 4, "graphs": "while", "attention": ""}
     assert methods.parse("ar:graphs=fusion+while").options["graphs"] == "fusion+while"
     with pytest.raises(methods.MethodSpecError, match="graphs='NOPE'.*unknown: NOPE"):
         methods.parse("ar:graphs=NOPE")
@@ -191,6 +191,44 @@ def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench
     assert generation.COMMAND_BUFFERS == ""  # restored after each method
     assert graphs.tokens == plain.tokens == kinds.tokens
     assert plain.row_forwards == [len(t) for t in plain.tokens]  # each row's own calls (tau 1.00)
+
+
+def test_attention_option_switches_the_kernel_only_while_the_method_runs(bench, monkeypatch):
+    """`attention=pallas` sets the library's attention switch for that method alone (restored
+    after; same tokens), and a bad value is refused before any work. The kernel's own numerics,
+    the model's layers with it included, are tested in tests/test_kernels.py."""
+    import decoding
+    from decoding import model as model_mod
+
+    assert methods.parse("ar:attention=pallas").label == "ar:attention=pallas"
+    assert methods.parse("spec:attention=xla").options == {"gamma": 4, "graphs": "", "attention": "xla"}
+    with pytest.raises(methods.MethodSpecError, match="attention='cuda' is not 'xla' or 'pallas'"):
+        methods.parse("ar:attention=cuda")
+    env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft=None, max_new_tokens=3))
+    seen, real = [], decoding.generate
+
+    def spy(*a, **k):
+        seen.append(model_mod.attention_impl())
+        return real(*a, **k)
+
+    monkeypatch.setattr(decoding, "generate", spy)
+    monkeypatch.setattr(model_mod, "ATTENTION_IMPL", "xla")
+    prompts = [list(b"hello")]
+    plain = methods.parse("ar").build(env).generate(prompts, 0)
+    kernel = methods.parse("ar:attention=pallas").build(env).generate(prompts, 0)
+    assert seen == ["xla", "pallas"]
+    assert model_mod.ATTENTION_IMPL == "xla"
+    assert kernel.tokens == plain.tokens
+
+
+def test_unset_switches_do_not_change_what_stored_rows_mean(tmp_path):
+    """Rows stored before a switch option existed ({"gamma": 4}) still resume under the same
+    label; a set switch is a different method."""
+    stored = {"methods": {"spec": {"options": {"gamma": 4}}}}
+    specbench.check_method_options(stored, methods.resolve(["spec"], check=False), tmp_path)
+    stored = {"methods": {"spec": {"options": {"gamma": 4, "attention": "pallas"}}}}
+    with pytest.raises(specbench.SettingsMismatch):
+        specbench.check_method_options(stored, methods.resolve(["spec"], check=False), tmp_path)
 
 
 def test_missing_core_strategies_give_a_clear_error():
