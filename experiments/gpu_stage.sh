@@ -78,6 +78,9 @@ case $stage in
       python3 -m experiments.gpu_chunks reassemble "$PARTS" "$DECODING_CACHE_DIR" | tee "$dir/reassemble.txt" &&
       touch "$dir/done" ;;
   kernels)
+    # pytest may be missing on the GPU machine: its wheels travel in .gpu/wheels with gguf's.
+    python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-deps .gpu/wheels/pytest-*.whl \
+      .gpu/wheels/pluggy-*.whl .gpu/wheels/iniconfig-*.whl
     timeout $((limit / 2)) python3 -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tee "$dir/pytest.txt"
     timeout $((limit / 2)) python3 -m experiments.bench_kernels --out "$dir/kernels" 2>&1 | tee "$dir/bench_kernels.txt" ;;
   profile)

@@ -359,6 +359,20 @@ def _batching_text(summary: dict, cfg: dict) -> str:
     return f" ({cfg.get('batching', 'category')} batches: {mean:.1f} rows per call on average)"
 
 
+def coverage_text(summary: dict) -> str:
+    """'' when every method has rows for the same (question, turn) pairs; else which methods have
+    fewer, so a partial run's figures are not read as the whole benchmark's."""
+    counts = {m: d["overall"]["n"] for m, d in summary["methods"].items()}
+    if not counts:
+        return ""
+    most = max(counts.values())
+    short = [f"{m} has {n} of {most}" for m, n in counts.items() if n < most]
+    if not short:
+        return ""
+    return ("; ".join(short) + " (question, turn) pairs; its figures cover those, and its speedups the pairs "
+            "it shares with the baseline")
+
+
 def render_markdown(summary: dict, meta: dict | None = None) -> str:
     """The whole report: configuration, leaderboard, categories, predictions, checks, errors."""
     meta = meta or {}
@@ -377,6 +391,9 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
             f"{cfg.get('max_new_tokens')}; sampling: {cfg.get('sampling')}; chat template: {cfg.get('chat')}",
             f"- command: `{env.get('command', '')}`",
         ]
+        short = coverage_text(summary)
+        if short:
+            out.append(f"- incomplete: {short}")
         if meta.get("sessions", 1) > 1:
             out.append(f"- note: the rows come from {meta['sessions']} sessions (the run was resumed); each "
                        "method's 'sessions' in summary.json says which, and speedups across sessions compare "

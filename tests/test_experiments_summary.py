@@ -139,3 +139,13 @@ def test_phase_times_give_the_draft_target_cost_ratio():
     add_phases(s4, events[1:2], {"spec": {"kind": "chain", "gamma": 4, "draft": "free"}}, batch=4)
     assert s4["methods"]["spec"]["phases"]["step_ms"] == pytest.approx(400.0)
     assert "draft_step_ratio" not in s4["methods"]["spec"]["phases"]
+
+
+def test_a_method_with_fewer_pairs_is_named_in_the_header():
+    """A run cut off part-way: the report says which method covers fewer pairs, so its figures
+    are not read as the whole selection's."""
+    meta = {"config": {"target": "t"}}
+    assert "incomplete" not in render_markdown(summarize(ROWS[:4] + ROWS[4:8], baseline="ar"), meta)
+    md = render_markdown(summarize(ROWS[:3] + ROWS[4:9], baseline="ar"), meta)
+    line = next(x for x in md.splitlines() if x.startswith("- incomplete:"))
+    assert "ar has 3 of 5" in line and "spec" not in line
