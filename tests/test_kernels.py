@@ -336,3 +336,25 @@ def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
     monkeypatch.setattr(model_mod, "ATTENTION_IMPL", "cuda")
     with pytest.raises(ValueError, match="'xla' or 'pallas'"):
         generate(target, prompts, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("h,kh,dh", [(12, 2, 128), (14, 2, 64)])
+def test_kernel_lowers_for_cuda_without_a_gpu(h, kh, dh):
+    """The Pallas -> Triton lowering runs on any host: shapes of Qwen2.5-1.5B and -0.5B, for a
+    decode step, a five-token chain and a 33-node tree, both visibility forms, a stacked cache
+    read in place. (Compiling the Triton program itself needs the GPU: `test_compiled_kernel_on_gpu`.)"""
+    from decoding.kernels.attention import attention_pallas, attention_pallas_prefix
+
+    b, s, layers = 1, 1408, 3
+    for t in (1, 5, 33):
+        q = jax.ShapeDtypeStruct((b, t, h, dh), jnp.bfloat16)
+        kv = jax.ShapeDtypeStruct((layers, b, kh, s, dh), jnp.bfloat16)
+        forms = {
+            "mask": (lambda q, k, v, m: attention_pallas(q, k, v, m, layer=1),
+                     jax.ShapeDtypeStruct((b, t, s), jnp.bool_)),
+            "prefix": (lambda q, k, v, n: attention_pallas_prefix(q, k, v, n, layer=1),
+                       jax.ShapeDtypeStruct((b,), jnp.int32)),
+        }
+        for name, (fn, extra) in forms.items():
+            text = jax.jit(fn).trace(q, kv, kv, extra).lower(lowering_platforms=("cuda",)).as_text()
+            assert "stablehlo.custom_call @__gpu$xla.gpu.triton" in text, (name, t)  # the Triton program
