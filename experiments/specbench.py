@@ -520,6 +520,9 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
         "config": dict(meta.get("config", {}), selection_text=_selection_text(store_rows)),
         "sessions": len(row_sessions),
         "environment": sessions[-1]["environment"] if sessions else {},
+        # the command of every session that wrote rows, in order (a resumed run may differ in --methods)
+        "commands": list(dict.fromkeys(s.get("environment", {}).get("command", "") for s in sessions
+                                       if s.get("session") in row_sessions)),
         "device_profile": prof,
         "errors": [{"method": e["method"], "error": e["error"]} for e in errors],
     }

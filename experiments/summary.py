@@ -389,8 +389,13 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
             f"- questions: {cfg.get('selection_text', '?')}",
             f"- batch size: {cfg.get('batch_size')}{_batching_text(summary, cfg)}; max new tokens: "
             f"{cfg.get('max_new_tokens')}; sampling: {cfg.get('sampling')}; chat template: {cfg.get('chat')}",
-            f"- command: `{env.get('command', '')}`",
         ]
+        commands = [c for c in meta.get("commands") or [] if c]
+        if len(commands) > 1:
+            out.append("- commands, one per session that wrote rows:")
+            out += [f"  - `{c}`" for c in commands]
+        else:
+            out.append(f"- command: `{commands[0] if commands else env.get('command', '')}`")
         short = coverage_text(summary)
         if short:
             out.append(f"- incomplete: {short}")

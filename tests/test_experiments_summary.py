@@ -149,3 +149,13 @@ def test_a_method_with_fewer_pairs_is_named_in_the_header():
     md = render_markdown(summarize(ROWS[:3] + ROWS[4:9], baseline="ar"), meta)
     line = next(x for x in md.splitlines() if x.startswith("- incomplete:"))
     assert "ar has 3 of 5" in line and "spec" not in line
+
+
+def test_a_resumed_run_lists_the_command_of_each_session():
+    s = summarize(ROWS, baseline="ar")
+    md = render_markdown(s, {"config": {}, "commands": ["bench --methods ar,spec", "bench --methods tree"]})
+    lines = md.splitlines()
+    i = lines.index("- commands, one per session that wrote rows:")
+    assert lines[i + 1:i + 3] == ["  - `bench --methods ar,spec`", "  - `bench --methods tree`"]
+    md = render_markdown(s, {"config": {}, "commands": ["bench --methods ar"]})
+    assert "- command: `bench --methods ar`" in md
