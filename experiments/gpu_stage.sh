@@ -24,6 +24,8 @@
 #              ar / assisted, with the phase-time split                        (~12, resumable)
 #   tuned_b1   reference16, batch 1: ar and the tree shape `autotune` chose, one process  (~3)
 #   tree_sweep reference16, batch 1: ar and tree shapes around the tuned one, one process   (~6)
+#   chain_sweep reference16, batch 1: ar and chains that stop drafting below a draft confidence (a
+#              loop of draft steps, also as a CUDA graph), one process                   (~8)
 #   attn_b1    reference16, batch 1: ar, the best tree and spec, each with XLA's attention and with the
 #              Pallas kernel (method option attention=pallas), one process                 (~9)
 #   ref16_b8   the same at batch 8 (batches filled across categories), our methods (~6)
@@ -113,6 +115,10 @@ case $stage in
   tree_sweep)
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --methods \
        ar,tree:depth=5:top_k=8:nodes=48,tree:depth=6:top_k=8:nodes=64,tree:depth=5:top_k=4:nodes=32,tree:depth=4:top_k=8:nodes=32 \
+       --out "$dir" ;;
+  chain_sweep)
+    sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --methods \
+       ar,spec:gamma=5,spec:gamma=6:confidence=0.3,spec:gamma=6:confidence=0.5,spec:gamma=6:confidence=0.5:graphs=while \
        --out "$dir" ;;
   attn_b1)
     sb --subset reference16 --batch-size 1 --prompt-bucket 1024 --methods \

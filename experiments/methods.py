@@ -7,7 +7,7 @@ that differ from the defaults, in sorted order, so `spec:gamma=4` and `spec` are
 Built-in methods (the core strategies are imported only when a method asks for them, and a
 missing one gives a clear error before any work starts):
   ar         decoding.Autoregressive()                                   cost: 1 target call/token
-  spec       decoding.Speculative(drafting.DraftModel(), gamma)          + the --draft model
+  spec       decoding.Speculative(drafting.DraftModel(), gamma, confidence)  + the --draft model
   tree       decoding.TreeDecoding(drafting.DraftModel(),
                  tree=decoding.DynamicTree(depth, top_k, total_tokens))  + the --draft model
   pld        decoding.Speculative(drafting.PromptLookup(max_ngram), gamma)
@@ -352,8 +352,9 @@ def _build_ar(env, opts):
 def _build_spec(env, opts):
     speculative = _attr("decoding", "Speculative", "spec")
     drafter = _attr("drafting", "DraftModel", "spec")()
-    return JaxMethod("spec", "spec", opts, env, speculative(drafter, gamma=opts["gamma"]), draft_model=env.draft,
-                     cost={"kind": "chain", "gamma": opts["gamma"], "draft": "model"})
+    confidence = opts["confidence"] or None  # 0: draft all gamma tokens
+    return JaxMethod("spec", "spec", opts, env, speculative(drafter, gamma=opts["gamma"], confidence=confidence),
+                     draft_model=env.draft, cost={"kind": "chain", "gamma": opts["gamma"], "draft": "model"})
 
 
 def _build_tree(env, opts):
@@ -399,7 +400,9 @@ def _check_torch():
 
 for _spec in (
     MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar, {"graphs": "", "attention": ""}),
-    MethodSpec("spec", "speculative decoding with the --draft model", _build_spec, {"gamma": 4, "graphs": "", "attention": ""},
+    MethodSpec("spec", "speculative decoding with the --draft model (confidence > 0: a row stops drafting "
+                       "once the draft's top-1 probability falls below it)", _build_spec,
+               {"gamma": 4, "confidence": 0.0, "graphs": "", "attention": ""},
                _needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
     MethodSpec("tree", "tree decoding (dynamic tree) with the --draft model", _build_tree,
                {"depth": 6, "top_k": 10, "nodes": 60, "graphs": "", "attention": ""},

@@ -276,17 +276,24 @@ def check_identity(stored: dict | None, identity: dict, out_dir: Path) -> None:
         )
 
 
-def _set_options(options: dict | None) -> dict:
-    """A method's options without the switches left unset (value ""): a switch added to the
-    methods later (`graphs=`, `attention=`) does not change what older rows mean."""
-    return {k: v for k, v in (options or {}).items() if v != ""}
+def same_options(old: dict | None, new: dict | None, defaults: dict) -> bool:
+    """Whether two records of a method's options mean the same run. An option missing from a
+    record stands at its default: an option added to a method later (`graphs=`, `attention=`,
+    `confidence=`) defaults to the old behaviour, so older rows keep their meaning."""
+    old, new = old or {}, new or {}
+    return all(old.get(k, defaults.get(k)) == new.get(k, defaults.get(k)) for k in set(old) | set(new))
+
+
+def _defaults_of(name: str | None) -> dict:
+    spec = methods_mod.registered().get(name or "")
+    return dict(spec.defaults) if spec is not None else {}
 
 
 def check_method_options(stored: dict | None, resolved: Sequence[methods_mod.Resolved], out_dir: Path) -> None:
     """A label must keep meaning the same settings (defaults may change between versions)."""
     for r in resolved:
         old = (stored or {}).get("methods", {}).get(r.label)
-        if old is not None and _set_options(old.get("options")) != _set_options(r.options):
+        if old is not None and not same_options(old.get("options"), r.options, r.spec.defaults):
             raise SettingsMismatch(
                 f"{out_dir} holds rows of method {r.label!r} made with options {old.get('options')}, but "
                 f"{r.label!r} now means {r.options} (its defaults changed). Mixing them would make the figures "
@@ -580,7 +587,8 @@ def merge_runs(dst: Path, src: Path, log=print) -> dict:
     check_identity(dst_meta, src_meta["identity"], dst)
     for label, info in src_meta.get("methods", {}).items():
         old = (dst_meta or {}).get("methods", {}).get(label)
-        if old is not None and _set_options(old.get("options")) != _set_options(info.get("options")):
+        if old is not None and not same_options(old.get("options"), info.get("options"),
+                                                _defaults_of(info.get("name"))):
             raise SettingsMismatch(f"method {label!r} means {old.get('options')} in {dst} but {info.get('options')} "
                                    f"in {src}: the rows cannot be merged.")
     with ResultsStore.open(src / "results.jsonl") as src_store:

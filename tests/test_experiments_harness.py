@@ -170,7 +170,8 @@ def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench
     from decoding import generation
 
     assert methods.parse("ar:graphs=while").label == "ar:graphs=while"
-    assert methods.parse("spec:graphs=while").options == {"gamma": 4, "graphs": "while", "attention": ""}
+    assert methods.parse("spec:graphs=while").options == {"gamma": 4, "confidence": 0.0, "graphs": "while",
+                                                          "attention": ""}
     assert methods.parse("ar:graphs=fusion+while").options["graphs"] == "fusion+while"
     with pytest.raises(methods.MethodSpecError, match="graphs='NOPE'.*unknown: NOPE"):
         methods.parse("ar:graphs=NOPE")
@@ -201,7 +202,8 @@ def test_attention_option_switches_the_kernel_only_while_the_method_runs(bench, 
     from decoding import model as model_mod
 
     assert methods.parse("ar:attention=pallas").label == "ar:attention=pallas"
-    assert methods.parse("spec:attention=xla").options == {"gamma": 4, "graphs": "", "attention": "xla"}
+    assert methods.parse("spec:attention=xla").options == {"gamma": 4, "confidence": 0.0, "graphs": "",
+                                                           "attention": "xla"}
     with pytest.raises(methods.MethodSpecError, match="attention='cuda' is not 'xla' or 'pallas'"):
         methods.parse("ar:attention=cuda")
     env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft=None, max_new_tokens=3))
@@ -221,14 +223,23 @@ def test_attention_option_switches_the_kernel_only_while_the_method_runs(bench, 
     assert kernel.tokens == plain.tokens
 
 
-def test_unset_switches_do_not_change_what_stored_rows_mean(tmp_path):
-    """Rows stored before a switch option existed ({"gamma": 4}) still resume under the same
-    label; a set switch is a different method."""
+def test_options_added_later_do_not_change_what_stored_rows_mean(tmp_path):
+    """Rows stored before an option existed ({"gamma": 4}) still resume under the same label: a
+    missing option stands at its default. An option set away from its default is another method."""
     stored = {"methods": {"spec": {"options": {"gamma": 4}}}}
     specbench.check_method_options(stored, methods.resolve(["spec"], check=False), tmp_path)
-    stored = {"methods": {"spec": {"options": {"gamma": 4, "attention": "pallas"}}}}
-    with pytest.raises(specbench.SettingsMismatch):
-        specbench.check_method_options(stored, methods.resolve(["spec"], check=False), tmp_path)
+    for changed in ({"gamma": 4, "attention": "pallas"}, {"gamma": 4, "confidence": 0.5}, {"gamma": 5}):
+        stored = {"methods": {"spec": {"options": changed}}}
+        with pytest.raises(specbench.SettingsMismatch):
+            specbench.check_method_options(stored, methods.resolve(["spec"], check=False), tmp_path)
+
+
+def test_spec_confidence_option_reaches_the_strategy():
+    env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft="toy-draft", max_new_tokens=3))
+    assert methods.parse("spec").build(env).strategy.confidence is None
+    r = methods.parse("spec:gamma=6:confidence=0.4")
+    assert r.label == "spec:confidence=0.4:gamma=6"
+    assert r.build(env).strategy.confidence == pytest.approx(0.4)
 
 
 def test_missing_core_strategies_give_a_clear_error():
