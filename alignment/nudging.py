@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding.generation import default_eos_ids
-from decoding.model import Model, forward
+from decoding.model import Model, forward, trace_switches
 
 from .text import TokenBytes, continuation_offsets, decode_continuation, split_words
 
@@ -251,9 +251,9 @@ def _top1(logits: jax.Array):
     return ids, probs
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _extend(config, params, cache, tokens, start, count):
-    """Run `tokens: int32[1, T]` (the first `count` real, the rest padding) at positions
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def _extend(config, params, cache, tokens, start, count, switches):
+    """(`switches`: `decoding.model.trace_switches()`, a static key of the compiled program.) Run `tokens: int32[1, T]` (the first `count` real, the rest padding) at positions
     `start...`, after the first `start` cached slots. Returns the top-1 id and probability
     after each position (int32[T], float32[T]) and the cache holding `start + count` slots."""
     t = tokens.shape[1]
@@ -264,9 +264,9 @@ def _extend(config, params, cache, tokens, start, count):
     return ids, probs, out.cache.truncate(jnp.reshape(start + count, (1,)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
-def _greedy(config, params, cache, block, start, first, gamma, limit, eos):
-    """Greedy writing after `start` cached slots: commit `first` (accepted by the caller), then
+@functools.partial(jax.jit, static_argnums=(0, 3, 9), donate_argnums=(2,))
+def _greedy(config, params, cache, block, start, first, gamma, limit, eos, switches):
+    """(`switches` as in `_extend`.) Greedy writing after `start` cached slots: commit `first` (accepted by the caller), then
     each next top-1 token while its probability is >= gamma, it is not in `eos: int32[E]` and
     fewer than `limit` (<= block) tokens are written.
 
@@ -349,7 +349,8 @@ class _Session:
             n = min(len(ids) - keep, MAX_BLOCK)
             buf = np.zeros((1, _bucket(n)), np.int32)
             buf[0, :n] = ids[keep:keep + n]
-            top, prob, self.cache = _extend(cfg, params, self.cache, buf, np.int32(keep), np.int32(n))
+            top, prob, self.cache = _extend(cfg, params, self.cache, buf, np.int32(keep), np.int32(n),
+                                            trace_switches())
             self.ids.extend(int(t) for t in ids[keep:keep + n])
             self.top_ids.extend(np.asarray(top)[:n].tolist())
             self.top_probs.extend(np.asarray(prob)[:n].tolist())
@@ -376,7 +377,7 @@ class _Session:
             raise _ContextFull(f"no room left after {start} tokens in a cache of {self.capacity}")
         toks, nids, nprobs, count, self.cache = _greedy(
             self.model.config, self.model.params, self.cache, self.block, np.int32(start), np.int32(first),
-            np.float32(gamma), np.int32(limit), self._eos)
+            np.float32(gamma), np.int32(limit), self._eos, trace_switches())
         count = int(count)
         new = np.asarray(toks)[:count].tolist()
         self.ids.extend(new)

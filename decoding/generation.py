@@ -237,7 +237,7 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
         params["draft"] = draft.params
         draft_cfg = draft.config
     ctx = Context(target=model.config, sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
-                  capacity=capacity, draft=draft_cfg, switches=(_model.attention_impl(), _model.unroll_layers()))
+                  capacity=capacity, draft=draft_cfg, switches=_model.trace_switches())
     if hasattr(strategy, "validate"):
         strategy.validate(ctx, draft)
     if hasattr(strategy, "split_runtime"):

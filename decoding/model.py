@@ -332,6 +332,13 @@ def attention_impl() -> str:
     return ATTENTION_IMPL
 
 
+def trace_switches() -> tuple:
+    """The module-level switches that change a traced program (`ATTENTION_IMPL`,
+    `unroll_layers()`). A jitted function that calls `forward` must take this tuple as a static
+    argument, so that flipping a switch compiles a new program instead of reusing a stale one."""
+    return (attention_impl(), unroll_layers())
+
+
 def _use_kernel(i, head_dim: int) -> bool:
     return attention_impl() == "pallas" and isinstance(i, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
 

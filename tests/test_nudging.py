@@ -254,12 +254,30 @@ def test_cache_reuse_gives_exactly_the_text_of_reencoding_every_query(pairs, nam
 def test_rounds_do_not_recompile(pairs):
     base, aligned = pairs["mixed"]
     config = Nudging(gamma=0.3, max_tokens=128)  # more than 10 rounds on both questions, not ended by EOS
-    first = nudge(base, aligned, QUESTION, config)
-    with compile_events() as events:
+    poem = "Write a short poem about the sea."
+    first, first_other = nudge(base, aligned, QUESTION, config), nudge(base, aligned, poem, config)
+    with compile_events() as events:  # every block bucket both questions need is compiled by now
         again = nudge(base, aligned, QUESTION, config)
-        other = nudge(base, aligned, "Write a short poem about the sea.", config)
-    assert again.text == first.text and again.rounds > 10 and other.rounds > 10
+        other = nudge(base, aligned, poem, config)
+    assert again.text == first.text and other.text == first_other.text
+    assert again.rounds > 10 and other.rounds > 10
     assert [e for e in events if "_extend" in e or "_greedy" in e] == []
+
+
+def test_a_flipped_model_switch_compiles_new_programs(pairs, monkeypatch):
+    """The per-model jits take `decoding.model.trace_switches()` as a static key: with the layer
+    loop unrolled instead of scanned they compile again (and write the same text) instead of
+    reusing programs traced under the other setting."""
+    from decoding import model as model_mod
+
+    base, aligned = pairs["mixed"]
+    config = Nudging(gamma=0.3, max_tokens=32)
+    first = nudge(base, aligned, QUESTION, config)
+    monkeypatch.setattr(model_mod, "UNROLL_LAYERS", not model_mod.unroll_layers())
+    with compile_events() as events:
+        flipped = nudge(base, aligned, QUESTION, config)
+    assert flipped.text == first.text
+    assert [e for e in events if "_extend" in e] and [e for e in events if "_greedy" in e]
 
 
 # ------------------------------------------------------------------------------------------
