@@ -84,18 +84,12 @@ class ModelConfig:
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
-        return None if self.rope_scaling is None else dict(self.rope_scaling)
+        return thaw(self.rope_scaling)
 
     def param_count(self) -> int:
         """Number of parameters (embedding and head counted once each; once if tied)."""
-        d, f, h, k, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
-                          self.num_kv_heads, self.head_dim)
-        attn = d * h * dh + 2 * d * k * dh + h * dh * d
-        if self.qkv_bias:
-            attn += h * dh + 2 * k * dh
-        per_layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.num_layers * per_layer + self.vocab_size * d + head + d
+        bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
+        return decoder_param_count(self, per_layer_extra=bias, norms_per_layer=2)
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
@@ -201,6 +195,22 @@ class ModelConfig:
             sliding_window=None if window is None else int(window),
             model_type=model_type,
         )
+
+
+def thaw(frozen) -> dict[str, Any] | None:
+    """A config's frozen mapping (a sorted tuple of pairs, see `_freeze`) as a dict; None stays None."""
+    return None if frozen is None else dict(frozen)
+
+
+def decoder_param_count(c, *, per_layer_extra: int, norms_per_layer: int) -> int:
+    """Parameters of a decoder of pre-norm layers with grouped-query attention and a gated MLP
+    (embedding and head counted once each; once if tied), for any architecture's config:
+    `per_layer_extra` counts what a layer adds to q/k/v/o and the three MLP matrices (biases,
+    q/k norms), `norms_per_layer` its [D] norm vectors; the final norm is counted once."""
+    d, f, h, k, dh = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    per_layer = d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f + norms_per_layer * d + per_layer_extra
+    head = 0 if c.tie_embeddings else c.vocab_size * d
+    return c.num_layers * per_layer + c.vocab_size * d + head + d
 
 
 def _freeze(v):

@@ -58,9 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache
-from .config import _IGNORED_KEYS, _SUPPORTED_ROPE_TYPES, ConfigError, _freeze
+from .config import _IGNORED_KEYS, _SUPPORTED_ROPE_TYPES, ConfigError, _freeze, decoder_param_count, thaw
 from .model import LAYER_PARAM_PARTS as _LLAMA_PARTS
 from .model import Output, _f32_einsum, attention_mask, layer_range, split_parts
+from .model import forward as _forward
 from .rope import apply_rope, inv_frequencies, rope_tables
 
 SLIDING = "sliding_attention"
@@ -130,20 +131,16 @@ class Gemma3Config:
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
-        return None if self.rope_scaling is None else dict(self.rope_scaling)
+        return thaw(self.rope_scaling)
 
     @property
     def rope_local_scaling_dict(self) -> dict[str, Any] | None:
-        return None if self.rope_local_scaling is None else dict(self.rope_local_scaling)
+        return thaw(self.rope_local_scaling)
 
     def param_count(self) -> int:
-        """Number of parameters (embedding and head counted once each; once if tied)."""
-        d, f, h, k, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
-                          self.num_kv_heads, self.head_dim)
-        attn = d * h * dh + 2 * d * k * dh + h * dh * d + 2 * dh
-        per_layer = attn + 3 * d * f + 4 * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.num_layers * per_layer + self.vocab_size * d + head + d
+        """Number of parameters (embedding and head counted once each; once if tied): q and k
+        norms of [Dh] and four [D] norms per layer."""
+        return decoder_param_count(self, per_layer_extra=2 * self.head_dim, norms_per_layer=4)
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "Gemma3Config":
@@ -500,28 +497,8 @@ def run_layers(
     return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden)
 
 
-def forward(
-    config: Gemma3Config,
-    params: dict,
-    tokens: jax.Array,
-    positions: jax.Array,
-    cache: KVCache,
-    *,
-    mask: jax.Array | None = None,
-    slot_mask: jax.Array | None = None,
-    layers: tuple[int, int] | None = None,
-    return_hidden: Sequence[int] = (),
-    logit_indices: jax.Array | None = None,
-    compute_logits: bool = True,
-) -> Output:
-    """Full forward over `tokens: int32[B, T]` at `positions: int32[B, T]` (the contract of
-    `decoding.model.forward`: the returned cache has `lengths + T`)."""
-    x = embed(config, params, tokens)
-    x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
-                                  layers=layers, return_hidden=return_hidden)
-    logits = None
-    if compute_logits:
-        if logit_indices is not None:
-            x = jnp.take_along_axis(x, logit_indices[..., None].astype(jnp.int32), axis=1)
-        logits = unembed(config, params, x)
-    return Output(logits=logits, hidden=hidden, cache=cache.truncate(cache.lengths + tokens.shape[1]))
+def forward(config: Gemma3Config, params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+            **kwargs) -> Output:
+    """Full forward over `tokens: int32[B, T]` at `positions: int32[B, T]`: the one body of
+    `decoding.model.forward`, which reaches this module's `embed`, `run_layers` and `unembed`."""
+    return _forward(config, params, tokens, positions, cache, **kwargs)

@@ -460,10 +460,8 @@ def forward(
     the first k layers and applies the final norm and head to their output (layer-skip
     self-drafting); only those layers' cache entries are written.
     """
-    if (arch := architecture(config)) is not None:
-        return arch.forward(config, params, tokens, positions, cache, mask=mask, slot_mask=slot_mask,
-                            layers=layers, return_hidden=return_hidden, logit_indices=logit_indices,
-                            compute_logits=compute_logits)
+    # One body for every architecture: embed, run_layers and unembed hand a config of another
+    # architecture to the module implementing it.
     x = embed(config, params, tokens)
     x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
                                   layers=layers, return_hidden=return_hidden)

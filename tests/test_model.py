@@ -321,3 +321,14 @@ def test_init_params_follows_the_declared_shapes():
     assert not np.allclose(np.asarray(params["layers"]["wqkv"][0]), np.asarray(params["layers"]["wqkv"][1]))
     other = decoding.init_params(config, jax.random.PRNGKey(1), dtype=jnp.float32, scale=0.5)
     assert not np.allclose(np.asarray(params["embed"]), np.asarray(other["embed"]))
+
+
+@pytest.mark.parametrize("qkv_bias,tie", [(False, False), (True, False), (True, True), (False, True)])
+def test_param_count_is_the_size_of_the_parameter_tree(qkv_bias, tie):
+    c = decoding.ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=4,
+                             num_kv_heads=2, head_dim=8, qkv_bias=qkv_bias, tie_embeddings=tie)
+    from decoding.model import param_shapes
+
+    shapes = param_shapes(c)
+    n = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    assert c.param_count() == n
