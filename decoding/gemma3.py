@@ -62,6 +62,7 @@ from .config import _IGNORED_KEYS, _SUPPORTED_ROPE_TYPES, ConfigError, _freeze, 
 from .model import LAYER_PARAM_PARTS as _LLAMA_PARTS
 from .model import Output, _f32_einsum, attention_mask, layer_range, split_parts
 from .model import forward as _forward
+from .model import random_params
 from .rope import apply_rope, inv_frequencies, rope_tables
 
 SLIDING = "sliding_attention"
@@ -338,17 +339,7 @@ def param_parts(config: Gemma3Config) -> dict:
 
 def init_params(config: Gemma3Config, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
     """Random parameters; norm weights start at zero, i.e. at unit scale (`x * (1 + w)`)."""
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, shape), k in zip(leaves, keys):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name.endswith("norm"):
-            out.append(jnp.zeros(shape, dtype))
-        else:
-            out.append((scale * jax.random.normal(k, shape)).astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return random_params(param_shapes(config), key, dtype, scale, norm_value=0.0)
 
 
 # --------------------------------------------------------------------------------------------

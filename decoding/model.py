@@ -163,14 +163,20 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: f
     """Random parameters (unit tests and drafter initialisation); norms start at one."""
     if (arch := architecture(config)) is not None:
         return arch.init_params(config, key, dtype, scale)
-    shapes = param_shapes(config)
+    return random_params(param_shapes(config), key, dtype, scale, norm_value=1.0)
+
+
+def random_params(shapes: dict, key: jax.Array, dtype, scale: float, *, norm_value: float) -> dict:
+    """A parameter tree of `shapes` (name -> shape tuple, nested): weights ~ N(0, scale^2), the
+    parameters whose names end in "norm" filled with `norm_value` (the unit scale of the
+    architecture's norm: 1 for `x * w`, 0 for Gemma's `x * (1 + w)`)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
     out = []
     for (path, shape), k in zip(leaves, keys):
         name = str(getattr(path[-1], "key", path[-1]))
         if name.endswith("norm"):
-            out.append(jnp.ones(shape, dtype))
+            out.append(jnp.full(shape, norm_value, dtype))
         else:
             out.append((scale * jax.random.normal(k, shape)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
