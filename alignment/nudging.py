@@ -253,9 +253,10 @@ def _top1(logits: jax.Array):
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
 def _extend(config, params, cache, tokens, start, count, switches):
-    """(`switches`: `decoding.model.trace_switches()`, a static key of the compiled program.) Run `tokens: int32[1, T]` (the first `count` real, the rest padding) at positions
+    """Run `tokens: int32[1, T]` (the first `count` real, the rest padding) at positions
     `start...`, after the first `start` cached slots. Returns the top-1 id and probability
-    after each position (int32[T], float32[T]) and the cache holding `start + count` slots."""
+    after each position (int32[T], float32[T]) and the cache holding `start + count` slots.
+    `switches`: `decoding.model.trace_switches()`, a static key of the compiled program."""
     t = tokens.shape[1]
     cache = cache.truncate(jnp.reshape(start, (1,)))
     positions = (start + jnp.arange(t, dtype=jnp.int32))[None, :]
@@ -266,13 +267,14 @@ def _extend(config, params, cache, tokens, start, count, switches):
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 9), donate_argnums=(2,))
 def _greedy(config, params, cache, block, start, first, gamma, limit, eos, switches):
-    """(`switches` as in `_extend`.) Greedy writing after `start` cached slots: commit `first` (accepted by the caller), then
+    """Greedy writing after `start` cached slots: commit `first` (accepted by the caller), then
     each next top-1 token while its probability is >= gamma, it is not in `eos: int32[E]` and
     fewer than `limit` (<= block) tokens are written.
 
     Returns tokens int32[block], the top-1 id / probability after each of them (int32[block],
     float32[block]), the number written and the cache holding `start + count` slots. The token
     that stopped the loop is not written: it is the last returned top-1.
+    `switches` as in `_extend`.
     """
 
     def cond(s):

@@ -36,9 +36,10 @@ Projections that read the same input are fused along their output axis, so each 
 tensor); `split_parts` cuts an activation the same way.
 
 Other architectures: the public functions below (`param_shapes`, `param_parts`, `init_params`,
-`embed`, `final_norm`, `lm_head`, `unembed`, `run_layers`, `forward`) hand a config that is not a
+`embed`, `final_norm`, `lm_head`, `unembed`, `run_layers`) hand a config that is not a
 `ModelConfig` to the module implementing it (`architecture(config)`): a `decoding.gemma3.Gemma3Config`
-to `decoding.gemma3`. Algorithms keep calling these functions and run any architecture unchanged.
+to `decoding.gemma3`. `forward` is one body over those, so it serves every architecture.
+Algorithms keep calling these functions and run any architecture unchanged.
 """
 
 from __future__ import annotations

@@ -369,8 +369,8 @@ def coverage_text(summary: dict) -> str:
     short = [f"{m} has {n} of {most}" for m, n in counts.items() if n < most]
     if not short:
         return ""
-    return ("; ".join(short) + " (question, turn) pairs; its figures cover those, and its speedups the pairs "
-            "it shares with the baseline")
+    return ("; ".join(short) + " (question, turn) pairs: figures cover the pairs a method has, speedups "
+            "the pairs it shares with the baseline")
 
 
 def render_markdown(summary: dict, meta: dict | None = None) -> str:

@@ -165,8 +165,23 @@ def test_method_strings(bench):
     assert [r.label for r in methods.resolve(["ar,fake_a", "fake_b"])] == ["ar", "fake_a", "fake_b"]
 
 
-def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench, monkeypatch):
+def _run_toy_ar(monkeypatch, read_switch, labels):
+    """Run each method label on the toy model; return the generations and the value
+    `read_switch()` had inside each `decoding.generate` call."""
     import decoding
+
+    env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft=None, max_new_tokens=3))
+    seen, real = [], decoding.generate
+
+    def spy(*a, **k):
+        seen.append(read_switch())
+        return real(*a, **k)
+
+    monkeypatch.setattr(decoding, "generate", spy)
+    return [methods.parse(label).build(env).generate([list(b"hello")], 0) for label in labels], seen
+
+
+def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench, monkeypatch):
     from decoding import generation
 
     assert methods.parse("ar:graphs=while").label == "ar:graphs=while"
@@ -175,19 +190,9 @@ def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench
     assert methods.parse("ar:graphs=fusion+while").options["graphs"] == "fusion+while"
     with pytest.raises(methods.MethodSpecError, match="graphs='NOPE'.*unknown: NOPE"):
         methods.parse("ar:graphs=NOPE")
-    env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft=None, max_new_tokens=3))
-    seen, real = [], decoding.generate
-
-    def spy(*a, **k):
-        seen.append(generation.COMMAND_BUFFERS)
-        return real(*a, **k)
-
-    monkeypatch.setattr(decoding, "generate", spy)
     monkeypatch.setattr(generation, "COMMAND_BUFFERS", "")
-    prompts = [list(b"hello")]
-    plain = methods.parse("ar").build(env).generate(prompts, 0)
-    graphs = methods.parse("ar:graphs=while").build(env).generate(prompts, 0)
-    kinds = methods.parse("ar:graphs=fusion+while").build(env).generate(prompts, 0)
+    (plain, graphs, kinds), seen = _run_toy_ar(monkeypatch, lambda: generation.COMMAND_BUFFERS,
+                                               ["ar", "ar:graphs=while", "ar:graphs=fusion+while"])
     assert seen == ["", "while", "FUSION,WHILE"]
     assert generation.COMMAND_BUFFERS == ""  # restored after each method
     assert graphs.tokens == plain.tokens == kinds.tokens
@@ -198,7 +203,6 @@ def test_attention_option_switches_the_kernel_only_while_the_method_runs(bench, 
     """`attention=pallas` sets the library's attention switch for that method alone (restored
     after; same tokens), and a bad value is refused before any work. The kernel's own numerics,
     the model's layers with it included, are tested in tests/test_kernels.py."""
-    import decoding
     from decoding import model as model_mod
 
     assert methods.parse("ar:attention=pallas").label == "ar:attention=pallas"
@@ -206,18 +210,8 @@ def test_attention_option_switches_the_kernel_only_while_the_method_runs(bench, 
                                                            "attention": "xla"}
     with pytest.raises(methods.MethodSpecError, match="attention='cuda' is not 'xla' or 'pallas'"):
         methods.parse("ar:attention=cuda")
-    env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft=None, max_new_tokens=3))
-    seen, real = [], decoding.generate
-
-    def spy(*a, **k):
-        seen.append(model_mod.attention_impl())
-        return real(*a, **k)
-
-    monkeypatch.setattr(decoding, "generate", spy)
     monkeypatch.setattr(model_mod, "ATTENTION_IMPL", "xla")
-    prompts = [list(b"hello")]
-    plain = methods.parse("ar").build(env).generate(prompts, 0)
-    kernel = methods.parse("ar:attention=pallas").build(env).generate(prompts, 0)
+    (plain, kernel), seen = _run_toy_ar(monkeypatch, model_mod.attention_impl, ["ar", "ar:attention=pallas"])
     assert seen == ["xla", "pallas"]
     assert model_mod.ATTENTION_IMPL == "xla"
     assert kernel.tokens == plain.tokens
