@@ -143,7 +143,9 @@ def live_bytes(q, k, lengths, t) -> int:
     return int(2 * kh * slots * dh * k.dtype.itemsize + 2 * q.size * q.dtype.itemsize)
 
 
-def run(args) -> tuple[list[dict], float | None]:
+def run(args, on_case=None) -> tuple[list[dict], float | None]:
+    """Every (model, B, T, S) case x variant; `on_case(rows, bw)` after each case, so a run cut off
+    by a time limit keeps what it measured."""
     dtype = jnp.dtype(args.dtype)
     rows = []
     bw = None if args.interpret else copy_bandwidth()
@@ -186,6 +188,8 @@ def run(args) -> tuple[list[dict], float | None]:
                         rows.append(row)
                         print(f"{model_name} B={b} T={t} S={s} {name:15s} {us:9.1f} us/layer "
                               f"err={row['rel_err']:.1e}{'' if row['ok'] else ' WRONG'}", flush=True)
+                    if on_case is not None:
+                        on_case(rows, bw)
     return rows, bw
 
 
@@ -197,6 +201,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['args']['layers']} layer buffers per call; median of {meta['args']['reps']} calls; "
         f"copy bandwidth {meta['copy_bandwidth_gbps'] or 'n/a'} GB/s; interpret={meta['args']['interpret']}.",
         "",
+        *([] if meta.get("complete", True) else
+          [f"Incomplete: {meta['cases_done']} of {meta['cases_total']} (model, B, T, S) cases measured "
+           "(the run was stopped before the rest).", ""]),
         "| model | B | T | S | variant | us/layer | floor us | GB/s (live bytes) | x reference | rel err | ok |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -242,15 +249,22 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows, bw = run(args)
-    meta = dict(args=vars(args), environment=environment.describe(),
-                copy_bandwidth_gbps=None if bw is None else round(bw / 1e9, 1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    table = markdown(rows, meta)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    env = environment.describe()
+    total = len(args.models) * len(args.batch_sizes) * len(args.tokens) * len(args.capacities)
+
+    def save(rows: list[dict], bw: float | None, complete: bool = False) -> str:
+        done = len({(r["model"], r["B"], r["T"], r["S"]) for r in rows})
+        meta = dict(args=vars(args), environment=env, copy_bandwidth_gbps=None if bw is None else round(bw / 1e9, 1),
+                    complete=complete, cases_done=done, cases_total=total)
+        out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+        table = markdown(rows, meta)
+        out.with_suffix(".md").write_text(table)
+        return table
+
+    rows, bw = run(args, on_case=save)
+    print(save(rows, bw, complete=True))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 from decoding import registry
 
 
-def split(names, out=".gpu", chunk_mb: int = 50) -> list[Path]:
+def split(names, out=".gpu", chunk_mb: int = 40) -> list[Path]:
     """Write `out/c_XX/<gguf name>.partNNN` chunks for the registry models `names`."""
     out = Path(out)
     folders, index = [], 0
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     s = sub.add_parser("split")
     s.add_argument("names", nargs="+")
     s.add_argument("--out", default=".gpu")
-    s.add_argument("--chunk-mb", type=int, default=50)
+    s.add_argument("--chunk-mb", type=int, default=40)
     r = sub.add_parser("reassemble")
     r.add_argument("parts_dir")
     r.add_argument("out_dir")
