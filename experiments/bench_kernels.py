@@ -254,17 +254,17 @@ def main(argv=None) -> None:
     env = environment.describe()
     total = len(args.models) * len(args.batch_sizes) * len(args.tokens) * len(args.capacities)
 
-    def save(rows: list[dict], bw: float | None, complete: bool = False) -> str:
+    def save(rows: list[dict], bw: float | None) -> str:
         done = len({(r["model"], r["B"], r["T"], r["S"]) for r in rows})
         meta = dict(args=vars(args), environment=env, copy_bandwidth_gbps=None if bw is None else round(bw / 1e9, 1),
-                    complete=complete, cases_done=done, cases_total=total)
+                    complete=done == total, cases_done=done, cases_total=total)
         out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
         table = markdown(rows, meta)
         out.with_suffix(".md").write_text(table)
         return table
 
-    rows, bw = run(args, on_case=save)
-    print(save(rows, bw, complete=True))
+    run(args, on_case=save)  # writes OUT.json and OUT.md after every case
+    print(out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
