@@ -89,7 +89,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding.generation import default_eos_ids
-from decoding.model import Model, forward, trace_switches
+from decoding.model import Model, forward
+from decoding.options import Options
+from decoding.shapes import bucket
 
 from .text import TokenBytes, continuation_offsets, decode_continuation, split_words
 
@@ -252,21 +254,21 @@ def _top1(logits: jax.Array):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _extend(config, params, cache, tokens, start, count, switches):
+def _extend(config, params, cache, tokens, start, count, options):
     """Run `tokens: int32[1, T]` (the first `count` real, the rest padding) at positions
     `start...`, after the first `start` cached slots. Returns the top-1 id and probability
     after each position (int32[T], float32[T]) and the cache holding `start + count` slots.
-    `switches`: `decoding.model.trace_switches()`, a static key of the compiled program."""
+    `options`: `decoding.Options` (resolved), a static key of the compiled program."""
     t = tokens.shape[1]
     cache = cache.truncate(jnp.reshape(start, (1,)))
     positions = (start + jnp.arange(t, dtype=jnp.int32))[None, :]
-    out = forward(config, params, tokens, positions, cache)
+    out = forward(config, params, tokens, positions, cache, options=options)
     ids, probs = _top1(out.logits[0])
     return ids, probs, out.cache.truncate(jnp.reshape(start + count, (1,)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 9), donate_argnums=(2,))
-def _greedy(config, params, cache, block, start, first, gamma, limit, eos, switches):
+def _greedy(config, params, cache, block, start, first, gamma, limit, eos, options):
     """Greedy writing after `start` cached slots: commit `first` (accepted by the caller), then
     each next top-1 token while its probability is >= gamma, it is not in `eos: int32[E]` and
     fewer than `limit` (<= block) tokens are written.
@@ -274,7 +276,7 @@ def _greedy(config, params, cache, block, start, first, gamma, limit, eos, switc
     Returns tokens int32[block], the top-1 id / probability after each of them (int32[block],
     float32[block]), the number written and the cache holding `start + count` slots. The token
     that stopped the loop is not written: it is the last returned top-1.
-    `switches` as in `_extend`.
+    `options` as in `_extend`.
     """
 
     def cond(s):
@@ -283,7 +285,7 @@ def _greedy(config, params, cache, block, start, first, gamma, limit, eos, switc
     def body(s):
         i, tok, cache, toks, nids, nprobs, _ = s
         pos = jnp.reshape(start + i, (1, 1))
-        out = forward(config, params, jnp.reshape(tok, (1, 1)), pos, cache)
+        out = forward(config, params, jnp.reshape(tok, (1, 1)), pos, cache, options=options)
         nid, nprob = _top1(out.logits[0, 0])
         toks, nids, nprobs = toks.at[i].set(tok), nids.at[i].set(nid), nprobs.at[i].set(nprob)
         done = (nprob < gamma) | jnp.any(nid == eos) | (i + 1 >= limit)
@@ -294,13 +296,6 @@ def _greedy(config, params, cache, block, start, first, gamma, limit, eos, switc
             jnp.asarray(False))
     count, _, cache, toks, nids, nprobs, _ = jax.lax.while_loop(cond, body, init)
     return toks, nids, nprobs, count, cache
-
-
-def _bucket(n: int) -> int:
-    b = MIN_BUCKET
-    while b < n:
-        b *= 2
-    return b
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -319,8 +314,10 @@ class _Session:
     """One model's view of the shared text: a KV cache holding `ids` (the model's own
     tokenization of `prefix + answer`) and the top-1 token / probability after each of them."""
 
-    def __init__(self, model: Model, prefix: str, *, add_special: bool, reuse: bool, capacity: int, block: int):
+    def __init__(self, model: Model, prefix: str, *, add_special: bool, reuse: bool, capacity: int, block: int,
+                 options: Options | None = None):
         self.model, self.tokenizer, self.prefix = model, model.tokenizer, prefix
+        self.options = (options or Options()).resolved()
         self.add_special, self.reuse, self.capacity, self.block = add_special, reuse, capacity, block
         self.cache = model.init_cache(1, capacity)
         self.ids: list[int] = []
@@ -349,10 +346,10 @@ class _Session:
         cfg, params = self.model.config, self.model.params
         while keep < len(ids):
             n = min(len(ids) - keep, MAX_BLOCK)
-            buf = np.zeros((1, _bucket(n)), np.int32)
+            buf = np.zeros((1, bucket(n, MIN_BUCKET)), np.int32)
             buf[0, :n] = ids[keep:keep + n]
             top, prob, self.cache = _extend(cfg, params, self.cache, buf, np.int32(keep), np.int32(n),
-                                            trace_switches())
+                                            self.options)
             self.ids.extend(int(t) for t in ids[keep:keep + n])
             self.top_ids.extend(np.asarray(top)[:n].tolist())
             self.top_probs.extend(np.asarray(prob)[:n].tolist())
@@ -379,7 +376,7 @@ class _Session:
             raise _ContextFull(f"no room left after {start} tokens in a cache of {self.capacity}")
         toks, nids, nprobs, count, self.cache = _greedy(
             self.model.config, self.model.params, self.cache, self.block, np.int32(start), np.int32(first),
-            np.float32(gamma), np.int32(limit), self._eos, trace_switches())
+            np.float32(gamma), np.int32(limit), self._eos, self.options)
         count = int(count)
         new = np.asarray(toks)[:count].tolist()
         self.ids.extend(new)
@@ -453,11 +450,12 @@ class _Answer:
 
 
 def nudge(base: Model, aligned: Model, question: str, config: Nudging = Nudging(),
-          prompts: Prompts = Prompts(), stop: Sequence[str] = ()) -> NudgeResult:
+          prompts: Prompts = Prompts(), stop: Sequence[str] = (), options: Options | None = None) -> NudgeResult:
     """Answer `question` with `base` nudged by `aligned` (see the module docstring).
 
     base, aligned: models with tokenizers (any two; the aligned one needs a chat template).
     stop: strings that end the answer (it is cut just before the first one).
+    options: `decoding.Options` of both models' compiled programs.
     """
     _check(base, aligned)
     t0 = time.perf_counter()
@@ -468,7 +466,8 @@ def nudge(base: Model, aligned: Model, question: str, config: Nudging = Nudging(
     for role, model, prefix, special in ((BASE, base, base_prefix, True), (ALIGNED, aligned, aligned_prefix, False)):
         probe = model.tokenizer([prefix], add_special_tokens=special)["input_ids"][0]
         sessions[role] = _Session(model, prefix, add_special=special, reuse=config.reuse_cache,
-                                  capacity=_capacity(model, len(probe), config), block=config.chunk)
+                                  capacity=_capacity(model, len(probe), config), block=config.chunk,
+                                  options=options)
     b, a = sessions[BASE], sessions[ALIGNED]
     answer = _Answer(stop)
     used = rounds = handoffs = repeats = 0

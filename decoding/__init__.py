@@ -14,6 +14,7 @@ from .cache import KVCache
 from .config import ConfigError, ModelConfig
 from .gemma3 import Gemma3Config
 from .generation import Result, Stats, check_same_tokenizer, generate, stream
+from .options import Options
 from .model import Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, unembed
 from .sampling import Greedy, Sampling, make_sampling
 from .entropy_adaptive import EntropyAdaptive
@@ -30,7 +31,7 @@ def load(source, **kwargs):
 
 __all__ = [
     "Autoregressive", "Chain", "ConfigError", "DynamicGamma", "DynamicTree", "EntropyAdaptive", "Gemma3Config", "Speculative", "TreeBatch",
-    "TreeDecoding", "TreeError", "TreeTopology", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Output",
+    "TreeDecoding", "TreeError", "TreeTopology", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Options", "Output",
     "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
     "init_params", "lm_head", "load", "make_sampling", "run_layers", "stream", "unembed",
 ]

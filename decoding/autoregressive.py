@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from . import loop
 from .cache import KVCache
 from .model import forward
+from .options import DEFAULT as DEFAULT_OPTIONS
+from .options import Options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +31,12 @@ class Context:
     max_new_tokens: int
     capacity: int
     draft: object = None  # ModelConfig of a draft model, when the strategy has one
-    # Module-level switches that change the traced program (`decoding.model.ATTENTION_IMPL`,
-    # `unroll_layers()`): being part of this static argument, they key jit's caches.
-    switches: tuple = ()
+    # The switches that change the traced program (`decoding.Options`, resolved for the
+    # backend): being part of this static argument, they key jit's caches.
+    options: Options = DEFAULT_OPTIONS
 
 
-def prefill(config, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache):
+def prefill(config, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache, options: Options | None = None):
     """Run right-padded prompts `prompt: int32[B, P]` with true `lengths: int32[B]`.
 
     Returns (logits of each row's last real token: float32[B, V], cache with `lengths`).
@@ -42,7 +44,7 @@ def prefill(config, params, prompt: jax.Array, lengths: jax.Array, cache: KVCach
     """
     b, p = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    out = forward(config, params, prompt, positions, cache, logit_indices=(lengths - 1)[:, None])
+    out = forward(config, params, prompt, positions, cache, logit_indices=(lengths - 1)[:, None], options=options)
     return out.logits[:, 0], out.cache.truncate(lengths)
 
 
@@ -64,7 +66,7 @@ class Autoregressive:
 
     def init(self, ctx: Context, params, prompt, lengths, key) -> State:
         cache = KVCache.init(ctx.target, prompt.shape[0], ctx.capacity, params["target"]["embed"].dtype)
-        logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache)
+        logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
         key, sub = jax.random.split(key)
         first = ctx.sampling.sample(sub, logits)
         out = loop.commit(loop.Tokens.init(prompt.shape[0], ctx.max_new_tokens), first[:, None],
@@ -73,7 +75,8 @@ class Autoregressive:
 
     def step(self, ctx: Context, params, state: State) -> State:
         cache = state.cache
-        res = forward(ctx.target, params["target"], state.last[:, None], cache.lengths[:, None], cache)
+        res = forward(ctx.target, params["target"], state.last[:, None], cache.lengths[:, None], cache,
+                      options=ctx.options)
         key, sub = jax.random.split(state.key)
         nxt = ctx.sampling.sample(sub, res.logits[:, 0])
         running = ~state.out.done

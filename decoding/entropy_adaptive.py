@@ -144,7 +144,7 @@ class State:
 
 
 def catch_up(config, params, cache: KVCache, context: jax.Array, context_len: jax.Array, need: jax.Array,
-             width: int):
+             width: int, options=None):
     """Feed each row of `need: bool[B]` the context tokens its cache lacks; next-token logits.
 
     cache.lengths[b] tokens of `context: int32[B, C]` are in the cache; rows in `need` must
@@ -173,19 +173,20 @@ def catch_up(config, params, cache: KVCache, context: jax.Array, context_len: ja
 
     def one(cache):
         cur = cache.lengths
-        out = forward(config, params, tokens_at(cur, 1), cur[:, None], cache)
+        out = forward(config, params, tokens_at(cur, 1), cur[:, None], cache, options=options)
         return out.logits[:, 0], out.cache.truncate(goal), need.astype(jnp.int32)
 
     def block(cache):
         cur = cache.lengths
         out = forward(config, params, tokens_at(cur, width), cur[:, None] + j, cache,
-                      logit_indices=jnp.maximum(goal - cur - 1, 0)[:, None])
+                      logit_indices=jnp.maximum(goal - cur - 1, 0)[:, None], options=options)
         return out.logits[:, 0], out.cache.truncate(goal), need.astype(jnp.int32)
 
     def whole_blocks(carry):
         cache, calls = carry
         cur = cache.lengths
-        out = forward(config, params, tokens_at(cur, width), cur[:, None] + j, cache, compute_logits=False)
+        out = forward(config, params, tokens_at(cur, width), cur[:, None] + j, cache, compute_logits=False,
+                      options=options)
         full = goal - cur > width
         return out.cache.truncate(jnp.where(full, cur + width, cur)), calls + full
 
@@ -284,8 +285,8 @@ class EntropyAdaptive:
         b, p = prompt.shape
         small = KVCache.init(ctx.draft, b, ctx.capacity, params["draft"]["embed"].dtype)
         large = KVCache.init(ctx.target, b, ctx.capacity, params["target"]["embed"].dtype)
-        logits_s, small = prefill(ctx.draft, params["draft"], prompt, lengths, small)
-        logits_l, large = prefill(ctx.target, params["target"], prompt, lengths, large)
+        logits_s, small = prefill(ctx.draft, params["draft"], prompt, lengths, small, ctx.options)
+        logits_l, large = prefill(ctx.target, params["target"], prompt, lengths, large, ctx.options)
         h0 = entropy_bits(logits_s)
         entropy = jnp.zeros((b, self.window), jnp.float32).at[:, 0].set(h0)
         free = jnp.full((b,), self.min_dwell, jnp.int32)  # the start is not a switch: no dwell
@@ -312,9 +313,9 @@ class EntropyAdaptive:
         need_l = running & state.use_large
         need_s = running & ~state.use_large
         logits_s, small, fed_s, calls_s = catch_up(ctx.draft, params["draft"], state.small, state.context,
-                                                   state.context_len, need_s, self.catchup_width)
+                                                   state.context_len, need_s, self.catchup_width, ctx.options)
         logits_l, large, fed_l, calls_l = catch_up(ctx.target, params["target"], state.large, state.context,
-                                                   state.context_len, need_l, self.catchup_width)
+                                                   state.context_len, need_l, self.catchup_width, ctx.options)
         logits = jnp.where(state.use_large[:, None], logits_l, logits_s)
         h = entropy_bits(logits)
         key, sub = jax.random.split(state.key)

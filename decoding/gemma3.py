@@ -462,6 +462,7 @@ def run_layers(
     slot_mask: jax.Array | None = None,
     layers: tuple[int, int] | None = None,
     return_hidden: Sequence[int] = (),
+    options=None,
 ):
     """Run decoder layers `[start, end)` on hidden states `x: [B, T, D]` (contract of
     `decoding.model.run_layers`: keys/values written at `cache.lengths[b] + t`, cursor not
@@ -485,7 +486,8 @@ def run_layers(
         vis = jnp.where(local, visible[True], visible[False])
         return _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, vis)
 
-    return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden)
+    return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden,
+                       options=options)
 
 
 def forward(config: Gemma3Config, params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache,

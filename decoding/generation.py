@@ -19,7 +19,6 @@ are cut to the shortest prefix whose text contains it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Iterator, Sequence
 
@@ -28,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import loop
-from . import model as _model
+from . import shapes
 from .autoregressive import Autoregressive, Context
 from .model import Model
+from .options import Options
 from .sampling import Greedy, Sampling
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
@@ -91,17 +91,6 @@ _COMPILED: dict = {}
 def compile_count() -> int:
     """Number of distinct programs compiled by `generate` so far (for tests and reports)."""
     return len(_COMPILED)
-
-
-def _next_bucket(n: int, minimum: int = 16) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 def encode_prompts(tokenizer, prompts, chat) -> list[list[int]]:
@@ -190,7 +179,7 @@ class _Prepared:
 
 
 def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed, stop, eos_token_id,
-             chat, max_cache_len, draft, prompt_bucket=None) -> _Prepared:
+             chat, max_cache_len, draft, prompt_bucket=None, options=None) -> _Prepared:
     strategy = strategy or Autoregressive()
     sampling = sampling if sampling is not None else Greedy()
     if not isinstance(sampling, (Greedy, Sampling)):
@@ -222,10 +211,10 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
             f"{longest + max_new_tokens + slack} > {limit} (the model's context / max_cache_len). "
             "Shorten the prompt, lower max_new_tokens, or raise max_cache_len if the model allows."
         )
-    bucket = min(_next_bucket(longest), _round_up(longest, 16) if longest > 2048 else 1 << 62)
+    bucket = shapes.prompt_bucket(longest)
     if prompt_bucket:
         bucket = max(bucket, int(prompt_bucket))
-    capacity = _round_up(bucket + max_new_tokens + slack, 128)
+    capacity = shapes.round_up(bucket + max_new_tokens + slack, 128)
     prompt = np.zeros((len(ids), bucket), np.int32)
     for i, p in enumerate(ids):
         prompt[i, : len(p)] = p
@@ -237,7 +226,7 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
         params["draft"] = draft.params
         draft_cfg = draft.config
     ctx = Context(target=model.config, sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
-                  capacity=capacity, draft=draft_cfg, switches=_model.trace_switches())
+                  capacity=capacity, draft=draft_cfg, options=(options or Options()).resolved())
     if hasattr(strategy, "validate"):
         strategy.validate(ctx, draft)
     if hasattr(strategy, "split_runtime"):
@@ -278,37 +267,12 @@ def _whole(strategy, ctx, params, prompt, lengths, key):
 
 _whole_jit = jax.jit(_whole, static_argnums=(0, 1))
 
-#: XLA:GPU command buffers (CUDA graphs) for the whole-generation program. On a GPU, XLA runs a
-#: `while_loop` by copying its predicate to the host after every iteration and launching the
-#: body's kernels again, so a decode step pays a device-to-host round trip and one launch per
-#: kernel. With WHILE and CONDITIONAL command buffers the loop becomes a CUDA graph with
-#: conditional nodes and stays on the device. "" keeps XLA's default; "while" is that set plus
-#: the default kinds; any other value is passed as XLA's `xla_gpu_enable_command_buffer` (a
-#: comma-separated list of FUSION, CUBLAS, CUBLASLT, CUSTOM_CALL, CUDNN, COLLECTIVES,
-#: CONDITIONAL, WHILE, DYNAMIC_SLICE_FUSION). Opt-in and keyed into the compiled-program cache;
-#: other backends ignore it. Environment: DECODING_COMMAND_BUFFERS.
-COMMAND_BUFFERS: str = os.environ.get("DECODING_COMMAND_BUFFERS", "")
-#: the kinds XLA's `xla_gpu_enable_command_buffer` accepts
-COMMAND_BUFFER_KINDS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "COLLECTIVES", "CONDITIONAL", "WHILE",
-                        "DYNAMIC_SLICE_FUSION")
-_COMMAND_BUFFER_PRESETS = {"while": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
-
-
-def compiler_options() -> dict | None:
-    """The XLA compile options `COMMAND_BUFFERS` asks for (None: XLA's defaults)."""
-    value = COMMAND_BUFFERS.strip()
-    if not value or value == "default":
-        return None
-    value = _COMMAND_BUFFER_PRESETS.get(value.lower(), value)
-    return {"xla_gpu_enable_command_buffer": value}
-
-
 def _signature(tree) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _compiled(prep: _Prepared):
-    options = compiler_options()
+    options = prep.ctx.options.compiler_options()
     key = (prep.strategy, prep.ctx, prep.prompt.shape, _signature(prep.params),
            jax.tree_util.tree_structure(prep.params), tuple(sorted((options or {}).items())))
     if key in _COMPILED:
@@ -319,8 +283,8 @@ def _compiled(prep: _Prepared):
         exe = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as err:  # XLA's message for a bad value is terse: say where it came from
         if options and "xla_gpu_enable_command_buffer" in str(err):
-            raise ValueError(f"decoding.generation.COMMAND_BUFFERS (or DECODING_COMMAND_BUFFERS) = "
-                             f"{COMMAND_BUFFERS!r} is not a valid xla_gpu_enable_command_buffer list: {err}. "
+            raise ValueError(f"Options.command_buffers = "
+                             f"{prep.ctx.options.command_buffers!r} is not a valid xla_gpu_enable_command_buffer list: {err}. "
                              "Use '', 'while' or a comma-separated list of XLA's command buffer kinds.") from err
         raise
     _COMPILED[key] = exe
@@ -371,6 +335,7 @@ def generate(
     max_cache_len: int | None = None,
     draft: Model | None = None,
     prompt_bucket: int | None = None,
+    options: Options | None = None,
 ) -> Result:
     """Generate continuations of a batch of prompts with any strategy.
 
@@ -382,12 +347,15 @@ def generate(
       pass () to never stop early). stop: strings that end a row (the text is cut after them).
     prompt_bucket: pad prompts to at least this many tokens, so that batches of different prompt
       lengths share one compiled program (benchmarks over many prompts set it once).
+    options: `decoding.Options` (attention implementation, layer loop, command buffers): static
+      switches of the compiled program, part of its compile key.
     Returns `Result(texts, tokens, stats)`; tokens include the EOS that ended a row, texts don't.
     `stats.new_tokens` counts the tokens generated, including any cut after a stop *string*.
     """
     prep = _prepare(model, prompts, strategy=strategy, sampling=sampling, max_new_tokens=max_new_tokens,
                     seed=seed, stop=stop, eos_token_id=eos_token_id, chat=chat,
-                    max_cache_len=max_cache_len, draft=draft, prompt_bucket=prompt_bucket)
+                    max_cache_len=max_cache_len, draft=draft, prompt_bucket=prompt_bucket,
+                    options=options)
     exe, compile_s = _compiled(prep)
     t0 = time.perf_counter()
     state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
@@ -411,7 +379,7 @@ def stream(model: Model, prompts, **kwargs) -> Iterator[list[list[int]]]:
     prep = _prepare(model, prompts, **{k: kwargs.pop(k, d) for k, d in (
         ("strategy", None), ("sampling", None), ("max_new_tokens", 128), ("seed", 0), ("stop", ()),
         ("eos_token_id", None), ("chat", None), ("max_cache_len", None), ("draft", None),
-        ("prompt_bucket", None))})
+        ("prompt_bucket", None), ("options", None))})
     if kwargs:
         raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
     t0 = time.perf_counter()

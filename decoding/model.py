@@ -45,7 +45,6 @@ Algorithms keep calling these functions and run any architecture unchanged.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Sequence
 
 import jax
@@ -54,6 +53,8 @@ import numpy as np
 
 from .cache import KVCache
 from .config import ModelConfig
+from .options import DEFAULT as DEFAULT_OPTIONS
+from .options import Options
 from .rope import apply_rope, inv_frequencies, rope_tables
 
 # name -> shape as a function of the config (the one declaration of weights)
@@ -288,7 +289,7 @@ def _attention(q, k, v, visible):
     return out.reshape(b, t, h, dh).astype(q.dtype)
 
 
-def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
+def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible, options: Options = DEFAULT_OPTIONS):
     """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i).
 
     One matmul for q, k and v (`wqkv`, then one bias add) and one for gate and up (`w_gate_up`);
@@ -308,7 +309,7 @@ def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
     rows = jnp.arange(b)[:, None]
     k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
-    if _use_kernel(i, dh):
+    if _use_kernel(options, i, dh):
         from .kernels.attention import attention_pallas
 
         attn = attention_pallas(q, k_all, v_all, visible, layer=i, interpret=jax.default_backend() != "gpu")
@@ -321,42 +322,8 @@ def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
     return x, k_all, v_all
 
 
-UNROLL_LAYERS: bool | None = None  # None: unroll on accelerators, scan on CPU (compile time)
-
-# Attention implementation of the Llama-family layers: "xla" (jnp, `_attention`) or "pallas"
-# (`decoding.kernels.attention.attention_pallas`, reading layer i of the stacked cache in
-# place; on a non-GPU backend it runs in the Pallas interpreter, for tests). The kernel is used
-# where the layer index is static (unrolled layers) and the head dim is a power of two; other
-# layers fall back to "xla". Opt-in: set it (or the DECODING_ATTENTION environment variable)
-# before the first call; `decoding.generate` keys its compiled programs on it.
-ATTENTION_IMPL: str = os.environ.get("DECODING_ATTENTION", "xla")
-
-
-def attention_impl() -> str:
-    if ATTENTION_IMPL not in ("xla", "pallas"):
-        raise ValueError(f"decoding.model.ATTENTION_IMPL (or DECODING_ATTENTION) must be 'xla' or 'pallas', "
-                         f"got {ATTENTION_IMPL!r}.")
-    return ATTENTION_IMPL
-
-
-def trace_switches() -> tuple:
-    """The module-level switches that change a traced program (`ATTENTION_IMPL`,
-    `unroll_layers()`). A jitted function that calls `forward` must take this tuple as a static
-    argument, so that flipping a switch compiles a new program instead of reusing a stale one."""
-    return (attention_impl(), unroll_layers())
-
-
-def _use_kernel(i, head_dim: int) -> bool:
-    return attention_impl() == "pallas" and isinstance(i, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
-
-
-def unroll_layers() -> bool:
-    """Whether the layer loop is unrolled. On GPUs a `scan` over layers is a device loop whose
-    predicate returns to the host every layer; unrolled, one decode step is straight-line code.
-    On CPU the scan compiles much faster and runs as fast. Set `UNROLL_LAYERS` to force either."""
-    if UNROLL_LAYERS is not None:
-        return UNROLL_LAYERS
-    return jax.default_backend() != "cpu"
+def _use_kernel(options: Options, i, head_dim: int) -> bool:
+    return options.attention == "pallas" and isinstance(i, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
 def _rope_consts(config: ModelConfig):
@@ -377,6 +344,7 @@ def run_layers(
     slot_mask: jax.Array | None = None,
     layers: tuple[int, int] | None = None,
     return_hidden: Sequence[int] = (),
+    options: Options | None = None,
 ):
     """Run decoder layers `[start, end)` on hidden states `x: [B, T, D]`.
 
@@ -389,7 +357,8 @@ def run_layers(
     """
     if (arch := architecture(config)) is not None:
         return arch.run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
-                               layers=layers, return_hidden=return_hidden)
+                               layers=layers, return_hidden=return_hidden, options=options)
+    options = (options or DEFAULT_OPTIONS).resolved()
     inv_freq, factor = _rope_consts(config)
     cos, sin = rope_tables(positions, inv_freq, factor)
     t = x.shape[1]
@@ -397,18 +366,20 @@ def run_layers(
     visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window, slot_mask)
 
     def layer(lp, x, k_all, v_all, i):
-        return _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible)
+        return _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible, options)
 
-    return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden)
+    return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden,
+                       options=options)
 
 
 def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
-                layers: tuple[int, int] | None = None, return_hidden: Sequence[int] = ()):
+                layers: tuple[int, int] | None = None, return_hidden: Sequence[int] = (),
+                options: Options | None = None):
     """Drive decoder layers `[start, end)` of any architecture: check the range, run
     `layer(lp, x, k_all, v_all, i) -> (x, k_all, v_all)` on each layer's parameters `lp`, and
     collect the hidden states asked for. Returns `(x, hidden, cache)` (cursor not moved).
 
-    Unrolled (`unroll_layers()`), `i` is a Python int, so a layer may branch on it statically;
+    Unrolled (`options.unroll_layers`, resolved by backend when None), `i` is a Python int, so a layer may branch on it statically;
     under `lax.scan` it is a traced int32.
     """
     start, end = (0, config.num_layers) if layers is None else layers
@@ -421,7 +392,7 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
     if start in return_hidden:
         hidden[start] = x
     k_all, v_all = cache.k, cache.v
-    if unroll_layers():
+    if (options or DEFAULT_OPTIONS).resolved().unroll_layers:
         # Straight-line layers: no per-layer loop predicate round trip on GPUs, static slices.
         for i in range(start, end):
             lp = jax.tree.map(lambda w: w[i], params["layers"])
@@ -459,19 +430,21 @@ def forward(
     return_hidden: Sequence[int] = (),
     logit_indices: jax.Array | None = None,
     compute_logits: bool = True,
+    options: Options | None = None,
 ) -> Output:
     """Full forward over `tokens: int32[B, T]` at `positions: int32[B, T]` (see module doc).
 
     `logit_indices: int32[B, N]` restricts the (expensive, [.., V]) logits to chosen new-token
     indices, e.g. the last real token of each right-padded prompt. `layers=(0, k)` runs only
     the first k layers and applies the final norm and head to their output (layer-skip
-    self-drafting); only those layers' cache entries are written.
+    self-drafting); only those layers' cache entries are written. `options` (`decoding.Options`)
+    picks the attention implementation and whether the layer loop is unrolled.
     """
     # One body for every architecture: embed, run_layers and unembed hand a config of another
     # architecture to the module implementing it.
     x = embed(config, params, tokens)
     x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
-                                  layers=layers, return_hidden=return_hidden)
+                                  layers=layers, return_hidden=return_hidden, options=options)
     logits = None
     if compute_logits:
         if logit_indices is not None:

@@ -187,7 +187,7 @@ class _SpecBase(abc.ABC):
     def init(self, ctx: Context, params, prompt, lengths, key) -> State:
         b, p = prompt.shape
         cache = KVCache.init(ctx.target, b, ctx.capacity, params["target"]["embed"].dtype)
-        logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache)
+        logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
         key, sub = jax.random.split(key)
         first = ctx.sampling.sample(sub, logits)
         out = loop.commit(loop.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
@@ -241,7 +241,7 @@ class _SpecBase(abc.ABC):
         """One target forward over every node: logits float32[B, N, V]."""
         positions = cache.lengths[:, None] + tree.depth
         mask = None if self.is_chain else tree.mask
-        return forward(ctx.target, params["target"], tree.tokens, positions, cache, mask=mask)
+        return forward(ctx.target, params["target"], tree.tokens, positions, cache, mask=mask, options=ctx.options)
 
     def accept(self, ctx, tree: TreeBatch, logits, key) -> Accepted:
         if ctx.sampling.is_greedy:

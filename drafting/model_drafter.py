@@ -297,7 +297,7 @@ class DraftModel(ModelDrafter):
         from decoding.model import forward
 
         out = forward(ctx.draft, params["draft"], tokens, positions, dstate.cache,
-                      logit_indices=logit_indices, slot_mask=slot_mask)
+                      logit_indices=logit_indices, slot_mask=slot_mask, options=ctx.options)
         # forward advanced the cursor by T; callers place it explicitly with _set_cursor
         return out.logits, DraftState(out.cache.truncate(dstate.cache.lengths)), cache
 
@@ -315,7 +315,7 @@ class DraftModel(ModelDrafter):
         from decoding.cache import KVCache
 
         dcache = KVCache.init(ctx.draft, prompt.shape[0], ctx.capacity, params["draft"]["embed"].dtype)
-        _, dcache = prefill(ctx.draft, params["draft"], prompt, lengths, dcache)
+        _, dcache = prefill(ctx.draft, params["draft"], prompt, lengths, dcache, ctx.options)
         return DraftState(dcache), cache
 
     def commit(self, ctx, params, dstate, view, shape, tree, acc, running):
@@ -356,7 +356,7 @@ class LayerSkip(ModelDrafter):
         from decoding.model import forward
 
         out = forward(ctx.target, params["target"], tokens, positions, cache, layers=(0, self.layers),
-                      logit_indices=logit_indices, slot_mask=slot_mask)
+                      logit_indices=logit_indices, slot_mask=slot_mask, options=ctx.options)
         return out.logits, dstate, out.cache.truncate(cache.lengths)
 
     def _drafted_len(self, dstate, view):

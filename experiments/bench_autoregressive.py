@@ -42,16 +42,15 @@ def weight_bytes(config, itemsize: int = 2) -> int:
     return roofline.weight_params(config) * itemsize
 
 
-def run_ours(model, prompts, batch: int, max_new_tokens: int):
+def run_ours(model, prompts, batch: int, max_new_tokens: int, options=None):
     from decoding import Autoregressive
     from decoding import generate as _generate
+    from decoding.shapes import bucket as next_bucket
 
-    from decoding.generation import _next_bucket
-
-    bucket = _next_bucket(max(len(p) for p in prompts))  # one compiled program for every batch
+    bucket = next_bucket(max(len(p) for p in prompts))  # one compiled program for every batch
 
     def generate(*a, **k):
-        return _generate(*a, prompt_bucket=bucket, **k)
+        return _generate(*a, prompt_bucket=bucket, options=options, **k)
 
     batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     compile_s = 0.0
@@ -69,7 +68,7 @@ def run_ours(model, prompts, batch: int, max_new_tokens: int):
             "target_forwards": forwards, "outputs": outs}
 
 
-def forward_only_ms(model, context: int = 512, batch: int = 1, iters: int = 50) -> float:
+def forward_only_ms(model, context: int = 512, batch: int = 1, iters: int = 50, options=None) -> float:
     """Time of one jitted single-token decode forward dispatched back to back (no loop around
     it): what a decode step costs when kernel launches overlap with GPU work."""
     from decoding import forward
@@ -77,7 +76,7 @@ def forward_only_ms(model, context: int = 512, batch: int = 1, iters: int = 50) 
     cache = model.init_cache(batch, context + 128).truncate(jnp.full((batch,), context, jnp.int32))
     tok = jnp.ones((batch, 1), jnp.int32)
     pos = jnp.full((batch, 1), context, jnp.int32)
-    f = jax.jit(lambda p, c: forward(model.config, p, tok, pos, c).logits)
+    f = jax.jit(lambda p, c: forward(model.config, p, tok, pos, c, options=options).logits)
     f(model.params, cache).block_until_ready()
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -134,10 +133,10 @@ def main(argv=None):
     ap.add_argument("--hf-batch-sizes", default="1")
     ap.add_argument("--attention", default="xla",
                     help="comma-separated attention implementations to measure in turn: xla, pallas "
-                         "(decoding.model.ATTENTION_IMPL)")
+                         "(decoding.Options.attention)")
     ap.add_argument("--command-buffers", default="default",
                     help="comma-separated XLA:GPU command buffer settings to measure in turn: default, while "
-                         "(decoding.generation.COMMAND_BUFFERS: the decode loop as a CUDA graph)")
+                         "(decoding.Options.command_buffers: the decode loop as a CUDA graph)")
     ap.add_argument("--random-weights", action="store_true",
                     help="smoke test: the models' configs with random weights (speed only; no quality)")
     ap.add_argument("--out", default="experiments/results/autoregressive")
@@ -150,9 +149,7 @@ def main(argv=None):
         print(markdown(report))
         return
 
-    from decoding import Model, init_params, load
-    from decoding import generation as gen_mod
-    from decoding import model as model_mod
+    from decoding import Model, Options, init_params, load
     from decoding.generation import default_eos_ids, encode_prompts
 
     prompts = reference_prompts(args.questions)
@@ -179,16 +176,15 @@ def main(argv=None):
         eos = default_eos_ids(model.tokenizer)
         variants = [(impl, cb) for impl in args.attention.split(",") for cb in args.command_buffers.split(",")]
         for impl, cb in variants:
-            model_mod.ATTENTION_IMPL = impl
-            gen_mod.COMMAND_BUFFERS = "" if cb == "default" else cb
+            options = Options(attention=impl, command_buffers="" if cb == "default" else cb)
             tags = ([f"{impl} attention"] if impl != "xla" else []) + ([f"command buffers {cb}"] if cb != "default" else [])
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
-                r = run_ours(model, ids, bs, args.max_new_tokens)
+                r = run_ours(model, ids, bs, args.max_new_tokens, options)
                 r["attention"] = impl
                 r["command_buffers"] = cb
                 r["fraction_of_physical_limit"] = r["tokens_per_s"] / (bs * limit)
                 r["ms_per_step_in_loop"] = 1e3 * r["run_s"] / r["target_forwards"] if r["target_forwards"] else None
-                r["ms_forward_only"] = forward_only_ms(model, batch=bs)
+                r["ms_forward_only"] = forward_only_ms(model, batch=bs, options=options)
                 r["ms_weights_at_bandwidth"] = 1e3 * wb / bw
                 key = f"{bs} ({', '.join(tags)})" if tags else str(bs)
                 if tags and str(bs) in entry["ours"]:  # same process, same prompts: the default beside it
@@ -199,8 +195,6 @@ def main(argv=None):
                 print(f"{name} ours batch {key}: {r['tokens_per_s']:.1f} tok/s "
                       f"({100 * r['fraction_of_physical_limit']:.1f}% of {bs * limit:.0f} tok/s limit), "
                       f"compile {r['compile_s']:.1f} s", flush=True)
-        gen_mod.COMMAND_BUFFERS = ""
-        model_mod.ATTENTION_IMPL = "xla"
         if args.hf and not args.random_weights:
             for bs in [int(b) for b in args.hf_batch_sizes.split(",")]:
                 h = run_hf(name, ids, eos, bs, args.max_new_tokens)

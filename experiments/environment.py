@@ -53,11 +53,13 @@ def git_revision() -> dict:
 
 
 def switches() -> dict:
-    """The library's program-changing switches as set for this process (environment or code)."""
-    from decoding import generation, model
+    """The library's default program switches on this backend (`decoding.Options().resolved()`;
+    a method's own options are recorded with its rows) and the process's XLA flags."""
+    from decoding import Options
 
-    return {"attention": model.ATTENTION_IMPL, "command_buffers": generation.COMMAND_BUFFERS or "default",
-            "unroll_layers": model.unroll_layers(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    opts = Options().resolved()
+    return {"attention": opts.attention, "command_buffers": opts.command_buffers or "default",
+            "unroll_layers": opts.unroll_layers, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def describe() -> dict:

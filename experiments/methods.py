@@ -18,9 +18,9 @@ The draft model's weights reach `decoding.generate` through its `draft=` argumen
 Every core method also takes two switches, each unset by default, so one run compares a method
 with and without them:
   * `graphs=`: `ar:graphs=while` runs the whole-generation program as a CUDA graph
-    (`decoding.generation.COMMAND_BUFFERS`), e.g. `--methods ar,spec,ar:graphs=while,spec:graphs=while`;
+    (`decoding.Options.command_buffers`), e.g. `--methods ar,spec,ar:graphs=while,spec:graphs=while`;
   * `attention=xla|pallas`: the attention of the target and of a draft model
-    (`decoding.model.ATTENTION_IMPL`), e.g. `--methods ar,ar:attention=pallas,spec:attention=pallas`.
+    (`decoding.Options.attention`), e.g. `--methods ar,ar:attention=pallas,spec:attention=pallas`.
 
 Other methods can be added from a module: `--plugin my.module` imports it, and it calls
 `register(MethodSpec(...))`.
@@ -32,7 +32,6 @@ put the predicted speedup next to the measured one.
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import importlib
 import math
@@ -193,7 +192,7 @@ def parse(item: str) -> Resolved:
         _check_graphs(item, options["graphs"])
     if options.get("attention") not in (None, "", "xla", "pallas"):
         raise MethodSpecError(f"method {item!r}: attention={options['attention']!r} is not 'xla' or 'pallas' "
-                              "(leave it out for the library's default, decoding.model.ATTENTION_IMPL).")
+                              "(leave it out for the library's default, decoding.Options().attention).")
     return Resolved(label_of(name, options, spec.defaults), spec, options)
 
 
@@ -262,14 +261,14 @@ def _jsonable(value):
 
 
 def _command_buffers(graphs: str) -> str:
-    """The `decoding.generation.COMMAND_BUFFERS` value a `graphs=` option stands for ('+' joins
+    """The `decoding.Options.command_buffers` value a `graphs=` option stands for ('+' joins
     kinds on the command line, where ',' separates methods)."""
     return {"default": "", "while": "while"}.get(graphs, graphs.replace("+", ",").upper())
 
 
 def _check_graphs(label: str, value: str) -> None:
     """Refuse a `graphs=` value before any model work (XLA would only refuse it at compile time)."""
-    from decoding.generation import COMMAND_BUFFER_KINDS
+    from decoding.options import COMMAND_BUFFER_KINDS
 
     if value in ("", "default", "while"):
         return
@@ -283,40 +282,31 @@ def _check_graphs(label: str, value: str) -> None:
 class JaxMethod(Method):
     """A strategy of the core run through `decoding.generate` on the run's target model.
 
-    The `graphs` and `attention` options set `decoding.generation.COMMAND_BUFFERS` and
-    `decoding.model.ATTENTION_IMPL` while the method runs (and restore them after), so methods
-    with and without them share one process (both key the compiled-program cache).
+    The `graphs` and `attention` options become the `decoding.Options` passed to `generate`
+    (static, part of the compile key), so methods with and without them share one process.
     """
 
     def __init__(self, label, name, options, env, strategy, *, draft_model=None, cost=None):
         super().__init__(label, name, options)
         self.env, self.strategy, self.draft_model, self.cost = env, strategy, draft_model, cost
 
-    @contextlib.contextmanager
-    def _switches(self):
-        from decoding import generation
-        from decoding import model as model_mod
+    def _options(self):
+        """The `decoding.Options` this method's `graphs=` and `attention=` options ask for."""
+        from decoding import Options
 
-        saved = generation.COMMAND_BUFFERS, model_mod.ATTENTION_IMPL
+        kw = {}
         if self.options.get("graphs"):
-            generation.COMMAND_BUFFERS = _command_buffers(self.options["graphs"])
+            kw["command_buffers"] = _command_buffers(self.options["graphs"])
         if self.options.get("attention"):
-            model_mod.ATTENTION_IMPL = self.options["attention"]
-        try:
-            yield
-        finally:
-            generation.COMMAND_BUFFERS, model_mod.ATTENTION_IMPL = saved
+            kw["attention"] = self.options["attention"]
+        return Options(**kw)
 
     def generate(self, prompts, seed):
-        with self._switches():
-            return self._generate(prompts, seed)
-
-    def _generate(self, prompts, seed):
         import decoding
 
         res = decoding.generate(self.env.target, prompts, strategy=self.strategy, sampling=self.env.sampling(),
                                 max_new_tokens=self.env.max_new_tokens, seed=seed, draft=self.draft_model,
-                                prompt_bucket=getattr(self.env, "prompt_bucket", None))
+                                prompt_bucket=getattr(self.env, "prompt_bucket", None), options=self._options())
         st = res.stats
         return Generation(tokens=[list(map(int, t)) for t in res.tokens], texts=list(res.texts), run_s=st.run_s,
                           compile_s=st.compile_s, target_forwards=int(st.target_forwards), tau=float(st.tau),
@@ -332,10 +322,9 @@ class JaxMethod(Method):
             return None
         from decoding.profiling import phase_times
 
-        with self._switches():
-            return phase_times(self.env.target, prompts, self.strategy, draft=self.draft_model,
-                               sampling=self.env.sampling(), max_new_tokens=self.env.max_new_tokens,
-                               prompt_bucket=getattr(self.env, "prompt_bucket", None))
+        return phase_times(self.env.target, prompts, self.strategy, draft=self.draft_model,
+                           sampling=self.env.sampling(), max_new_tokens=self.env.max_new_tokens,
+                           prompt_bucket=getattr(self.env, "prompt_bucket", None), options=self._options())
 
     def info(self):
         d = super().info()

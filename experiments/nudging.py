@@ -169,7 +169,7 @@ def run_nudged(store, task, items, base, aligned, config, log=print) -> None:
 
 def run_task(store, task, items, base, aligned, config, batch, log=print) -> None:
     """Every system's answer to every item of `task`, into `store` (resumable)."""
-    from decoding.generation import _next_bucket
+    from decoding.shapes import bucket
 
     prompts, stop = task_prompts(task)
     base_ids = [base.tokenizer.encode(prompts.base_prefix(it["question"]).rstrip(), add_special_tokens=True)
@@ -178,9 +178,9 @@ def run_task(store, task, items, base, aligned, config, batch, log=print) -> Non
                                             add_special_tokens=False) for it in items]
     # One prompt bucket per (task, model), fixed by every item of the task: a resumed run pads
     # the same way, so its programs and outputs are those of an uninterrupted one.
-    run_alone(store, task, "base", base, items, base_ids, _next_bucket(max(map(len, base_ids))),
+    run_alone(store, task, "base", base, items, base_ids, bucket(max(map(len, base_ids))),
               config.max_tokens, batch, stop, log)
-    run_alone(store, task, "aligned", aligned, items, aligned_ids, _next_bucket(max(map(len, aligned_ids))),
+    run_alone(store, task, "aligned", aligned, items, aligned_ids, bucket(max(map(len, aligned_ids))),
               config.max_tokens, batch, (), log)
     run_nudged(store, task, items, base, aligned, config, log)
 

@@ -166,54 +166,46 @@ def test_method_strings(bench):
 
 
 def _run_toy_ar(monkeypatch, read_switch, labels):
-    """Run each method label on the toy model; return the generations and the value
-    `read_switch()` had inside each `decoding.generate` call."""
+    """Run each method label on the toy model; return the generations and
+    `read_switch(options)` of the `decoding.Options` each `decoding.generate` call received."""
     import decoding
 
     env = specbench.BenchEnv(specbench.BenchConfig(target="toy", draft=None, max_new_tokens=3))
     seen, real = [], decoding.generate
 
     def spy(*a, **k):
-        seen.append(read_switch())
+        seen.append(read_switch(k.get("options") or decoding.Options()))
         return real(*a, **k)
 
     monkeypatch.setattr(decoding, "generate", spy)
     return [methods.parse(label).build(env).generate([list(b"hello")], 0) for label in labels], seen
 
 
-def test_graphs_option_switches_command_buffers_only_while_the_method_runs(bench, monkeypatch):
-    from decoding import generation
-
+def test_graphs_option_sets_the_command_buffers_of_that_method_alone(bench, monkeypatch):
     assert methods.parse("ar:graphs=while").label == "ar:graphs=while"
     assert methods.parse("spec:graphs=while").options == {"gamma": 4, "confidence": 0.0, "graphs": "while",
                                                           "attention": ""}
     assert methods.parse("ar:graphs=fusion+while").options["graphs"] == "fusion+while"
     with pytest.raises(methods.MethodSpecError, match="graphs='NOPE'.*unknown: NOPE"):
         methods.parse("ar:graphs=NOPE")
-    monkeypatch.setattr(generation, "COMMAND_BUFFERS", "")
-    (plain, graphs, kinds), seen = _run_toy_ar(monkeypatch, lambda: generation.COMMAND_BUFFERS,
+    (plain, graphs, kinds), seen = _run_toy_ar(monkeypatch, lambda opts: opts.command_buffers,
                                                ["ar", "ar:graphs=while", "ar:graphs=fusion+while"])
     assert seen == ["", "while", "FUSION,WHILE"]
-    assert generation.COMMAND_BUFFERS == ""  # restored after each method
     assert graphs.tokens == plain.tokens == kinds.tokens
     assert plain.row_forwards == [len(t) for t in plain.tokens]  # each row's own calls (tau 1.00)
 
 
-def test_attention_option_switches_the_kernel_only_while_the_method_runs(bench, monkeypatch):
-    """`attention=pallas` sets the library's attention switch for that method alone (restored
-    after; same tokens), and a bad value is refused before any work. The kernel's own numerics,
-    the model's layers with it included, are tested in tests/test_kernels.py."""
-    from decoding import model as model_mod
-
+def test_attention_option_sets_the_kernel_of_that_method_alone(bench, monkeypatch):
+    """`attention=pallas` reaches `generate` as that method's `Options` (same tokens), and a bad
+    value is refused before any work. The kernel's own numerics, the model's layers with it
+    included, are tested in tests/test_kernels.py."""
     assert methods.parse("ar:attention=pallas").label == "ar:attention=pallas"
     assert methods.parse("spec:attention=xla").options == {"gamma": 4, "confidence": 0.0, "graphs": "",
                                                            "attention": "xla"}
     with pytest.raises(methods.MethodSpecError, match="attention='cuda' is not 'xla' or 'pallas'"):
         methods.parse("ar:attention=cuda")
-    monkeypatch.setattr(model_mod, "ATTENTION_IMPL", "xla")
-    (plain, kernel), seen = _run_toy_ar(monkeypatch, model_mod.attention_impl, ["ar", "ar:attention=pallas"])
+    (plain, kernel), seen = _run_toy_ar(monkeypatch, lambda opts: opts.attention, ["ar", "ar:attention=pallas"])
     assert seen == ["xla", "pallas"]
-    assert model_mod.ATTENTION_IMPL == "xla"
     assert kernel.tokens == plain.tokens
 
 

@@ -302,7 +302,6 @@ def test_layer_ranges_hidden_states_and_unrolled_layers(pair, monkeypatch):
     """run_layers over split ranges (injecting the stream at layer k) equals the full stack;
     hidden[i] is the stream after i layers; the unrolled layer loop (accelerators) equals the
     scanned one (CPU)."""
-    from decoding import model as model_module
 
     _, model = pair()
     c, p = model.config, model.params
@@ -318,9 +317,8 @@ def test_layer_ranges_hidden_states_and_unrolled_layers(pair, monkeypatch):
     np.testing.assert_allclose(np.asarray(x), np.asarray(out.hidden[4]), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(cache.k), np.asarray(out.cache.k), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(decoding.unembed(c, p, x)), np.asarray(out.logits), atol=1e-5, rtol=0)
-    monkeypatch.setattr(model_module, "UNROLL_LAYERS", True)  # traced afresh by a new jit below
-    unrolled = jax.jit(forward, static_argnums=0, static_argnames="return_hidden")(
-        c, p, ids, pos, model.init_cache(2, 32), return_hidden=(2,))
+    unrolled = jax.jit(forward, static_argnums=0, static_argnames=("return_hidden", "options"))(
+        c, p, ids, pos, model.init_cache(2, 32), return_hidden=(2,), options=decoding.Options(unroll_layers=True))
     np.testing.assert_allclose(np.asarray(unrolled.logits), np.asarray(out.logits), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(unrolled.hidden[2]), np.asarray(out.hidden[2]), atol=1e-5, rtol=0)
 

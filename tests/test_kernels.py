@@ -297,19 +297,17 @@ def test_compiled_kernel_on_gpu(dtype):
 
 
 def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
-    """`decoding.model.ATTENTION_IMPL = "pallas"` (interpreted off GPUs) in the unrolled layers:
+    """`decoding.Options(attention="pallas")` (interpreted off GPUs) in the unrolled layers:
     the same logits as the jnp attention, the same greedy generation (autoregressive and a
     dynamic tree, whose verification uses a tree mask), and its own compiled programs."""
-    from decoding import DynamicTree, TreeDecoding, forward, generate
+    from decoding import DynamicTree, Options, TreeDecoding, forward, generate
     from decoding import generation as gen
-    from decoding import model as model_mod
     from drafting import DraftModel
     from tiny import tiny_model
 
     target = tiny_model(seed=5, head_dim=16, num_heads=4, num_kv_heads=2)
     draft = tiny_model(seed=6, head_dim=16, num_heads=4, num_kv_heads=2, num_layers=1)
     prompts = [[3, 9, 4, 1, 7], [5, 2]]
-    monkeypatch.setattr(model_mod, "UNROLL_LAYERS", True)
     cache = target.init_cache(2, 32).truncate(jnp.array([5, 2], jnp.int32))
     toks, pos = jnp.array([[3, 4], [1, 2]], jnp.int32), jnp.array([[5, 6], [2, 3]], jnp.int32)
     kernel_mod = importlib.import_module("decoding.kernels.attention")
@@ -319,12 +317,12 @@ def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
     monkeypatch.setattr(kernel_mod, "attention_pallas", lambda *a, **k: traced.append(k["layer"]) or real(*a, **k))
     runs = {}
     for impl in ("xla", "pallas"):
-        monkeypatch.setattr(model_mod, "ATTENTION_IMPL", impl)
+        opts = Options(attention=impl, unroll_layers=True)
         before, traced_before = gen.compile_count(), len(traced)
-        logits = jax.jit(lambda p, c: forward(target.config, p, toks, pos, c).logits)(target.params, cache)
-        ar = generate(target, prompts, max_new_tokens=6, eos_token_id=())
+        logits = jax.jit(lambda p, c: forward(target.config, p, toks, pos, c, options=opts).logits)(target.params, cache)
+        ar = generate(target, prompts, max_new_tokens=6, eos_token_id=(), options=opts)
         tree = generate(target, prompts, strategy=TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)),
-                        draft=draft, max_new_tokens=6, eos_token_id=())
+                        draft=draft, max_new_tokens=6, eos_token_id=(), options=opts)
         runs[impl] = (np.asarray(logits), ar.tokens, tree.tokens, gen.compile_count() - before,
                       len(traced) - traced_before)
     np.testing.assert_allclose(runs["pallas"][0], runs["xla"][0], rtol=1e-5, atol=1e-5)
@@ -333,9 +331,8 @@ def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
     assert runs["xla"][4] == 0
     # forward: 2 layers; generate (AR prefill + step, tree init + step): the kernel is in every program
     assert runs["pallas"][4] >= 2 + 4 * target.config.num_layers, "the generate programs did not use the kernel"
-    monkeypatch.setattr(model_mod, "ATTENTION_IMPL", "cuda")
-    with pytest.raises(ValueError, match="'xla' or 'pallas'"):
-        generate(target, prompts, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        generate(target, prompts, max_new_tokens=2, options=Options(attention="cuda"))
 
 
 @pytest.mark.parametrize("h,kh,dh", [(12, 2, 128), (14, 2, 64)])

@@ -265,17 +265,17 @@ def test_rounds_do_not_recompile(pairs):
 
 
 def test_a_flipped_model_switch_compiles_new_programs(pairs, monkeypatch):
-    """The per-model jits take `decoding.model.trace_switches()` as a static key: with the layer
-    loop unrolled instead of scanned they compile again (and write the same text) instead of
-    reusing programs traced under the other setting."""
-    from decoding import model as model_mod
+    """The per-model jits take `decoding.Options` as a static key: with the layer loop unrolled
+    instead of scanned they compile again (and write the same text) instead of reusing programs
+    traced under the other setting."""
+    from decoding import Options
 
     base, aligned = pairs["mixed"]
     config = Nudging(gamma=0.3, max_tokens=32)
     first = nudge(base, aligned, QUESTION, config)
-    monkeypatch.setattr(model_mod, "UNROLL_LAYERS", not model_mod.unroll_layers())
+    flip = Options(unroll_layers=not Options().resolved().unroll_layers)
     with compile_events() as events:
-        flipped = nudge(base, aligned, QUESTION, config)
+        flipped = nudge(base, aligned, QUESTION, config, options=flip)
     assert flipped.text == first.text
     assert [e for e in events if "_extend" in e] and [e for e in events if "_greedy" in e]
 
