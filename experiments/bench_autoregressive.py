@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import environment, questions, roofline
+from decoding import roofline
+
+from . import environment, questions
 
 
 def reference_prompts(path=None, subset="reference16") -> list[str]:

@@ -25,7 +25,7 @@ with and without them:
 Other methods can be added from a module: `--plugin my.module` imports it, and it calls
 `register(MethodSpec(...))`.
 
-Each method also declares its roofline cost (`experiments.roofline.predict`), so a report can
+Each method also declares its roofline cost (`decoding.roofline.predict`), so a report can
 put the predicted speedup next to the measured one.
 """
 
@@ -70,7 +70,7 @@ class Generation:
 class Method(abc.ABC):
     """Base class of a built method. Subclasses set `cost` and implement `generate`."""
 
-    #: roofline cost description (see `experiments.roofline.predict`), or None
+    #: roofline cost description (see `decoding.roofline.predict`), or None
     cost: dict | None = None
     #: warm up once per prompt-shape bucket (programs compiled per shape) instead of once
     warmup_per_shape: bool = True

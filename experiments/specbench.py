@@ -479,7 +479,7 @@ def default_draft(target: str) -> str | None:
 
 def device_profile(choice: str, device_kind: str):
     """auto (datasheet if the device is known, else measured), measure, none, or a name."""
-    from . import roofline
+    from decoding import roofline
 
     if choice == "none":
         return None
@@ -493,7 +493,7 @@ def device_profile(choice: str, device_kind: str):
 def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, greedy: bool,
                   method_order: Sequence[str] = ()) -> dict:
     """summary.json, summary.md and the plots, from the rows and run.json alone."""
-    from . import roofline
+    from decoding import roofline
     from .summary import add_phases, add_predictions, plot, render_markdown, summarize
 
     summary = summarize(store_rows, baseline=baseline, methods=method_order, greedy=greedy)

@@ -186,7 +186,7 @@ def add_predictions(summary: dict, rows: Sequence[dict], *, method_costs: dict, 
 
     Context for the prediction: mean prompt length + half the mean output length.
     """
-    from . import roofline
+    from decoding import roofline
 
     if not rows:
         return

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from decoding import ModelConfig
-from experiments import roofline
+from decoding import roofline
 from experiments.summary import add_phases, add_predictions, greedy_check, plot, render_markdown, summarize
 
 

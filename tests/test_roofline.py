@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from decoding import ModelConfig
-from experiments import roofline
+from decoding import roofline
 
 # Tiny config: V=100, D=8, F=16, L=2, H=2, K=1, Dh=4, untied, no bias.
 #   attention weights per layer: 8*2*4 + 2*8*1*4 + 2*4*8 = 192; MLP 3*8*16 = 384; norms 2*8 = 16
