@@ -1,12 +1,28 @@
-"""Splitting registry files into transfer chunks and reassembling them with verification."""
+"""tools/: splitting registry files into transfer chunks and reassembling them with verification,
+and the GPU stage script's method lists. tools/ is not a package: its files are imported by path."""
 
 import dataclasses
 import hashlib
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from decoding import registry
-from experiments import gpu_chunks
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_chunks = _load("gpu_chunks")
 
 
 @pytest.fixture
@@ -51,15 +67,13 @@ def test_a_missing_chunk_is_reported_and_nothing_is_kept(tmp_path, fake_entry):
 
 def test_every_gpu_stage_names_methods_the_harness_knows():
     """The GPU stages are run on a machine lent for minutes: a misspelt method or option there
-    costs device time, so every method list of experiments/gpu_stage.sh must resolve here,
+    costs device time, so every method list of tools/gpu_stage.sh must resolve here,
     and the script must parse."""
     import re
-    import subprocess
-    from pathlib import Path
 
     from experiments import methods
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "gpu_stage.sh"
+    script = TOOLS / "gpu_stage.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text().replace("\\\n", " ")
     lists = re.findall(r'--methods\s+"?(?:\$\{METHODS:-)?([\w:=,+]+)', text)
@@ -69,3 +83,20 @@ def test_every_gpu_stage_names_methods_the_harness_knows():
     assert len(lists) >= 7, lists  # ref16_b1, graphs_b1, ref16_b8, tuned_b1, tree_sweep, all_b8, fp32
     for item in lists:
         assert methods.resolve([item], check=False), item
+
+
+def test_gpu_chunks_runs_as_a_script_from_any_folder(tmp_path):
+    """`python tools/gpu_chunks.py ...` works from a checkout (tools/ is not installed)."""
+    out = subprocess.run([sys.executable, str(TOOLS / "gpu_chunks.py"), "reassemble", str(tmp_path), str(tmp_path / "o")],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "o").is_dir()
+
+
+def test_tools_import_nothing_of_experiments():
+    """tools/ moves files to a GPU machine; it must run without the benchmark scripts."""
+    for path in TOOLS.iterdir():
+        if not (path.is_file() and path.suffix in (".py", ".sh")):
+            continue
+        text = path.read_text()
+        assert "from experiments" not in text and "import experiments" not in text, path

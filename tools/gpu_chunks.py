@@ -7,9 +7,11 @@ remote side `reassemble` concatenates the parts in order, checks each file's sha
 the registry and writes the `.sha256` marker the registry trusts, so `decoding.load(name)`
 works there with `DECODING_CACHE_DIR` pointing at the output folder.
 
-    python -m experiments.gpu_chunks split qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+A tool of the repository, not part of the installed packages: run it as a script from a checkout.
+
+    python tools/gpu_chunks.py split qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
     # on the remote machine, after copying every chunk folder's files into PARTS:
-    python -m experiments.gpu_chunks reassemble PARTS OUT_DIR
+    python tools/gpu_chunks.py reassemble PARTS OUT_DIR
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+import sys
 from pathlib import Path
 
-from decoding import registry
+if __name__ == "__main__":  # run as a script: import the checkout's decoding package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decoding import registry  # noqa: E402
 
 
 def split(names, out=".gpu", chunk_mb: int = 40) -> list[Path]:

@@ -2,7 +2,7 @@
 # One stage of the GPU measurement plan, on a machine prepared as docs/gpu.md describes
 # (registry GGUF chunks copied to $PARTS, the gguf wheel in .gpu/wheels, data in .gpu/data).
 #
-#   bash experiments/gpu_stage.sh STAGE [SECONDS]
+#   bash tools/gpu_stage.sh STAGE [SECONDS]   (from any folder: it runs in the repository root)
 #
 # Every stage keeps its resumable state in $WORK/<stage> (outside the returned folder) and
 # ends, whatever happened, by packing that folder into $OUT/<stage>.tgz: a stage cut off by
@@ -17,7 +17,7 @@
 #   ar         autoregressive speed, 1.5B and 0.5B, XLA and Pallas attention,
 #              transformers eager beside                                       (~12, two runs)
 #   graphs     autoregressive speed, 1.5B and 0.5B, batch 1 and 8, with and without the decode
-#              loop as a CUDA graph (decoding.generation.COMMAND_BUFFERS=while), same process (~6)
+#              loop as a CUDA graph (decoding.Options(command_buffers="while")), same process (~6)
 #   graphs_b1  Spec-Bench reference16, batch 1: ar and spec, each with and without the decode loop
 #              as a CUDA graph (method option graphs=while), one process             (~6)
 #   ref16_b1   Spec-Bench reference16, batch 1: ar spec tree pld layerskip + transformers
@@ -39,6 +39,7 @@
 #              skipped once done, so a cut-off stage finishes when run again      (~8)
 #   nudging    Gemma-3-270M nudged by SmolLM2, GSM8K + AlpacaEval, judged      (~10, resumable)
 set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 2
 stage=${1:?usage: gpu_stage.sh STAGE [SECONDS]}
 limit=${2:-540}
 export DECODING_CACHE_DIR=${DECODING_CACHE_DIR:-/root/models/cache}
@@ -77,7 +78,7 @@ case $stage in
     mkdir -p "$DECODING_CACHE_DIR/converted"
     [ -f .gpu/tok/tokenizers.tgz ] && tar xzf .gpu/tok/tokenizers.tgz -C "$DECODING_CACHE_DIR/converted"
     python3 -m pip install -q --no-deps .gpu/wheels/gguf-*.whl &&
-      python3 -m experiments.gpu_chunks reassemble "$PARTS" "$DECODING_CACHE_DIR" | tee "$dir/reassemble.txt" &&
+      python3 tools/gpu_chunks.py reassemble "$PARTS" "$DECODING_CACHE_DIR" | tee "$dir/reassemble.txt" &&
       touch "$dir/done" ;;
   kernels)
     # pytest may be missing on the GPU machine: its wheels travel in .gpu/wheels with gguf's.
