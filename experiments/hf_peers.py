@@ -26,7 +26,9 @@ import gc
 import time
 from pathlib import Path
 
-from .methods import Generation, Method, MethodUnavailable
+from decoding.shapes import bucket
+
+from .method_base import Generation, Method, MethodUnavailable
 
 
 def hf_location(source: str) -> tuple[str, str | None]:
@@ -71,13 +73,6 @@ class _Counter:
 
     def remove(self):
         self._handle.remove()
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
 
 
 def _dynamo_graphs() -> int | None:
@@ -153,7 +148,7 @@ class HFMethod(Method):
         torch = self.torch
         width = max(len(p) for p in prompts)
         if self.mode == "static":
-            width = _bucket(width)
+            width = bucket(width)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding, as decoder-only generate expects

@@ -31,74 +31,16 @@ put the predicted speedup next to the measured one.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import importlib
 import math
 from typing import Any, Callable, Sequence
 
-
-class MethodUnavailable(RuntimeError):
-    """A method cannot be built here (its strategy or library is missing)."""
+from .method_base import Generation, Method, MethodUnavailable  # noqa: F401  (re-exported: methods.Generation, ...)
 
 
 class MethodSpecError(ValueError):
     """A method string names an unknown method or option, or an option has a bad value."""
-
-
-@dataclasses.dataclass
-class Generation:
-    """What one batched call produced. tokens/texts per row; times in seconds.
-
-    target_forwards: batched target calls (prefill included); row_forwards: each row's own
-    target calls (those made while the row was still generating, or its own calls when rows
-    were run separately); without it every row counts the batched calls;
-    tau: tokens per target call (mean over rows); extra: method-specific figures (e.g.
-    acceptance_per_position).
-    """
-
-    tokens: list
-    texts: list
-    run_s: float
-    compile_s: float = 0.0
-    target_forwards: int = 0
-    tau: float | None = None
-    extra: dict = dataclasses.field(default_factory=dict)
-    row_forwards: list | None = None
-
-
-class Method(abc.ABC):
-    """Base class of a built method. Subclasses set `cost` and implement `generate`."""
-
-    #: roofline cost description (see `decoding.roofline.predict`), or None
-    cost: dict | None = None
-    #: warm up once per prompt-shape bucket (programs compiled per shape) instead of once
-    warmup_per_shape: bool = True
-
-    def __init__(self, label: str, name: str, options: dict):
-        self.label, self.name, self.options = label, name, dict(options)
-
-    @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], seed: int) -> Generation:
-        """Generate for a batch of token-id prompts; the seed drives sampling."""
-
-    def warmup(self, prompts: list[list[int]], seed: int) -> float:
-        """Run once untimed, so that what needs compiling is compiled before timing.
-
-        Returns the seconds spent: the compile time where it is known apart (the JAX methods),
-        else the warm-up's wall time."""
-        import time
-
-        t0 = time.perf_counter()
-        self.generate(prompts, seed)
-        return time.perf_counter() - t0
-
-    def info(self) -> dict:
-        """Settings to record with the results."""
-        return {"name": self.name, "options": self.options, "cost": self.cost}
-
-    def close(self) -> None:
-        """Free what the method holds (models on the device)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,13 +173,13 @@ def _attr(module: str, name: str, method: str):
     obj = getattr(mod, name, None)
     if obj is None:
         raise MethodUnavailable(
-            f"method {method!r} needs {module}.{name}, which this checkout does not have yet "
-            f"(it is part of the core's speculative/tree work). Run the methods that exist, e.g. --methods ar."
-        )
+            f"method {method!r} needs {module}.{name}, which {module} does not define (was it renamed or moved? "
+            f"update experiments/methods.py). Run the methods that exist, e.g. --methods ar.")
     return obj
 
 
-def _needs(*paths: str, method: str) -> Callable[[], None]:
+def needs(*paths: str, method: str) -> Callable[[], None]:
+    """A `MethodSpec.check` that raises `MethodUnavailable` unless every "module.name" in `paths` exists."""
     def check() -> None:
         for path in paths:
             module, _, name = path.rpartition(".")
@@ -392,17 +334,17 @@ for _spec in (
     MethodSpec("spec", "speculative decoding with the --draft model (confidence > 0: a row stops drafting "
                        "once the draft's top-1 probability falls below it)", _build_spec,
                {"gamma": 4, "confidence": 0.0, "graphs": "", "attention": ""},
-               _needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
+               needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
     MethodSpec("tree", "tree decoding (dynamic tree) with the --draft model", _build_tree,
                {"depth": 6, "top_k": 10, "nodes": 60, "graphs": "", "attention": ""},
-               _needs("decoding.TreeDecoding", "drafting.DraftModel", "decoding.DynamicTree", method="tree"),
+               needs("decoding.TreeDecoding", "drafting.DraftModel", "decoding.DynamicTree", method="tree"),
                uses_draft_model=True),
     MethodSpec("pld", "prompt lookup decoding (n-gram drafts from the prompt)", _build_pld,
                {"gamma": 10, "ngram": 3, "graphs": "", "attention": ""},
-               _needs("decoding.Speculative", "drafting.PromptLookup", method="pld")),
+               needs("decoding.Speculative", "drafting.PromptLookup", method="pld")),
     MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
                {"gamma": 4, "layers": 0, "graphs": "", "attention": ""},
-               _needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
+               needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
     MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
                uses_torch=True),
     MethodSpec("hf_assisted", "transformers assisted generation (assistant_model = the --draft model)",

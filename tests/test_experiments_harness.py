@@ -229,11 +229,11 @@ def test_spec_confidence_option_reaches_the_strategy():
 
 
 def test_missing_core_strategies_give_a_clear_error():
-    check = methods._needs("decoding.NoSuchStrategy", method="future")
-    with pytest.raises(methods.MethodUnavailable, match="decoding.NoSuchStrategy.*does not have yet"):
+    check = methods.needs("decoding.NoSuchStrategy", method="future")
+    with pytest.raises(methods.MethodUnavailable, match="decoding.NoSuchStrategy.*which decoding does not define"):
         check()
     with pytest.raises(methods.MethodUnavailable, match="cannot be imported"):
-        methods._needs("no_such_package.Thing", method="future")()
+        methods.needs("no_such_package.Thing", method="future")()
 
 
 # --------------------------------------------------------------------------------------------
