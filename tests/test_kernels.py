@@ -26,7 +26,19 @@ from decoding.kernels import (
     prefix_visible,
 )
 from decoding.model import _attention, attention_mask
-from experiments.bench_kernels import tree_mask
+
+
+def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
+    """Ancestor mask bool[T, T] of a random tree whose nodes are numbered parents first."""
+    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, t)]
+    mask = np.zeros((t, t), bool)
+    for i in range(t):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parent[j]
+    return mask
+
 
 # The package exports a function named like the module; the module itself:
 attention_module = importlib.import_module("decoding.kernels.attention")
@@ -355,38 +367,3 @@ def test_kernel_lowers_for_cuda_without_a_gpu(h, kh, dh):
         for name, (fn, extra) in forms.items():
             text = jax.jit(fn).trace(q, kv, kv, extra).lower(lowering_platforms=("cuda",)).as_text()
             assert "stablehlo.custom_call @__gpu$xla.gpu.triton" in text, (name, t)  # the Triton program
-
-
-def test_benchmark_keeps_the_cases_it_measured_when_stopped(tmp_path, monkeypatch):
-    """experiments.bench_kernels writes its JSON and Markdown after every case, so a run stopped by
-    a time limit still returns what it measured, marked incomplete."""
-    import json
-
-    from experiments import bench_kernels
-
-    real_make_case, calls = bench_kernels.make_case, []
-
-    def make_case(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the limit strikes during the second case
-        return real_make_case(*args, **kwargs)
-
-    monkeypatch.setattr(bench_kernels, "make_case", make_case)
-    out = tmp_path / "kernels"
-    argv = ["--interpret", "--models", "qwen2.5-0.5b", "--batch-sizes", "1", "--tokens", "1",
-            "--capacities", "32,48", "--layers", "1", "--reps", "1", "--block-s", "16",
-            "--variants", "reference", "--out", str(out)]
-    with pytest.raises(KeyboardInterrupt):
-        bench_kernels.main(argv)
-    saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["meta"]["complete"] is False
-    assert (saved["meta"]["cases_done"], saved["meta"]["cases_total"]) == (1, 2)
-    assert [(r["S"], r["variant"]) for r in saved["rows"]] == [(32, "reference")]
-    assert "Incomplete: 1 of 2" in out.with_suffix(".md").read_text()
-
-    monkeypatch.setattr(bench_kernels, "make_case", real_make_case)
-    bench_kernels.main(argv)
-    saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["meta"]["complete"] is True and len(saved["rows"]) == 2
-    assert "Incomplete" not in out.with_suffix(".md").read_text()

@@ -1,0 +1,38 @@
+"""experiments.bench_kernels: the attention kernel benchmark script (interpret mode on CPU)."""
+
+import pytest
+
+
+def test_benchmark_keeps_the_cases_it_measured_when_stopped(tmp_path, monkeypatch):
+    """experiments.bench_kernels writes its JSON and Markdown after every case, so a run stopped by
+    a time limit still returns what it measured, marked incomplete."""
+    import json
+
+    from experiments import bench_kernels
+
+    real_make_case, calls = bench_kernels.make_case, []
+
+    def make_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the limit strikes during the second case
+        return real_make_case(*args, **kwargs)
+
+    monkeypatch.setattr(bench_kernels, "make_case", make_case)
+    out = tmp_path / "kernels"
+    argv = ["--interpret", "--models", "qwen2.5-0.5b", "--batch-sizes", "1", "--tokens", "1",
+            "--capacities", "32,48", "--layers", "1", "--reps", "1", "--block-s", "16",
+            "--variants", "reference", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.main(argv)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["meta"]["complete"] is False
+    assert (saved["meta"]["cases_done"], saved["meta"]["cases_total"]) == (1, 2)
+    assert [(r["S"], r["variant"]) for r in saved["rows"]] == [(32, "reference")]
+    assert "Incomplete: 1 of 2" in out.with_suffix(".md").read_text()
+
+    monkeypatch.setattr(bench_kernels, "make_case", real_make_case)
+    bench_kernels.main(argv)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["meta"]["complete"] is True and len(saved["rows"]) == 2
+    assert "Incomplete" not in out.with_suffix(".md").read_text()
