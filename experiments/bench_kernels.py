@@ -25,7 +25,6 @@ over the copy bandwidth measured here (a large device-to-device copy, bytes read
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
