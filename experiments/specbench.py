@@ -89,6 +89,7 @@ class BenchConfig:
     profile: str = "auto"
     fail_fast: bool = False
     progress: bool = True
+    tuned_on: str | None = None  # subset the methods' settings were tuned on: the report adds held-out figures
 
     @property
     def sampling_settings(self) -> dict:
@@ -491,12 +492,16 @@ def device_profile(choice: str, device_kind: str):
 
 
 def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, greedy: bool,
-                  method_order: Sequence[str] = ()) -> dict:
+                  method_order: Sequence[str] = (), tuned_on: str | None = None) -> dict:
     """summary.json, summary.md and the plots, from the rows and run.json alone."""
     from . import roofline
-    from .summary import add_phases, add_predictions, plot, render_markdown, summarize
+    from .summary import add_held_out, add_phases, add_predictions, plot, render_markdown, summarize, tuning_question_ids
 
     summary = summarize(store_rows, baseline=baseline, methods=method_order, greedy=greedy)
+    tuned_on = tuned_on or meta.get("config", {}).get("tuned_on")
+    if tuned_on:
+        ids = tuning_question_ids(tuned_on, meta.get("config", {}).get("questions"), meta["identity"].get("questions_sha256"))
+        add_held_out(summary, store_rows, tuned_on=tuned_on, question_ids=ids, baseline=baseline, methods=method_order, greedy=greedy)
     prof = meta.get("device_profile")
     if prof and meta.get("target_config"):
         from decoding import ModelConfig
@@ -531,6 +536,7 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
         "commands": list(dict.fromkeys(s.get("environment", {}).get("command", "") for s in sessions
                                        if s.get("session") in row_sessions)),
         "device_profile": prof,
+        "row_sessions": [s for s in sessions if s.get("session") in row_sessions],
         "errors": [{"method": e["method"], "error": e["error"]} for e in errors],
     }
     full = {"summary": summary, "run": meta, "errors": errors}
@@ -773,6 +779,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="add the rows of another run folder with the same settings to --out (a run continued "
                         "on another machine), rewrite the summary and exit")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing method")
+    p.add_argument("--tuned-on", default=None, choices=qmod.SUBSETS,
+                   help="the subset the methods' settings were tuned on: the report adds the figures without "
+                        "every turn of its questions (held out)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -794,7 +803,7 @@ def config_from_args(args) -> BenchConfig:
         batching=args.batching,
         prompt_bucket=args.prompt_bucket, phase_times=args.phase_times, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
         out=args.out, repair=args.repair, profile=args.profile, fail_fast=args.fail_fast,
-        progress=not args.no_progress)
+        progress=not args.no_progress, tuned_on=args.tuned_on)
 
 
 def _prepare_memory(resolved: Sequence[methods_mod.Resolved]) -> None:
@@ -826,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with ResultsStore.open(out_dir / "results.jsonl", repair_file=cfg.repair) as store:
                 fill_missing_methods(out_dir, meta, store.rows(), log=lambda m: print(m, file=sys.stderr))
                 write_summary(out_dir, store.rows(), meta, cfg.baseline,
-                              meta["identity"]["sampling"]["temperature"] == 0)
+                              meta["identity"]["sampling"]["temperature"] == 0, tuned_on=cfg.tuned_on)
             print(out_dir / "summary.md")
             return 0
         _prepare_memory(methods_mod.resolve(cfg.methods or methods_mod.default_methods(), check=False))

@@ -6,7 +6,8 @@ import pytest
 
 from decoding import ModelConfig
 from experiments import roofline
-from experiments.summary import add_phases, add_predictions, greedy_check, plot, render_markdown, summarize
+from experiments.summary import (add_held_out, add_phases, add_predictions, code_text, greedy_check, plot,
+                                 render_markdown, summarize, weights_text)
 
 
 def row(method, qid, category, time_s, new_tokens, forwards, turn=1, tokens=None, prompt_tokens=10):
@@ -95,7 +96,10 @@ def test_predictions_sit_next_to_measurements():
     expect = roofline.chain_prediction(cfg, dev, gamma=4, expected_tokens=s["methods"]["spec"]["overall"]["tau"],
                                        draft=0.5, context=context)
     assert s["methods"]["spec"]["predicted"]["speedup"] == pytest.approx(expect.speedup)
-    assert "speedup (roofline)" in render_markdown(s)
+    md = render_markdown(s)
+    # a ratio of two roofline bounds is named a prediction, never a bound
+    assert "roofline prediction of speedup" in md
+    assert "speedup (roofline)" not in md and "bound on speedup" not in md
 
 
 def test_plots_are_written(tmp_path):
@@ -159,3 +163,73 @@ def test_a_resumed_run_lists_the_command_of_each_session():
     assert lines[i + 1:i + 3] == ["  - `bench --methods ar,spec`", "  - `bench --methods tree`"]
     md = render_markdown(s, {"config": {}, "commands": ["bench --methods ar"]})
     assert "- command: `bench --methods ar`" in md
+
+
+def test_spec_bench_speedup_is_a_ratio_of_mean_question_speeds():
+    """Spec-Bench's formula: per question tokens / time (turns pooled), mean over questions, then the ratio."""
+    spec = summarize(ROWS, baseline="ar")["methods"]["spec"]["overall"]
+    method = ((40 + 20) / 2.0 + 60 / 2.0 + 5 / 0.25) / 3
+    base = ((40 + 20) / 6.0 + 60 / 6.0 + 10 / 1.0) / 3
+    assert spec["speedup_specbench"] == pytest.approx(method / base)
+    assert spec["speedup_specbench"] != pytest.approx(spec["speedup"])
+
+
+def test_held_out_figures_drop_every_turn_of_the_tuning_questions():
+    s = summarize(ROWS, baseline="ar", greedy=True)
+    add_held_out(s, ROWS, tuned_on="reference16", question_ids=[1], baseline="ar", greedy=True)
+    held = s["held_out"]["methods"]["spec"]["overall"]
+    # question 1 (both turns) is gone: coding 6 / 2 and qa 1 / 0.25 remain
+    assert held["pairs"] == 2 and held["speedup"] == pytest.approx(7.0 / 2.25)
+    assert s["methods"]["spec"]["overall"]["pairs"] == 4  # the full figures are unchanged
+    assert s["tuned_on"]["held_out_questions"] == 3 and s["tuned_on"]["held_out_pairs"] == 3
+    assert s["held_out"]["greedy_check"]["spec"] == {"compared": 2, "mismatches": 1, "mismatched": ["3/turn1"]}
+    md = render_markdown(s, {"config": {}})
+    assert "- tuned on: reference16 (1 questions" in md
+    assert "Tuned on: reference16 (1 questions); reported on: this run's questions minus every turn of those: " \
+           "3 questions, 3 (question, turn) pairs." in md
+    assert f"| {7.0 / 2.25:.2f}x |" in md.split("## Held out")[1].split("## Per category")[0]
+    # a run of the tuning prompts alone says it has no held-out figures
+    s = summarize(ROWS, baseline="ar")
+    add_held_out(s, ROWS, tuned_on="reference16", question_ids=[1, 2, 3, 4])
+    assert "held_out" not in s
+    assert "reported on: the same prompts (no held-out question in this run)" in render_markdown(s, {"config": {}})
+
+
+def test_every_table_with_equality_counts_the_greedy_mismatches():
+    md = render_markdown(summarize(ROWS, baseline="ar", greedy=True))
+    head = next(line for line in md.splitlines() if line.startswith("| Method | MT-bench"))
+    assert head.endswith("| greedy = baseline |")
+    spec_line = next(line for line in md.splitlines() if line.startswith("| spec | 3.00x"))
+    assert spec_line.endswith("| 3 of 4 |")
+
+
+def test_a_dirty_tree_is_named_in_the_report():
+    clean = {"git": {"commit": "a" * 40, "dirty": False}}
+    dirty = {"git": {"commit": "b" * 40, "dirty": True}}
+    assert code_text([clean]) == "commit aaaaaaa"
+    assert code_text([dirty]) == "commit bbbbbbb with uncommitted changes"
+    assert code_text([{}]) == "commit not recorded"
+    sessions = [{"session": "s1", "environment": dirty}, {"session": "s2", "environment": clean},
+                {"session": "s3", "environment": dirty}]
+    md = render_markdown(summarize(ROWS, baseline="ar"), {"config": {}, "row_sessions": sessions})
+    assert ("- code: commit bbbbbbb with uncommitted changes (sessions s1, s3); commit aaaaaaa (session s2)"
+            in md.splitlines())
+    md = render_markdown(summarize(ROWS, baseline="ar"), {"config": {}, "row_sessions": sessions[1:2]})
+    assert "- code: commit aaaaaaa" in md.splitlines()
+
+
+def test_the_weights_line_comes_from_the_registry_entry():
+    text = weights_text("qwen2.5-coder-1.5b-instruct", "bfloat16")
+    assert "Q4_K_M GGUF" in text and "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" in text
+    assert text.endswith("dequantized to bfloat16")
+    # a registry entry that is not Q4_K_M is not called Q4_K_M
+    assert "Q4_1 GGUF" in weights_text("smollm2-135m-instruct", "bfloat16")
+    assert "Q4_K_M" not in weights_text("/models/some-hf-dir", "float32")
+    assert "random toy model" in weights_text("toy", "float32")
+    md = render_markdown(summarize(ROWS, baseline="ar"), {"config": {"target": "qwen2.5-coder-1.5b-instruct",
+                                                                      "draft": "qwen2.5-coder-0.5b-instruct",
+                                                                      "dtype": "bfloat16"}})
+    line = next(x for x in md.splitlines() if x.startswith("- weights:"))
+    assert line.count("Q4_K_M GGUF") == 2 and line.count("dequantized to bfloat16") == 2
+    assert next(x for x in md.splitlines() if x.startswith("- speedup = ")).startswith(
+        "- speedup = sum of the baseline's time / sum of the method's time")
