@@ -30,7 +30,10 @@ The report's header names the weights (`weights_text`) and the code that wrote t
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Collection, Iterable, Sequence
@@ -557,10 +560,13 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
     base = summary.get("baseline")
     out += [f"## Speedup over {base or 'the baseline (not in this run)'} (Spec-Bench leaderboard shape)", ""]
     tuned = summary.get("tuned_on")
-    if tuned:
+    if tuned and summary.get("held_out"):
         out += [f"Tuned on: {tuned['subset']}; reported on: every (question, turn) pair of this run"
                 + (f", the {tuned['questions_in_run']} tuning questions included." if tuned["questions_in_run"]
                    else " (none of them a tuning question)."), ""]
+    elif tuned:
+        out += [f"Tuned on: {tuned['subset']}; reported on: the same prompts (every question of this run is in "
+                f"{tuned['subset']}, so there are no held-out figures).", ""]
     out += [leaderboard_markdown(summary), ""]
     held = summary.get("held_out")
     if tuned and held:
@@ -569,9 +575,6 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
                 f"questions minus every turn of those: {tuned['held_out_questions']} questions, "
                 f"{tuned['held_out_pairs']} (question, turn) pairs.", "",
                 leaderboard_markdown(held), ""]
-    elif tuned:
-        out += [f"No held-out figures: every question of this run is in {tuned['subset']}, the set the "
-                "settings were tuned on.", ""]
     out += [
             "## Per category (speedup / tau)", "", categories_markdown(summary), "",
             "## Measured vs roofline", "",
@@ -653,3 +656,102 @@ def plot(summary: dict, rows: Sequence[dict], out_dir: str | Path) -> list[str]:
         plt.close(fig)
         written.append(str(out_dir / "tau.png"))
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# The index of committed results: what each one is, from its own files
+# --------------------------------------------------------------------------------------------
+
+# Reports rewritten from their data by a summarize-only path that states the weights and the code
+# in the report itself; any other result is described only by the index.
+REGENERATED = {
+    "specbench": "python -m experiments.specbench --summarize-only [--tuned-on reference16] --out DIR",
+    "ead": "python -m experiments.ead --summarize-only --out DIR",
+    "nudging": "python -m experiments.nudging --summarize-only --limit 100 --out DIR",
+}
+
+
+def _walk(value, found: dict) -> None:
+    """Collect the environments (dicts with `git` and `device`), model names and dtypes in a JSON value."""
+    if isinstance(value, dict):
+        if "git" in value and "device" in value:
+            found["environments"].append(value)
+        for k, v in value.items():
+            if k == "dtype" and isinstance(v, str):
+                found["dtypes"].add(v)
+            _walk(k, found)
+            _walk(v, found)
+    elif isinstance(value, list):
+        for v in value:
+            _walk(v, found)
+    elif isinstance(value, str) and value in found["names"]:
+        found["models"].setdefault(value, None)
+
+
+def describe_result(path: Path) -> dict:
+    """What a committed result file says about itself: devices, the code of every recorded
+    session, the weights of every registry model it names, and its dtypes."""
+    from decoding import registry
+
+    found = {"environments": [], "dtypes": set(), "models": {}, "names": set(registry.REGISTRY)}
+    _walk(json.loads(path.read_text(encoding="utf-8")), found)
+    envs = sorted({json.dumps(e, sort_keys=True) for e in found["environments"]})
+    envs = sorted((json.loads(e) for e in envs), key=lambda e: e.get("time_utc", ""))
+    dtype = ", ".join(sorted(found["dtypes"])) or "a dtype this file does not record"
+    return {
+        "devices": sorted({(e.get("device") or {}).get("device_kind", "?") for e in envs}),
+        "code": code_text(envs) if envs else "commit not recorded",
+        "weights": [weights_text(m, dtype) for m in found["models"]],
+    }
+
+
+def results_index(root: str | Path) -> str:
+    """Markdown: one line per committed result under `root` (a run folder's run.json, or a
+    result JSON of a script without a summarize-only path), saying what it is."""
+    root = Path(root)
+    lines = ["# Committed results: what each one is", "",
+             "Written by `python -m experiments.summary --index experiments/results` from the results' own "
+             "files; do not edit. Code: the commit of every session a result records (\"with uncommitted "
+             "changes\" when its tree was dirty). Weights: the model registry's entry for each model the "
+             "result names. Regenerated: the report was rewritten from its data and its header states the "
+             "same; otherwise the report predates these lines and this index is where they are stated.", "",
+             f"Speedup, wherever a report gives one: {SPEEDUP_DEFINITION}.", ""]
+    seen_dirs = set()
+    for path in sorted(root.rglob("*.json")):
+        rel = path.relative_to(root)
+        if path.name in ("summary.json", "nudging.json") and (path.parent / "run.json").exists():
+            continue  # a report of a run folder: described by its run.json
+        if path.parent in seen_dirs:
+            continue
+        if path.name == "run.json":
+            seen_dirs.add(path.parent)
+        kind = rel.parts[0] if len(rel.parts) > 1 else ""
+        d = describe_result(path)
+        regen = f"regenerated (`{REGENERATED[kind]}`)" if path.name == "run.json" and kind in REGENERATED else (
+            "not regenerated: its script has no summarize-only path")
+        where = rel.parent if path.name == "run.json" else rel
+        lines.append(f"- `{where}`: {', '.join(d['devices']) or 'device not recorded'}; code: {d['code']}; "
+                     f"weights: {'; '.join(d['weights']) or 'none named'}; {regen}.")
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() and not any(path.glob("*.json")) and any(p.is_file() for p in path.iterdir()):
+            lines.append(f"- `{path.relative_to(root)}`: no JSON result (a log and its description); code not "
+                         "recorded.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.summary",
+                                description="Write the index of committed results (README.md in the folder).")
+    p.add_argument("--index", required=True, metavar="RESULTS_DIR", help="folder of committed results")
+    args = p.parse_args(argv)
+    root = Path(args.index)
+    if not root.is_dir():
+        print(f"error: {root} is not a folder of results.", file=sys.stderr)
+        return 2
+    (root / "README.md").write_text(results_index(root), encoding="utf-8")
+    print(root / "README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,6 @@
 """Leaderboard math on hand-made rows: speedups, tau, per-category and per-task aggregation."""
 
+import json
 import math
 
 import pytest
@@ -233,3 +234,26 @@ def test_the_weights_line_comes_from_the_registry_entry():
     assert line.count("Q4_K_M GGUF") == 2 and line.count("dequantized to bfloat16") == 2
     assert next(x for x in md.splitlines() if x.startswith("- speedup = ")).startswith(
         "- speedup = sum of the baseline's time / sum of the method's time")
+
+
+def test_the_results_index_states_code_and_weights_of_every_result(tmp_path):
+    """Each committed result gets one line from its own files: a dirty tree is named, a run
+    folder's report is marked regenerated, a script's JSON without a summarize-only path is not."""
+    from experiments.summary import results_index
+
+    env = {"device": {"device_kind": "GPU A"}, "git": {"commit": "d" * 40, "dirty": True}, "time_utc": "t"}
+    run = tmp_path / "specbench" / "run1"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"identity": {"target": "qwen2.5-coder-1.5b-instruct",
+                                                           "dtype": "bfloat16"}, "sessions": [{"environment": env}]}))
+    (run / "summary.json").write_text(json.dumps({"environment": {"device": {}, "git": {}}}))
+    (tmp_path / "bench.json").write_text(json.dumps({"environment": dict(env, git={"commit": "e" * 40,
+                                                                                   "dirty": False}),
+                                                      "models": {"qwen2.5-coder-0.5b-instruct": {}}}))
+    lines = [x for x in results_index(tmp_path).splitlines() if x.startswith("- ")]
+    assert len(lines) == 2
+    bench, spec = lines
+    assert bench.startswith("- `bench.json`: GPU A; code: commit eeeeeee; weights: `qwen2.5-coder-0.5b-instruct`")
+    assert "a dtype this file does not record" in bench and "not regenerated" in bench
+    assert spec.startswith("- `specbench/run1`: GPU A; code: commit ddddddd with uncommitted changes; weights: ")
+    assert "Q4_K_M GGUF" in spec and "dequantized to bfloat16" in spec and "; regenerated (" in spec
