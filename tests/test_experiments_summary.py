@@ -257,3 +257,50 @@ def test_the_results_index_states_code_and_weights_of_every_result(tmp_path):
     assert "a dtype this file does not record" in bench and "not regenerated" in bench
     assert spec.startswith("- `specbench/run1`: GPU A; code: commit ddddddd with uncommitted changes; weights: ")
     assert "Q4_K_M GGUF" in spec and "dequantized to bfloat16" in spec and "; regenerated (" in spec
+
+
+def test_tuning_question_ids_come_from_the_runs_question_file(tmp_path):
+    """The ids of a named subset are read from the question file the run used (checked by its
+    sha256); reference16 takes the first 2 questions of 8 categories, and every turn of them is
+    excluded from the held-out figures."""
+    from experiments import questions as qmod
+    from experiments.summary import tuning_question_ids
+
+    rows = []
+    qid = 1
+    for cat in qmod.CATEGORIES:
+        for _ in range(3):
+            rows.append({"question_id": qid, "category": cat, "turns": ["a", "b"] if cat == "writing" else ["a"]})
+            qid += 1
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = tuning_question_ids("reference16", path, qmod.file_sha256(path))
+    by_cat = {r["question_id"]: r["category"] for r in rows}
+    assert len(ids) == 16 and {by_cat[i] for i in ids} == set(qmod.REFERENCE16_CATEGORIES)
+    assert ids[:2] == [1, 2]  # the first two writing questions, whose second turns are dropped too
+    with pytest.raises(qmod.QuestionsError, match="not the question file this run used"):
+        tuning_question_ids("reference16", path, "0" * 64)
+
+
+def test_a_toy_run_tuned_on_reference16_reports_held_out_figures(tmp_path):
+    """End to end on the toy model: --tuned-on is kept in run.json, so the report of the run and
+    a later --summarize-only both hold the held-out leaderboard."""
+    from experiments import questions as qmod
+    from experiments import specbench
+
+    rows = [{"question_id": i + 1, "category": cat, "turns": [f"question {i}"]}
+            for i, cat in enumerate(c for c in qmod.CATEGORIES for _ in range(3))]
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = ["--target", "toy", "--draft", "toy-draft", "--methods", "ar,pld", "--questions", str(path),
+            "--categories", "writing,qa", "--max-new-tokens", "4", "--no-progress", "--profile", "none",
+            "--out", str(out)]
+    assert specbench.main(args + ["--tuned-on", "reference16"]) == 0
+    for _ in range(2):
+        md = (out / "summary.md").read_text()
+        assert "Tuned on: reference16 (16 questions); reported on: this run's questions minus every turn of " \
+               "those: 2 questions, 2 (question, turn) pairs." in md
+        assert "- weights: target `toy`: a random toy model" in md
+        assert "| greedy = baseline |" in md and "- code: " in md
+        assert specbench.main(["--summarize-only", "--out", str(out)]) == 0
