@@ -28,8 +28,8 @@ sample size; the fraction of generated tokens the large model produced; the pape
 the catch-up tokens (what a model re-reads when it becomes active) added, and with forward
 calls in place of tokens (`decoding/entropy_adaptive.py` explains the three); switches per
 100 tokens; the share of answers cut by --max-new-tokens; measured tokens/s (compile time
-excluded, kept apart) and generation seconds beside it. Token fractions and costs are token-weighted over all questions, as in
-the paper. Accuracy relative to the large model alone is the paper's "% of the large model's
+excluded, kept apart), generation seconds and tokens/s relative to the large model alone.
+Token fractions and costs are token-weighted over all questions, as in the paper. Accuracy relative to the large model alone is the paper's "% of the large model's
 performance".
 
 Outputs in --out: `results.jsonl` (one row per point x question, written as it finishes),

@@ -495,13 +495,16 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
                   method_order: Sequence[str] = (), tuned_on: str | None = None) -> dict:
     """summary.json, summary.md and the plots, from the rows and run.json alone."""
     from . import roofline
-    from .summary import add_held_out, add_phases, add_predictions, plot, render_markdown, summarize, tuning_question_ids
+    from .summary import (add_held_out, add_phases, add_predictions, plot, render_markdown, summarize,
+                          tuning_question_ids)
 
     summary = summarize(store_rows, baseline=baseline, methods=method_order, greedy=greedy)
     tuned_on = tuned_on or meta.get("config", {}).get("tuned_on")
-    if tuned_on:
-        ids = tuning_question_ids(tuned_on, meta.get("config", {}).get("questions"), meta["identity"].get("questions_sha256"))
-        add_held_out(summary, store_rows, tuned_on=tuned_on, question_ids=ids, baseline=baseline, methods=method_order, greedy=greedy)
+    if tuned_on:  # held-out figures: without every turn of the questions the settings were tuned on
+        ids = tuning_question_ids(tuned_on, meta.get("config", {}).get("questions"),
+                                  meta["identity"].get("questions_sha256"))
+        add_held_out(summary, store_rows, tuned_on=tuned_on, question_ids=ids, baseline=baseline,
+                     methods=method_order, greedy=greedy)
     prof = meta.get("device_profile")
     if prof and meta.get("target_config"):
         from decoding import ModelConfig
