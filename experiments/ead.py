@@ -3,8 +3,9 @@
     python -m experiments.ead --datasets gsm8k,math500 --limit 200 --batch-size 16
     python -m experiments.ead --small toy-draft --large toy --limit 2 --max-new-tokens 16  # no weights
 
-The paper's experiment with Qwen2.5-Coder 0.5B (small) and 1.5B (large) Instruct: for each data
-set and each point (the small model alone, the large model alone, and EAD at every
+The paper's experiment (MATH, with LLaMA pairs up to 11B and Qwen2.5 pairs up to 14B) run with
+the registry's pair, Qwen2.5-Coder 0.5B (small) and 1.5B (large) Instruct, on GSM8K and
+MATH-500 (both Q4_K_M GGUF files dequantized to --dtype): for each data set and each point (the small model alone, the large model alone, and EAD at every
 `--thresholds` value, in bits) every question is answered with
 `decoding.generate(large, prompts, strategy=EntropyAdaptive(threshold, window, min_dwell),
 draft=small)`; the end points are EAD at threshold +inf / -inf, which are exactly each model's
@@ -27,8 +28,8 @@ sample size; the fraction of generated tokens the large model produced; the pape
 the catch-up tokens (what a model re-reads when it becomes active) added, and with forward
 calls in place of tokens (`decoding/entropy_adaptive.py` explains the three); switches per
 100 tokens; the share of answers cut by --max-new-tokens; measured tokens/s (compile time
-excluded, kept apart). Token fractions and costs are token-weighted over all questions, as in
-the paper. Accuracy relative to the large model alone is the paper's "% of the large model's
+excluded, kept apart), generation seconds and tokens/s relative to the large model alone.
+Token fractions and costs are token-weighted over all questions, as in the paper. Accuracy relative to the large model alone is the paper's "% of the large model's
 performance".
 
 Outputs in --out: `results.jsonl` (one row per point x question, written as it finishes),
@@ -40,6 +41,10 @@ prompts padded to one length per data set, so each data set compiles one program
 (the threshold is a traced value of the program, the end points included).
 Rows of one batch run in lockstep; a model runs in a step when any row needs it, so the
 measured time of a mixed batch exceeds the per-row cost the paper's formula describes.
+
+`--summarize-only` rewrites the report from results.jsonl and run.json alone (no model loaded).
+run.json keeps every session's environment (device, versions, git commit); the report names the
+commit of the rows each session wrote, by their time stamps.
 
 Resuming: rerun the same command; rows already in results.jsonl (keyed by point, data set,
 question index) are skipped. A rerun whose settings differ (models, dtype, window, dwell,
@@ -225,8 +230,10 @@ def summarize(rows: Sequence[dict], params_small: int, params_large: int) -> dic
                 "devices": sorted({r.get("device", "?") for r in pr}),
             }
         large_acc = points.get(LARGE_POINT, {}).get("accuracy")
+        large_tps = points.get(LARGE_POINT, {}).get("tokens_per_s")
         for p in points.values():
             p["relative_accuracy"] = p["accuracy"] / large_acc if large_acc else float("nan")
+            p["relative_speed"] = p["tokens_per_s"] / large_tps if large_tps else float("nan")
         out[dataset] = points
     return out
 
@@ -240,7 +247,26 @@ def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def render_markdown(summary: dict, meta: dict) -> str:
+def session_code(rows: Sequence[dict], meta: dict) -> str:
+    """The code that wrote the rows: each recorded session's commit with the rows it wrote (by
+    time stamp: a session wrote the rows from its start to the next session's), and the rows
+    written before the first recorded session."""
+    from .summary import code_text
+
+    sessions = sorted(meta.get("sessions") or ([meta["environment"]] if meta.get("environment") else []),
+                      key=lambda e: e.get("time_utc", ""))
+    counts: dict = {}
+    for r in rows:
+        k = max((i for i, e in enumerate(sessions) if e.get("time_utc", "") <= r.get("time_utc", "")), default=-1)
+        text = code_text([sessions[k]]) if k >= 0 else (
+            "commit not recorded (written before the first session run.json records)")
+        counts[text] = counts.get(text, 0) + 1
+    return "; ".join(f"{text}: {n} rows" for text, n in counts.items()) or code_text(sessions)
+
+
+def render_markdown(summary: dict, meta: dict, rows: Sequence[dict] = ()) -> str:
+    from .summary import weights_text
+
     lines = ["# Entropy-adaptive decoding (Simonds 2025)", ""]
     lines.append(f"Small: `{meta['small']}` ({meta['params_small'] / 1e6:.4g}M parameters); large: "
                  f"`{meta['large']}` ({meta['params_large'] / 1e6:.4g}M); dtype {meta['dtype']}; "
@@ -248,16 +274,29 @@ def render_markdown(summary: dict, meta: dict) -> str:
                  f"{meta['catchup_width']}; at most {meta['max_new_tokens']} new tokens; device "
                  f"{meta.get('device_kind', '?')}.")
     lines.append("")
+    lines.append(f"Weights: small {weights_text(meta['small'], meta['dtype'])}; large "
+                 f"{weights_text(meta['large'], meta['dtype'])}.")
+    lines.append("")
+    batch = sorted({r.get("batch_size") for r in rows if r.get("batch_size")})
+    if batch:
+        lines.append(f"Batches of {', '.join(map(str, batch))} questions.")
+        lines.append("")
+    lines.append(f"Code: {session_code(rows, meta)}.")
+    lines.append("")
     lines.append("Accuracy: exact final-answer match (`experiments/answers.py`), 95% Wilson interval. Large "
                  "fraction and costs are token-weighted; cost = (N_s P_s + N_l P_l) / (N P_l) (the paper's); "
                  "'w/ catch-up' adds the tokens a model re-reads when it becomes active (arithmetic view); "
                  "'calls' weighs each model's forward calls instead of tokens (weight-read view, see "
-                 "`decoding/entropy_adaptive.py`). Time excludes compilation.")
+                 "`decoding/entropy_adaptive.py`). Wall clock: tok/s = generated tokens / generation seconds over "
+                 "the point's batches (compilation excluded); 'vs large tok/s' divides by the large model alone. "
+                 "Rows of a batch run in lockstep and a model runs in a step when any row needs it, so a mixed "
+                 "batch costs more than the per-row cost formula says.")
     for dataset, points in summary.items():
         lines += ["", f"## {DATASET_NAMES[dataset]}", "",
                   "| point | threshold (bits) | n | accuracy [95% CI] | vs large | large fraction | cost | "
-                  "cost w/ catch-up | cost (calls) | switches / 100 tok | mean tokens | hit limit | tok/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "cost w/ catch-up | cost (calls) | switches / 100 tok | mean tokens | hit limit | tok/s | "
+                  "vs large tok/s | generation s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, p in points.items():
             lo, hi = p["ci95"]
             lines.append(
@@ -265,7 +304,8 @@ def render_markdown(summary: dict, meta: dict) -> str:
                 f"{_fmt(p['relative_accuracy'])} | {_fmt(p['large_fraction'])} | {_fmt(p['cost'])} | "
                 f"{_fmt(p['cost_with_catchup'])} | {_fmt(p['cost_calls'])} | "
                 f"{_fmt(p['switches_per_100_tokens'], '.2f')} | "
-                f"{_fmt(p['mean_tokens'], '.1f')} | {_fmt(p['hit_limit'], '.2f')} | {_fmt(p['tokens_per_s'], '.1f')} |")
+                f"{_fmt(p['mean_tokens'], '.1f')} | {_fmt(p['hit_limit'], '.2f')} | {_fmt(p['tokens_per_s'], '.1f')} | "
+                f"{_fmt(p.get('relative_speed'), '.2f')} | {_fmt(p['run_s'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -338,6 +378,7 @@ class Config:
     out: str | None = None
     repair: bool = False
     progress: bool = True
+    summarize_only: bool = False
 
     def points(self) -> list[float]:
         pts = ([math.inf] if self.endpoints else []) + sorted(set(self.thresholds), reverse=True)
@@ -419,12 +460,15 @@ def run(cfg: Config, log=print) -> dict:
         raise SetupError(f"{cfg.large!r} was loaded without a tokenizer; the chat prompt needs one.")
     env = describe()
     device_kind = env["device"]["device_kind"]
+    old = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").exists() else {}
+    sessions = list(old.get("sessions") or ([old["environment"]] if "environment" in old else [])) + [env]
     meta = {"identity": {**identity, "data_sha256": _merged_sha(out_dir / "run.json", data_sha)},
             "small": cfg.small, "large": cfg.large, "dtype": cfg.dtype, "window": cfg.window,
             "min_dwell": cfg.min_dwell, "catchup_width": cfg.catchup_width, "max_new_tokens": cfg.max_new_tokens,
             "sampling_text": cfg.sampling_text(), "params_small": small.config.param_count(),
             "params_large": large.config.param_count(), "small_config": dataclasses.asdict(small.config),
-            "large_config": dataclasses.asdict(large.config), "device_kind": device_kind, "environment": env}
+            "large_config": dataclasses.asdict(large.config), "device_kind": device_kind, "environment": env,
+            "sessions": sessions}
     (out_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
 
     prompts = {d: [prompt_ids(tok, q.question) for q in qs] for d, qs in questions.items()}
@@ -482,13 +526,31 @@ def run(cfg: Config, log=print) -> dict:
         if bar is not None:
             bar.close()
         rows = [r for r in store.rows() if r["dataset"] in cfg.datasets]
+    return write_report(out_dir, rows, meta, log)
+
+
+def write_report(out_dir: Path, rows: Sequence[dict], meta: dict, log=print) -> dict:
+    """summary.json, summary.md and the plots of `rows`; returns the summary."""
     summary = summarize(rows, meta["params_small"], meta["params_large"])
-    (out_dir / "summary.json").write_text(json.dumps({"meta": {k: v for k, v in meta.items() if k != "environment"},
+    (out_dir / "summary.json").write_text(json.dumps({"meta": {k: v for k, v in meta.items()
+                                                               if k not in ("environment", "sessions")},
+                                                      "code": session_code(rows, meta),
                                                       "points": summary}, indent=1, default=str))
-    (out_dir / "summary.md").write_text(render_markdown(summary, meta))
+    (out_dir / "summary.md").write_text(render_markdown(summary, meta, rows))
     plots = plot(summary, out_dir)
     log(f"wrote {out_dir / 'summary.md'}, {out_dir / 'summary.json'} and {', '.join(plots)}")
     return summary
+
+
+def summarize_only(out_dir: Path, log=print) -> dict:
+    """Rewrite the report of a run folder from its results.jsonl and run.json (no model loaded)."""
+    run_file = out_dir / "run.json"
+    if not run_file.is_file():
+        raise SetupError(f"{run_file} not found: nothing to summarize (run the experiment first, or pass its --out).")
+    meta = json.loads(run_file.read_text())
+    with ResultsStore.open(out_dir / "results.jsonl", repair_file=False, key_fields=KEY_FIELDS, log=log) as store:
+        rows = store.rows()
+    return write_report(out_dir, rows, meta, log)
 
 
 def _eos_ids(tokenizer) -> tuple:
@@ -533,6 +595,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--out", default=None, help=f"output folder (default: under {RESULTS_DIR})")
     p.add_argument("--repair", action="store_true", help="keep the valid rows of a damaged results.jsonl")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="rewrite the report of --out from its results.jsonl and run.json and exit (no model loaded)")
     a = p.parse_args(argv)
     datasets = tuple(d.strip() for d in a.datasets.split(",") if d.strip())
     bad = [d for d in datasets if d not in DATASETS]
@@ -542,13 +606,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                   thresholds=parse_thresholds(a.thresholds), endpoints=not a.no_endpoints, window=a.window,
                   min_dwell=a.min_dwell, catchup_width=a.catchup_width, limit=a.limit, batch_size=a.batch_size,
                   max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                  data_dir=a.data_dir, out=a.out, repair=a.repair, progress=not a.no_progress)
+                  data_dir=a.data_dir, out=a.out, repair=a.repair, progress=not a.no_progress,
+                  summarize_only=a.summarize_only)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         t0 = time.perf_counter()
+        if cfg.summarize_only:
+            summarize_only(cfg.out_dir())
+            return 0
         run(cfg)
         print(f"done in {time.perf_counter() - t0:.0f} s")
         return 0

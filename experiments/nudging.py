@@ -58,6 +58,7 @@ import numpy as np
 from . import environment
 from .answers import extract_gsm8k, gsm8k_correct, gsm8k_gold
 from .store import ResultsError, ResultsStore
+from .summary import code_text, weights_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -392,6 +393,9 @@ def markdown(report: dict) -> str:
         "# Nudging", "",
         f"Base `{s['base']}` nudged by `{s['aligned']}`; gamma {s['gamma']}, chunk {s['chunk']}, "
         f"max tokens {s['max_tokens']}, greedy, dtype {s['dtype']}; {_devices_line(report)}.", "",
+        "Weights: " + "; ".join(f"{role} {weights_text(s[role], s['dtype'])}" for role in ("base", "aligned", "judge")
+                                if s.get(role)) + ".", "",
+        f"Code: {_code_line(report)}.", "",
     ]
     if "gsm8k" in report["tasks"]:
         t = report["tasks"]["gsm8k"]
@@ -432,6 +436,20 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines.append(f"Command: `{report['environment'].get('command', '')}`")
     return "\n".join(lines) + "\n"
+
+
+def _code_line(report: dict) -> str:
+    """The commit of each session with the rows it wrote ('commit abc1234 with uncommitted
+    changes (rows 0-555 of results.jsonl)'), from the sessions' recorded environments."""
+    sessions = report.get("sessions") or []
+    if not sessions:
+        return code_text([report.get("environment", {})])
+    parts = []
+    for i, sess in enumerate(sessions):
+        end = sessions[i + 1]["first_row"] if i + 1 < len(sessions) else None
+        rows = f"rows {sess['first_row']}-{end - 1}" if end is not None else f"rows {sess['first_row']} on"
+        parts.append(f"{code_text([{'git': sess.get('git')}])} ({rows} of results.jsonl)")
+    return "; ".join(parts)
 
 
 def _devices_line(report: dict) -> str:
@@ -593,6 +611,7 @@ def run(args, load=None, log=print) -> dict:
 def _session_brief(session: dict) -> dict:
     env = session.get("environment", {})
     return {"first_row": session.get("first_row"), "device": env.get("device", {}).get("device_kind"),
+            "git": env.get("git") or {},
             "versions": {k: env.get("versions", {}).get(k) for k in ("jax", "transformers")},
             "command": env.get("command"), "time_utc": env.get("time_utc")}
 

@@ -12,29 +12,52 @@ Definitions (each figure is a ratio of sums over rows, never a mean of ratios):
     set of questions = sum T_B / sum T_M over the (question, turn) pairs both have: how much
     less time M needs for the same questions;
   * speedup_tps = (sum N_M / sum T_M) / (sum N_B / sum T_B) over the same pairs: the ratio of
-    tokens/s, Spec-Bench's definition. The two are equal when M's outputs have B's lengths
-    (always for lossless greedy methods whose outputs match);
+    tokens/s. The two are equal when M's outputs have B's lengths (always for lossless greedy
+    methods whose outputs match); every report and doc quotes `speedup` unless it says otherwise;
+  * speedup_specbench = mean over questions of (N / T of the question's turns) for M, over the
+    same mean for B, on the questions both have: Spec-Bench's own formula (a ratio of mean
+    per-question tokens/s), given beside the two above;
   * per-category and per-task figures take the rows of that category / task; "overall" takes
     all rows (so categories weigh by their time, as in Spec-Bench).
 Greedy check: with greedy decoding every method's output tokens must equal the baseline's on
 each (question, turn); mismatches are counted and listed.
+
+Tuning vs reporting: `add_held_out` adds the same figures without every turn of the questions
+the methods' settings were tuned on, so a report can give held-out figures beside the full ones.
+The report's header names the weights (`weights_text`) and the code that wrote the rows
+(`code_text`: a commit, and whether the tree had uncommitted changes).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
+from . import questions as qmod
 from .questions import CATEGORIES, TASK_NAMES, TASKS, task_of
+
+SPEEDUP_DEFINITION = ("speedup = sum of the baseline's time / sum of the method's time over the (question, turn) "
+                      "pairs both have (a ratio of times, compilation excluded); speedup_tps, the ratio of "
+                      "tokens/s over the same pairs, and speedup_specbench, Spec-Bench's ratio of mean "
+                      "per-question tokens/s, are in the roofline table; they differ when outputs differ in length")
 
 DEFINITIONS = {
     "time_s": "wall time of the call that produced the row, compilation excluded, / batch size",
     "tokens_per_s": "sum of new tokens / sum of time_s",
     "tau": "sum of new tokens / sum of target calls (prefill included; 1.00 = autoregressive)",
     "speedup": "sum of baseline time_s / sum of method time_s over the (question, turn) pairs both have",
-    "speedup_tps": "method tokens/s / baseline tokens/s over the same pairs (Spec-Bench's definition)",
+    "speedup_tps": "method tokens/s / baseline tokens/s over the same pairs",
+    "speedup_specbench": "mean over shared questions of the method's per-question tokens/s (turns pooled) / the "
+                         "same mean for the baseline: Spec-Bench's formula",
+    "greedy = baseline": "outputs whose tokens equal the baseline's for the same (question, turn), of those compared; "
+                         "in bf16 verifying several positions rounds differently from decoding one, so near-ties flip",
+    "roofline prediction of speedup": "the method's roofline tokens/s / the baseline's: a ratio of two bounds, not "
+                                      "a bound (a method whose steps are launch-bound can fall below or rise above it)",
     "aggregation": "ratios of sums over the rows of a category, task or the whole run",
     "warm-up + compile s": "compile time of the untimed warm-up runs (JAX methods; the warm-up's wall time for "
                            "others) + any compile time of timed calls, which their time excludes",
@@ -65,19 +88,33 @@ def aggregate(rows: Sequence[dict]) -> dict:
     }
 
 
+def _mean_question_speed(rows: Sequence[dict]) -> float:
+    """Mean over questions of (tokens / time of the question's turns): Spec-Bench's speed."""
+    per_q = _group(rows, lambda r: r["question_id"])
+    speeds = []
+    for qrows in per_q.values():
+        t = sum(r["time_s"] for r in qrows)
+        if t > 0:
+            speeds.append(sum(r["new_tokens"] for r in qrows) / t)
+    return sum(speeds) / len(speeds) if speeds else float("nan")
+
+
 def speedups(method_rows: Sequence[dict], baseline_rows: Sequence[dict]) -> dict:
-    """speedup (time ratio) and speedup_tps over the (question, turn) pairs both have."""
+    """speedup (time ratio), speedup_tps and speedup_specbench over the (question, turn) pairs
+    both have (see the module docstring)."""
     base = {_key(r): r for r in baseline_rows}
     pairs = [(r, base[_key(r)]) for r in method_rows if _key(r) in base]
     if not pairs:
-        return {"pairs": 0, "speedup": float("nan"), "speedup_tps": float("nan")}
+        return {"pairs": 0, "speedup": float("nan"), "speedup_tps": float("nan"), "speedup_specbench": float("nan")}
     tm = sum(m["time_s"] for m, _ in pairs)
     tb = sum(b["time_s"] for _, b in pairs)
     nm = sum(m["new_tokens"] for m, _ in pairs)
     nb = sum(b["new_tokens"] for _, b in pairs)
     speedup = tb / tm if tm > 0 else float("nan")
     tps = (nm / tm) / (nb / tb) if tm > 0 and tb > 0 and nb > 0 else float("nan")
-    return {"pairs": len(pairs), "speedup": speedup, "speedup_tps": tps}
+    sm, sb = _mean_question_speed([m for m, _ in pairs]), _mean_question_speed([b for _, b in pairs])
+    specbench = sm / sb if sb > 0 else float("nan")
+    return {"pairs": len(pairs), "speedup": speedup, "speedup_tps": tps, "speedup_specbench": specbench}
 
 
 def _group(rows: Iterable[dict], field) -> dict:
@@ -176,6 +213,82 @@ def summarize(rows: Sequence[dict], *, baseline: str = "ar", methods: Sequence[s
 
 
 # --------------------------------------------------------------------------------------------
+# What the figures are of: tuning vs reporting prompts, the weights, the code
+# --------------------------------------------------------------------------------------------
+
+
+def tuning_question_ids(subset: str, questions_path: str | Path | None = None,
+                        questions_sha256: str | None = None) -> list[int]:
+    """The question ids of a named subset of Spec-Bench (`experiments.questions.SUBSETS`).
+
+    `questions_path` is the run's question file when it exists here, else the default file;
+    `questions_sha256` (the run's) must match the file read, so the ids are those the run saw."""
+    path = Path(questions_path) if questions_path and Path(questions_path).is_file() else qmod.DEFAULT_QUESTIONS
+    if not path.is_file():
+        raise qmod.QuestionsError(f"the tuning subset {subset!r} needs the question file to name its questions; "
+                                  f"{path} does not exist: put Spec-Bench's question.jsonl there.")
+    if questions_sha256 and qmod.file_sha256(path) != questions_sha256:
+        raise qmod.QuestionsError(f"{path} is not the question file this run used (its sha256 differs from the "
+                                  "run's questions_sha256): pass the run's file, or the subset's ids would be wrong.")
+    items = qmod.select(qmod.load_questions(path), subset)
+    return sorted({it.question_id for it in items})
+
+
+def add_held_out(summary: dict, rows: Sequence[dict], *, tuned_on: str, question_ids: Collection[int],
+                 baseline: str = "ar", methods: Sequence[str] | None = None, greedy: bool = False) -> None:
+    """Record the tuning set in `summary["tuned_on"]` and add `summary["held_out"]`: the same
+    figures over the rows of every other question (all turns of `question_ids` dropped), or
+    no `held_out` when the run has no other question."""
+    ids = {int(i) for i in question_ids}
+    kept = [r for r in rows if int(r["question_id"]) not in ids]
+    summary["tuned_on"] = {
+        "subset": tuned_on, "question_ids": sorted(ids),
+        "questions_in_run": len({r["question_id"] for r in rows if int(r["question_id"]) in ids}),
+        "held_out_questions": len({r["question_id"] for r in kept}),
+        "held_out_pairs": len({_key(r) for r in kept}),
+    }
+    if kept:
+        summary["held_out"] = summarize(kept, baseline=baseline, methods=methods, greedy=greedy)
+
+
+def weights_text(source: str | None, dtype: str | None) -> str:
+    """What weights a model name stands for, from the model registry: 'qwen2.5-coder-1.5b-instruct:
+    Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (file.gguf) dequantized to bfloat16'."""
+    from . import toy
+
+    if not source:
+        return "none"
+    if source in toy.TOY_NAMES:
+        return f"`{source}`: a random toy model (outputs are noise), {dtype}"
+    if str(source).endswith(".gguf"):
+        return f"`{Path(source).name}`: a GGUF file dequantized to {dtype}"
+    from decoding import registry
+
+    entry = registry.REGISTRY.get(source)
+    if entry is not None and entry.filename.endswith(".gguf"):
+        return f"`{source}`: {entry.identity} GGUF (`{entry.filename}`, the registry's file) dequantized to {dtype}"
+    return f"`{source}`: a Hugging Face checkpoint (directory or hub id) in {dtype}"
+
+
+def code_text(environments: Sequence[dict]) -> str:
+    """The code that produced results, from each session's `environment.git`: 'commit abc1234',
+    'commit abc1234 with uncommitted changes', or 'not recorded'; several, in order, when the
+    sessions differ."""
+    seen: list[str] = []
+    for env in environments:
+        git = (env or {}).get("git") or {}
+        if not git.get("commit"):
+            text = "commit not recorded"
+        elif git.get("dirty"):
+            text = f"commit {git['commit'][:7]} with uncommitted changes"
+        else:
+            text = f"commit {git['commit'][:7]}"
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen) if seen else "commit not recorded"
+
+
+# --------------------------------------------------------------------------------------------
 # Roofline predictions next to the measurements
 # --------------------------------------------------------------------------------------------
 
@@ -221,9 +334,13 @@ def _f(x, fmt="{:.2f}", suffix="") -> str:
 
 
 def leaderboard_markdown(summary: dict) -> str:
-    """Spec-Bench's leaderboard shape: speedup per task, overall, tau and tokens/s."""
+    """Spec-Bench's leaderboard shape: speedup per task, overall, tau and tokens/s; with greedy
+    decoding also how many outputs equal the baseline's."""
     tasks = summary["tasks"]
+    check = summary.get("greedy_check")
     head = ["Method", *[TASK_NAMES.get(t, t) for t in tasks], "Overall", "tau", "tokens/s"]
+    if check:
+        head.append("greedy = baseline")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, d in summary["methods"].items():
         cells = [m]
@@ -231,6 +348,10 @@ def leaderboard_markdown(summary: dict) -> str:
             cells.append(_f(d["tasks"].get(t, {}).get("speedup"), suffix="x"))
         cells += [_f(d["overall"].get("speedup"), suffix="x"), _f(d["overall"]["tau"]),
                   _f(d["overall"]["tokens_per_s"], "{:.1f}")]
+        if check:
+            c = check.get(m)
+            cells.append("(baseline)" if m == summary.get("baseline") else
+                         f"{c['compared'] - c['mismatches']} of {c['compared']}" if c else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -249,16 +370,17 @@ def categories_markdown(summary: dict) -> str:
 
 
 def predictions_markdown(summary: dict) -> str:
-    head = ["Method", "tau", "speedup (measured)", "speedup (roofline)", "speedup_tps (measured)",
-            "tokens/s (measured)", "tokens/s (roofline bound)", "warm-up + compile s"]
+    head = ["Method", "tau", "speedup (measured)", "speedup_tps (measured)", "speedup_specbench (measured)",
+            "roofline prediction of speedup", "tokens/s (measured)", "tokens/s (roofline bound)",
+            "warm-up + compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, d in summary["methods"].items():
         o, p = d["overall"], d.get("predicted") or {}
         lines.append("| " + " | ".join([
-            m, _f(o["tau"]), _f(o.get("speedup"), suffix="x"), _f(p.get("speedup"), suffix="x"),
-            _f(o.get("speedup_tps"), suffix="x"), _f(o["tokens_per_s"], "{:.1f}"),
-            _f(p.get("tokens_per_s"), "{:.0f}"), _f(d.get("warmup_s", 0.0) + d.get("compile_s", 0.0), "{:.1f}")])
-            + " |")
+            m, _f(o["tau"]), _f(o.get("speedup"), suffix="x"), _f(o.get("speedup_tps"), suffix="x"),
+            _f(o.get("speedup_specbench"), suffix="x"), _f(p.get("speedup"), suffix="x"),
+            _f(o["tokens_per_s"], "{:.1f}"), _f(p.get("tokens_per_s"), "{:.0f}"),
+            _f(d.get("warmup_s", 0.0) + d.get("compile_s", 0.0), "{:.1f}")]) + " |")
     return "\n".join(lines)
 
 
@@ -373,6 +495,29 @@ def coverage_text(summary: dict) -> str:
             "the pairs it shares with the baseline")
 
 
+def sessions_code_text(sessions: Sequence[dict]) -> str:
+    """The code of each session that wrote rows, grouped: 'commit abc1234 with uncommitted
+    changes (sessions s1, s2); commit def5678 (session s3)'."""
+    groups: dict = {}
+    for sess in sessions:
+        groups.setdefault(code_text([sess.get("environment", {})]), []).append(sess.get("session") or "?")
+    if len(groups) == 1 and len(sessions) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{text} ({'sessions' if len(ids) > 1 else 'session'} {', '.join(ids)})"
+                     for text, ids in groups.items())
+
+
+def tuning_text(summary: dict, cfg: dict | None = None) -> str:
+    """'tuned on: reference16 (16 questions); reported on: ...' for a report's header."""
+    tuned = summary["tuned_on"]
+    head = (f"tuned on: {tuned['subset']} ({len(tuned['question_ids'])} questions: the prompts the tree shapes and the "
+            "autotune calibration were chosen on)")
+    if summary.get("held_out"):
+        return (f"{head}; reported on: all the run's questions (first table) and, held out, the "
+                f"{tuned['held_out_questions']} questions outside {tuned['subset']} (second table)")
+    return f"{head}; reported on: the same prompts (no held-out question in this run)"
+
+
 def render_markdown(summary: dict, meta: dict | None = None) -> str:
     """The whole report: configuration, leaderboard, categories, predictions, checks, errors."""
     meta = meta or {}
@@ -390,6 +535,14 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
             f"- batch size: {cfg.get('batch_size')}{_batching_text(summary, cfg)}; max new tokens: "
             f"{cfg.get('max_new_tokens')}; sampling: {cfg.get('sampling')}; chat template: {cfg.get('chat')}",
         ]
+        if cfg.get("target"):
+            out.append(f"- weights: target {weights_text(cfg.get('target'), cfg.get('dtype'))}"
+                       + (f"; draft {weights_text(cfg['draft'], cfg.get('dtype'))}" if cfg.get("draft") else ""))
+        if meta.get("row_sessions") is not None:
+            out.append(f"- code: {sessions_code_text(meta['row_sessions'])}")
+        out.append(f"- {SPEEDUP_DEFINITION}")
+        if summary.get("tuned_on"):
+            out.append(f"- {tuning_text(summary, cfg)}")
         commands = [c for c in meta.get("commands") or [] if c]
         if len(commands) > 1:
             out.append("- commands, one per session that wrote rows:")
@@ -405,13 +558,33 @@ def render_markdown(summary: dict, meta: dict | None = None) -> str:
                        "different processes")
         out.append("")
     base = summary.get("baseline")
-    out += [f"## Speedup over {base or 'the baseline (not in this run)'} (Spec-Bench leaderboard shape)", "",
-            leaderboard_markdown(summary), "",
+    out += [f"## Speedup over {base or 'the baseline (not in this run)'} (Spec-Bench leaderboard shape)", ""]
+    tuned = summary.get("tuned_on")
+    if tuned and summary.get("held_out"):
+        out += [f"Tuned on: {tuned['subset']}; reported on: every (question, turn) pair of this run"
+                + (f", the {tuned['questions_in_run']} tuning questions included." if tuned["questions_in_run"]
+                   else " (none of them a tuning question)."), ""]
+    elif tuned:
+        out += [f"Tuned on: {tuned['subset']}; reported on: the same prompts (every question of this run is in "
+                f"{tuned['subset']}, so there are no held-out figures).", ""]
+    out += [leaderboard_markdown(summary), ""]
+    held = summary.get("held_out")
+    if tuned and held:
+        out += [f"## Held out: without the questions the settings were tuned on ({tuned['subset']})", "",
+                f"Tuned on: {tuned['subset']} ({len(tuned['question_ids'])} questions); reported on: this run's "
+                f"questions minus every turn of those: {tuned['held_out_questions']} questions, "
+                f"{tuned['held_out_pairs']} (question, turn) pairs.", "",
+                leaderboard_markdown(held), ""]
+    out += [
             "## Per category (speedup / tau)", "", categories_markdown(summary), "",
             "## Measured vs roofline", "",
-            "The roofline figures are lower bounds on time (upper bounds on speed) from the measured tau; "
-            + (f"device profile: {meta['device_profile']['name']}." if meta.get("device_profile") else
-               "no device profile was available."), "",
+            "tokens/s (roofline bound): the measured tau over the roofline time of a round (bytes of weights and "
+            "KV cache / bandwidth, or FLOPs / peak, whichever is larger: a lower bound on time), so an upper "
+            "bound on tokens/s at that tau. The roofline prediction of speedup is the ratio of two such bounds "
+            "(the method's over the baseline's): a prediction, not a bound; launch-bound steps can put the "
+            "measurement below or above it. "
+            + (f"Device profile: {meta['device_profile']['name']}." if meta.get("device_profile") else
+               "No device profile was available."), "",
             predictions_markdown(summary), ""]
     ph = phases_markdown(summary)
     if ph:
@@ -483,3 +656,102 @@ def plot(summary: dict, rows: Sequence[dict], out_dir: str | Path) -> list[str]:
         plt.close(fig)
         written.append(str(out_dir / "tau.png"))
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# The index of committed results: what each one is, from its own files
+# --------------------------------------------------------------------------------------------
+
+# Reports rewritten from their data by a summarize-only path that states the weights and the code
+# in the report itself; any other result is described only by the index.
+REGENERATED = {
+    "specbench": "python -m experiments.specbench --summarize-only [--tuned-on reference16] --out DIR",
+    "ead": "python -m experiments.ead --summarize-only --out DIR",
+    "nudging": "python -m experiments.nudging --summarize-only --limit 100 --out DIR",
+}
+
+
+def _walk(value, found: dict) -> None:
+    """Collect the environments (dicts with `git` and `device`), model names and dtypes in a JSON value."""
+    if isinstance(value, dict):
+        if "git" in value and "device" in value:
+            found["environments"].append(value)
+        for k, v in value.items():
+            if k == "dtype" and isinstance(v, str):
+                found["dtypes"].add(v)
+            _walk(k, found)
+            _walk(v, found)
+    elif isinstance(value, list):
+        for v in value:
+            _walk(v, found)
+    elif isinstance(value, str) and value in found["names"]:
+        found["models"].setdefault(value, None)
+
+
+def describe_result(path: Path) -> dict:
+    """What a committed result file says about itself: devices, the code of every recorded
+    session, the weights of every registry model it names, and its dtypes."""
+    from decoding import registry
+
+    found = {"environments": [], "dtypes": set(), "models": {}, "names": set(registry.REGISTRY)}
+    _walk(json.loads(path.read_text(encoding="utf-8")), found)
+    envs = sorted({json.dumps(e, sort_keys=True) for e in found["environments"]})
+    envs = sorted((json.loads(e) for e in envs), key=lambda e: e.get("time_utc", ""))
+    dtype = ", ".join(sorted(found["dtypes"])) or "a dtype this file does not record"
+    return {
+        "devices": sorted({(e.get("device") or {}).get("device_kind", "?") for e in envs}),
+        "code": code_text(envs) if envs else "commit not recorded",
+        "weights": [weights_text(m, dtype) for m in found["models"]],
+    }
+
+
+def results_index(root: str | Path) -> str:
+    """Markdown: one line per committed result under `root` (a run folder's run.json, or a
+    result JSON of a script without a summarize-only path), saying what it is."""
+    root = Path(root)
+    lines = ["# Committed results: what each one is", "",
+             "Written by `python -m experiments.summary --index experiments/results` from the results' own "
+             "files; do not edit. Code: the commit of every session a result records (\"with uncommitted "
+             "changes\" when its tree was dirty). Weights: the model registry's entry for each model the "
+             "result names. Regenerated: the report was rewritten from its data and its header states the "
+             "same; otherwise the report predates these lines and this index is where they are stated.", "",
+             f"Speedup, wherever a report gives one: {SPEEDUP_DEFINITION}.", ""]
+    seen_dirs = set()
+    for path in sorted(root.rglob("*.json")):
+        rel = path.relative_to(root)
+        if path.name in ("summary.json", "nudging.json") and (path.parent / "run.json").exists():
+            continue  # a report of a run folder: described by its run.json
+        if path.parent in seen_dirs:
+            continue
+        if path.name == "run.json":
+            seen_dirs.add(path.parent)
+        kind = rel.parts[0] if len(rel.parts) > 1 else ""
+        d = describe_result(path)
+        regen = f"regenerated (`{REGENERATED[kind]}`)" if path.name == "run.json" and kind in REGENERATED else (
+            "not regenerated: its script has no summarize-only path")
+        where = rel.parent if path.name == "run.json" else rel
+        lines.append(f"- `{where}`: {', '.join(d['devices']) or 'device not recorded'}; code: {d['code']}; "
+                     f"weights: {'; '.join(d['weights']) or 'none named'}; {regen}.")
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() and not any(path.glob("*.json")) and any(p.is_file() for p in path.iterdir()):
+            lines.append(f"- `{path.relative_to(root)}`: no JSON result (a log and its description); code not "
+                         "recorded.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.summary",
+                                description="Write the index of committed results (README.md in the folder).")
+    p.add_argument("--index", required=True, metavar="RESULTS_DIR", help="folder of committed results")
+    args = p.parse_args(argv)
+    root = Path(args.index)
+    if not root.is_dir():
+        print(f"error: {root} is not a folder of results.", file=sys.stderr)
+        return 2
+    (root / "README.md").write_text(results_index(root), encoding="utf-8")
+    print(root / "README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

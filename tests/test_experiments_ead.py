@@ -85,3 +85,33 @@ def test_toy_run_end_to_end_and_resume(tmp_path):
     cfg.window = 3
     with pytest.raises(ead.SetupError, match="window: stored 5, now 3"):
         ead.run(cfg, log=lambda *_: None)
+
+
+def test_report_gives_wall_clock_weights_and_the_code_of_each_session(tmp_path):
+    """summarize-only: the report names each session's commit (a dirty tree says so), the rows
+    written before the first recorded session, the GGUF weights, and tok/s and seconds beside
+    accuracy, with the speed relative to the large model alone."""
+    def row(point, t, ns, nl, batch, time_utc):
+        return dict(point=point, threshold=t, dataset="gsm8k", index=0 if point == "large" else 1, correct=True,
+                    small_tokens=ns, large_tokens=nl, catchup_small=0, catchup_large=0, small_calls=ns,
+                    large_calls=nl, switches=0, hit_limit=False, batch_id=batch, batch_run_s=2.0,
+                    batch_compile_s=1.0, device="x", batch_size=2, time_utc=time_utc)
+
+    rows = [row("t=1", "1", 30, 10, "a", "2026-01-01T00:00:00+00:00"),
+            row("large", "-inf", 0, 160, "b", "2026-01-02T00:00:00+00:00")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"small": "qwen2.5-coder-0.5b-instruct", "large": "qwen2.5-coder-1.5b-instruct", "dtype": "bfloat16",
+            "window": 5, "min_dwell": 5, "catchup_width": 16, "max_new_tokens": 8, "sampling_text": "greedy decoding",
+            "params_small": 1, "params_large": 4, "device_kind": "x",
+            "environment": {"git": {"commit": "c" * 40, "dirty": True}, "time_utc": "2026-01-01T12:00:00+00:00"}}
+    (tmp_path / "run.json").write_text(json.dumps(meta))
+    assert ead.main(["--summarize-only", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert ("Code: commit not recorded (written before the first session run.json records): 1 rows; "
+            "commit ccccccc with uncommitted changes: 1 rows.") in md
+    assert md.count("Q4_K_M GGUF") == 2 and "dequantized to bfloat16" in md
+    head = next(x for x in md.splitlines() if x.startswith("| point |"))
+    assert head.endswith("| tok/s | vs large tok/s | generation s |")
+    # t=1: 40 tokens in 2 s = 20 tok/s against the large model's 160 / 2 = 80 tok/s
+    assert next(x for x in md.splitlines() if x.startswith("| t=1 |")).endswith("| 20.0 | 0.25 | 2.0 |")
+    assert ead.main(["--summarize-only", "--out", str(tmp_path / "none")]) == 2

@@ -1,12 +1,14 @@
 """Leaderboard math on hand-made rows: speedups, tau, per-category and per-task aggregation."""
 
+import json
 import math
 
 import pytest
 
 from decoding import ModelConfig
 from decoding import roofline
-from experiments.summary import add_phases, add_predictions, greedy_check, plot, render_markdown, summarize
+from experiments.summary import (add_held_out, add_phases, add_predictions, code_text, greedy_check, plot,
+                                 render_markdown, summarize, weights_text)
 
 
 def row(method, qid, category, time_s, new_tokens, forwards, turn=1, tokens=None, prompt_tokens=10):
@@ -95,7 +97,10 @@ def test_predictions_sit_next_to_measurements():
     expect = roofline.chain_prediction(cfg, dev, gamma=4, expected_tokens=s["methods"]["spec"]["overall"]["tau"],
                                        draft=0.5, context=context)
     assert s["methods"]["spec"]["predicted"]["speedup"] == pytest.approx(expect.speedup)
-    assert "speedup (roofline)" in render_markdown(s)
+    md = render_markdown(s)
+    # a ratio of two roofline bounds is named a prediction, never a bound
+    assert "roofline prediction of speedup" in md
+    assert "speedup (roofline)" not in md and "bound on speedup" not in md
 
 
 def test_plots_are_written(tmp_path):
@@ -159,3 +164,143 @@ def test_a_resumed_run_lists_the_command_of_each_session():
     assert lines[i + 1:i + 3] == ["  - `bench --methods ar,spec`", "  - `bench --methods tree`"]
     md = render_markdown(s, {"config": {}, "commands": ["bench --methods ar"]})
     assert "- command: `bench --methods ar`" in md
+
+
+def test_spec_bench_speedup_is_a_ratio_of_mean_question_speeds():
+    """Spec-Bench's formula: per question tokens / time (turns pooled), mean over questions, then the ratio."""
+    spec = summarize(ROWS, baseline="ar")["methods"]["spec"]["overall"]
+    method = ((40 + 20) / 2.0 + 60 / 2.0 + 5 / 0.25) / 3
+    base = ((40 + 20) / 6.0 + 60 / 6.0 + 10 / 1.0) / 3
+    assert spec["speedup_specbench"] == pytest.approx(method / base)
+    assert spec["speedup_specbench"] != pytest.approx(spec["speedup"])
+
+
+def test_held_out_figures_drop_every_turn_of_the_tuning_questions():
+    s = summarize(ROWS, baseline="ar", greedy=True)
+    add_held_out(s, ROWS, tuned_on="reference16", question_ids=[1], baseline="ar", greedy=True)
+    held = s["held_out"]["methods"]["spec"]["overall"]
+    # question 1 (both turns) is gone: coding 6 / 2 and qa 1 / 0.25 remain
+    assert held["pairs"] == 2 and held["speedup"] == pytest.approx(7.0 / 2.25)
+    assert s["methods"]["spec"]["overall"]["pairs"] == 4  # the full figures are unchanged
+    assert s["tuned_on"]["held_out_questions"] == 3 and s["tuned_on"]["held_out_pairs"] == 3
+    assert s["held_out"]["greedy_check"]["spec"] == {"compared": 2, "mismatches": 1, "mismatched": ["3/turn1"]}
+    md = render_markdown(s, {"config": {}})
+    assert "- tuned on: reference16 (1 questions" in md
+    assert "Tuned on: reference16 (1 questions); reported on: this run's questions minus every turn of those: " \
+           "3 questions, 3 (question, turn) pairs." in md
+    assert f"| {7.0 / 2.25:.2f}x |" in md.split("## Held out")[1].split("## Per category")[0]
+    # a run of the tuning prompts alone says it has no held-out figures
+    s = summarize(ROWS, baseline="ar")
+    add_held_out(s, ROWS, tuned_on="reference16", question_ids=[1, 2, 3, 4])
+    assert "held_out" not in s
+    assert "reported on: the same prompts (no held-out question in this run)" in render_markdown(s, {"config": {}})
+
+
+def test_every_table_with_equality_counts_the_greedy_mismatches():
+    md = render_markdown(summarize(ROWS, baseline="ar", greedy=True))
+    head = next(line for line in md.splitlines() if line.startswith("| Method | MT-bench"))
+    assert head.endswith("| greedy = baseline |")
+    spec_line = next(line for line in md.splitlines() if line.startswith("| spec | 3.00x"))
+    assert spec_line.endswith("| 3 of 4 |")
+
+
+def test_a_dirty_tree_is_named_in_the_report():
+    clean = {"git": {"commit": "a" * 40, "dirty": False}}
+    dirty = {"git": {"commit": "b" * 40, "dirty": True}}
+    assert code_text([clean]) == "commit aaaaaaa"
+    assert code_text([dirty]) == "commit bbbbbbb with uncommitted changes"
+    assert code_text([{}]) == "commit not recorded"
+    sessions = [{"session": "s1", "environment": dirty}, {"session": "s2", "environment": clean},
+                {"session": "s3", "environment": dirty}]
+    md = render_markdown(summarize(ROWS, baseline="ar"), {"config": {}, "row_sessions": sessions})
+    assert ("- code: commit bbbbbbb with uncommitted changes (sessions s1, s3); commit aaaaaaa (session s2)"
+            in md.splitlines())
+    md = render_markdown(summarize(ROWS, baseline="ar"), {"config": {}, "row_sessions": sessions[1:2]})
+    assert "- code: commit aaaaaaa" in md.splitlines()
+
+
+def test_the_weights_line_comes_from_the_registry_entry():
+    text = weights_text("qwen2.5-coder-1.5b-instruct", "bfloat16")
+    assert "Q4_K_M GGUF" in text and "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" in text
+    assert text.endswith("dequantized to bfloat16")
+    # a registry entry that is not Q4_K_M is not called Q4_K_M
+    assert "Q4_1 GGUF" in weights_text("smollm2-135m-instruct", "bfloat16")
+    assert "Q4_K_M" not in weights_text("/models/some-hf-dir", "float32")
+    assert "random toy model" in weights_text("toy", "float32")
+    md = render_markdown(summarize(ROWS, baseline="ar"), {"config": {"target": "qwen2.5-coder-1.5b-instruct",
+                                                                      "draft": "qwen2.5-coder-0.5b-instruct",
+                                                                      "dtype": "bfloat16"}})
+    line = next(x for x in md.splitlines() if x.startswith("- weights:"))
+    assert line.count("Q4_K_M GGUF") == 2 and line.count("dequantized to bfloat16") == 2
+    assert next(x for x in md.splitlines() if x.startswith("- speedup = ")).startswith(
+        "- speedup = sum of the baseline's time / sum of the method's time")
+
+
+def test_the_results_index_states_code_and_weights_of_every_result(tmp_path):
+    """Each committed result gets one line from its own files: a dirty tree is named, a run
+    folder's report is marked regenerated, a script's JSON without a summarize-only path is not."""
+    from experiments.summary import results_index
+
+    env = {"device": {"device_kind": "GPU A"}, "git": {"commit": "d" * 40, "dirty": True}, "time_utc": "t"}
+    run = tmp_path / "specbench" / "run1"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"identity": {"target": "qwen2.5-coder-1.5b-instruct",
+                                                           "dtype": "bfloat16"}, "sessions": [{"environment": env}]}))
+    (run / "summary.json").write_text(json.dumps({"environment": {"device": {}, "git": {}}}))
+    (tmp_path / "bench.json").write_text(json.dumps({"environment": dict(env, git={"commit": "e" * 40,
+                                                                                   "dirty": False}),
+                                                      "models": {"qwen2.5-coder-0.5b-instruct": {}}}))
+    lines = [x for x in results_index(tmp_path).splitlines() if x.startswith("- ")]
+    assert len(lines) == 2
+    bench, spec = lines
+    assert bench.startswith("- `bench.json`: GPU A; code: commit eeeeeee; weights: `qwen2.5-coder-0.5b-instruct`")
+    assert "a dtype this file does not record" in bench and "not regenerated" in bench
+    assert spec.startswith("- `specbench/run1`: GPU A; code: commit ddddddd with uncommitted changes; weights: ")
+    assert "Q4_K_M GGUF" in spec and "dequantized to bfloat16" in spec and "; regenerated (" in spec
+
+
+def test_tuning_question_ids_come_from_the_runs_question_file(tmp_path):
+    """The ids of a named subset are read from the question file the run used (checked by its
+    sha256); reference16 takes the first 2 questions of 8 categories, and every turn of them is
+    excluded from the held-out figures."""
+    from experiments import questions as qmod
+    from experiments.summary import tuning_question_ids
+
+    rows = []
+    qid = 1
+    for cat in qmod.CATEGORIES:
+        for _ in range(3):
+            rows.append({"question_id": qid, "category": cat, "turns": ["a", "b"] if cat == "writing" else ["a"]})
+            qid += 1
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = tuning_question_ids("reference16", path, qmod.file_sha256(path))
+    by_cat = {r["question_id"]: r["category"] for r in rows}
+    assert len(ids) == 16 and {by_cat[i] for i in ids} == set(qmod.REFERENCE16_CATEGORIES)
+    assert ids[:2] == [1, 2]  # the first two writing questions, whose second turns are dropped too
+    with pytest.raises(qmod.QuestionsError, match="not the question file this run used"):
+        tuning_question_ids("reference16", path, "0" * 64)
+
+
+def test_a_toy_run_tuned_on_reference16_reports_held_out_figures(tmp_path):
+    """End to end on the toy model: --tuned-on is kept in run.json, so the report of the run and
+    a later --summarize-only both hold the held-out leaderboard."""
+    from experiments import questions as qmod
+    from experiments import specbench
+
+    rows = [{"question_id": i + 1, "category": cat, "turns": [f"question {i}"]}
+            for i, cat in enumerate(c for c in qmod.CATEGORIES for _ in range(3))]
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = ["--target", "toy", "--draft", "toy-draft", "--methods", "ar,pld", "--questions", str(path),
+            "--categories", "writing,qa", "--max-new-tokens", "4", "--no-progress", "--profile", "none",
+            "--out", str(out)]
+    assert specbench.main(args + ["--tuned-on", "reference16"]) == 0
+    for _ in range(2):
+        md = (out / "summary.md").read_text()
+        assert "Tuned on: reference16 (16 questions); reported on: this run's questions minus every turn of " \
+               "those: 2 questions, 2 (question, turn) pairs." in md
+        assert "- weights: target `toy`: a random toy model" in md
+        assert "| greedy = baseline |" in md and "- code: " in md
+        assert specbench.main(["--summarize-only", "--out", str(out)]) == 0

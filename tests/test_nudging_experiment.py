@@ -165,3 +165,20 @@ def test_a_run_resumed_elsewhere_says_which_device_wrote_which_rows(tmp_path, da
     assert again["provenance"] == prov
     for pair, j in report["tasks"]["alpaca"]["judge"].items():
         assert again["tasks"]["alpaca"]["judge"][pair]["win_rate"] == j["win_rate"]
+
+
+def test_the_report_names_the_weights_and_the_commit_of_each_session():
+    """A session made from a tree with uncommitted changes says so, with the rows it wrote; the
+    weights line says which quantized file each model is (SmolLM2's is Q4_1, not Q4_K_M)."""
+    report = {"settings": {"base": "gemma-3-270m", "aligned": "smollm2-135m-instruct", "judge": None, "gamma": 0.3,
+                           "chunk": 16, "max_tokens": 8, "dtype": "bfloat16"},
+              "environment": {}, "tasks": {},
+              "sessions": [{"first_row": 0, "git": {"commit": "a" * 40, "dirty": True}},
+                           {"first_row": 5, "git": {"commit": "b" * 40, "dirty": False}}]}
+    md = exp.markdown(report)
+    assert ("Code: commit aaaaaaa with uncommitted changes (rows 0-4 of results.jsonl); "
+            "commit bbbbbbb (rows 5 on of results.jsonl).") in md
+    weights = next(x for x in md.splitlines() if x.startswith("Weights:"))
+    assert "base `gemma-3-270m`: Gemma 3 270M (base), Q4_K_M GGUF" in weights
+    assert "aligned `smollm2-135m-instruct`: SmolLM2-135M-Instruct, Q4_1 GGUF" in weights
+    assert "judge" not in weights

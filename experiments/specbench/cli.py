@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="add the rows of another run folder with the same settings to --out (a run continued "
                         "on another machine), rewrite the summary and exit")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing method")
+    p.add_argument("--tuned-on", default=None, choices=qmod.SUBSETS,
+                   help="the subset the methods' settings were tuned on: the report adds the figures without "
+                        "every turn of its questions (held out)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -84,7 +87,7 @@ def config_from_args(args) -> BenchConfig:
         batching=args.batching,
         prompt_bucket=args.prompt_bucket, phase_times=args.phase_times, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
         out=args.out, repair=args.repair, profile=args.profile, fail_fast=args.fail_fast,
-        progress=not args.no_progress)
+        progress=not args.no_progress, tuned_on=args.tuned_on)
 
 
 def _prepare_memory(resolved: Sequence[methods_mod.Resolved]) -> None:
@@ -116,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with ResultsStore.open(out_dir / "results.jsonl", repair_file=cfg.repair) as store:
                 fill_missing_methods(out_dir, meta, store.rows(), log=lambda m: print(m, file=sys.stderr))
                 write_summary(out_dir, store.rows(), meta, cfg.baseline,
-                              meta["identity"]["sampling"]["temperature"] == 0)
+                              meta["identity"]["sampling"]["temperature"] == 0, tuned_on=cfg.tuned_on)
             print(out_dir / "summary.md")
             return 0
         _prepare_memory(methods_mod.resolve(cfg.methods or methods_mod.default_methods(), check=False))

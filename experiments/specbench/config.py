@@ -43,6 +43,7 @@ class BenchConfig:
     profile: str = "auto"
     fail_fast: bool = False
     progress: bool = True
+    tuned_on: str | None = None  # subset the methods' settings were tuned on: the report adds held-out figures
 
     @property
     def sampling_settings(self) -> dict:

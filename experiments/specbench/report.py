@@ -24,12 +24,19 @@ def device_profile(choice: str, device_kind: str):
 
 
 def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, greedy: bool,
-                  method_order: Sequence[str] = ()) -> dict:
+                  method_order: Sequence[str] = (), tuned_on: str | None = None) -> dict:
     """summary.json, summary.md and the plots, from the rows and run.json alone."""
     from decoding import roofline
-    from ..summary import add_phases, add_predictions, plot, render_markdown, summarize
+    from ..summary import (add_held_out, add_phases, add_predictions, plot, render_markdown, summarize,
+                           tuning_question_ids)
 
     summary = summarize(store_rows, baseline=baseline, methods=method_order, greedy=greedy)
+    tuned_on = tuned_on or meta.get("config", {}).get("tuned_on")
+    if tuned_on:  # held-out figures: without every turn of the questions the settings were tuned on
+        ids = tuning_question_ids(tuned_on, meta.get("config", {}).get("questions"),
+                                  meta["identity"].get("questions_sha256"))
+        add_held_out(summary, store_rows, tuned_on=tuned_on, question_ids=ids, baseline=baseline,
+                     methods=method_order, greedy=greedy)
     prof = meta.get("device_profile")
     if prof and meta.get("target_config"):
         from decoding import ModelConfig
@@ -64,6 +71,7 @@ def write_summary(out_dir: Path, store_rows: list, meta: dict, baseline: str, gr
         "commands": list(dict.fromkeys(s.get("environment", {}).get("command", "") for s in sessions
                                        if s.get("session") in row_sessions)),
         "device_profile": prof,
+        "row_sessions": [s for s in sessions if s.get("session") in row_sessions],
         "errors": [{"method": e["method"], "error": e["error"]} for e in errors],
     }
     full = {"summary": summary, "run": meta, "errors": errors}
