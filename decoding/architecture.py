@@ -121,7 +121,7 @@ def for_model_type(model_type: str, architectures=None) -> Architecture:
     if arch is None:
         raise ConfigError(
             f"unknown architecture model_type={model_type!r} (architectures={architectures}); supported: "
-            f"{', '.join(_BY_MODEL_TYPE)} ('gemma3' with a text_config only). Convert the checkpoint to one of "
+            f"{', '.join(_BY_MODEL_TYPE)}. Convert the checkpoint to one of "
             "these or add the architecture (docs/interface.md, 'Adding an architecture')."
         )
     return arch

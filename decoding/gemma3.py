@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import architecture
+from .architecture import Architecture, register
 from .config import IGNORED_KEYS, SUPPORTED_ROPE_TYPES, ConfigError, decoder_param_count, freeze, thaw
 from .kernels.attention import attention_reference
 from .llama import gate_up_parts, qkv_parts
@@ -527,7 +527,7 @@ def gguf_fields(gguf_arch: str, cfg: dict, get) -> dict:
     return out
 
 
-GEMMA3 = architecture.register(architecture.Architecture(
+GEMMA3 = register(Architecture(
     name="gemma3",
     config_type=Gemma3Config,
     model_types=MODEL_TYPES,

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import architecture
+from .architecture import Architecture, register
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .kernels.attention import attention_pallas, attention_reference
 from .loading.convert import NameMap, Rule
@@ -216,7 +216,7 @@ def gguf_fields(gguf_arch: str, cfg: dict, get) -> dict:
     return {"use_sliding_window": True, "sliding_window": int(window)} if window else {}
 
 
-LLAMA = architecture.register(architecture.Architecture(
+LLAMA = register(Architecture(
     name="llama",
     config_type=ModelConfig,
     model_types=SUPPORTED_MODEL_TYPES,

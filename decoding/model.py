@@ -38,6 +38,7 @@ from .config import ModelConfig
 from .options import DEFAULT as DEFAULT_OPTIONS
 from .options import Options
 
+
 def param_shapes(config: ModelConfig) -> dict:
     """The expected parameter tree of `config`, as shapes (the one declaration of weights)."""
     return for_config(config).param_shapes(config)

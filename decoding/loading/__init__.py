@@ -24,8 +24,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from .. import architecture, registry
-from ..architecture import config_from_hf
+from .. import registry
+from ..architecture import config_from_hf, gguf_arches
 from ..config import ConfigError
 from ..model import Model
 from .convert import LoadError, NameMap, Rule, permute_rotary_rows, unpermute_rotary_rows
@@ -52,9 +52,9 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | st
     text = os.fspath(source)
     if isinstance(source, str) and text in registry.REGISTRY:
         arch = registry.entry(text).arch
-        if arch not in architecture.gguf_arches():  # refuse before downloading and parsing the file
+        if arch not in gguf_arches():  # refuse before downloading and parsing the file
             raise ConfigError(f"registry model {text!r} has GGUF architecture {arch!r}, which is not "
-                              f"supported yet; supported: {', '.join(architecture.gguf_arches())}.")
+                              f"supported yet; supported: {', '.join(gguf_arches())}.")
         return load_gguf(registry.fetch(text), dtype=dtype, tokenizer=tokenizer, source=text)
     path = Path(text).expanduser()
     if path.is_dir():

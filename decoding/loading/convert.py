@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax.numpy as jnp
 import numpy as np

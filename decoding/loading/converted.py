@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import architecture, registry
+from .. import registry
+from ..architecture import config_from_hf
 from ..model import check_params
 
 FORMAT = 3  # bump when the stored layout changes: older files are then converted again
@@ -53,7 +54,7 @@ def read_converted(target: Path) -> tuple[object, dict]:
 
     host: dict = {"layers": {}}
     with safe_open(str(target), framework="numpy") as f:
-        config = architecture.config_from_hf(json.loads(f.metadata()["config"]))
+        config = config_from_hf(json.loads(f.metadata()["config"]))
         for name in f.keys():
             if name.startswith("layers."):
                 host["layers"][name[len("layers."):]] = f.get_tensor(name)

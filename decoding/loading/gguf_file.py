@@ -18,10 +18,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .. import architecture, registry
+from .. import registry
+from ..architecture import config_from_hf, for_gguf_arch
 from ..config import ConfigError
 from ..model import Model, check_params
-from . import tokenizer as tokenizers
+from .tokenizer import explicit_tokenizer, gguf_tokenizer
 from .convert import LoadError, convert, to_device
 from .converted import converted_path, gguf_sha256, read_converted, save_converted
 
@@ -46,13 +47,13 @@ def field(reader, key: str, default: Any = None) -> Any:
 
 def gguf_config(reader, where: str = "GGUF file"):
     """The config (`ModelConfig`, `Gemma3Config`, ...) from a `gguf.GGUFReader`'s metadata."""
-    return architecture.config_from_hf(gguf_hf_config(reader, where))
+    return config_from_hf(gguf_hf_config(reader, where))
 
 
 def gguf_hf_config(reader, where: str = "GGUF file") -> dict:
     """A Hugging Face style config dict from GGUF metadata (checked by `config_from_hf`)."""
     arch = field(reader, "general.architecture")
-    family = architecture.for_gguf_arch(arch, where)
+    family = for_gguf_arch(arch, where)
     prefix = f"{arch}."
     known = GGUF_KNOWN_KEYS | family.gguf_keys
     unknown = sorted(k[len(prefix):] for k in reader.fields
@@ -139,7 +140,7 @@ def load_gguf_params(reader, config, dtype=jnp.bfloat16, where: str = "GGUF file
     from gguf.quants import dequantize
 
     arch = field(reader, "general.architecture")
-    names = architecture.for_gguf_arch(arch, where).gguf_names(arch)
+    names = for_gguf_arch(arch, where).gguf_names(arch)
     tensors = ((t.name, functools.partial(dequantize, t.data, t.tensor_type)) for t in reader.tensors)
     return convert(config, tensors, names, dtype, where)
 
@@ -173,7 +174,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool |
     if host is None:
         reader = gguf.GGUFReader(str(path))
         hf_config = gguf_hf_config(reader, str(path))
-        config = architecture.config_from_hf(hf_config)
+        config = config_from_hf(hf_config)
         host = load_gguf_params(reader, config, dtype, str(path))
         del reader
         if converted is not None:
@@ -181,9 +182,9 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool |
     params = to_device(host)
     check_params(config, params)
     if tokenizer is True:
-        tok = tokenizers.gguf_tokenizer(path, cache_root, sha if sha is not None else gguf_sha256(path))
+        tok = gguf_tokenizer(path, cache_root, sha if sha is not None else gguf_sha256(path))
     elif tokenizer is False or tokenizer is None:
         tok = None
     else:
-        tok = tokenizers.explicit_tokenizer(tokenizer, sha if sha is not None else gguf_sha256(path))
+        tok = explicit_tokenizer(tokenizer, sha if sha is not None else gguf_sha256(path))
     return Model(config=config, params=params, tokenizer=tok, source=source or str(path))

@@ -13,9 +13,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from .. import architecture
+from ..architecture import config_from_hf, for_config
 from ..model import Model, check_params
-from . import tokenizer as tokenizers
+from .tokenizer import explicit_tokenizer, hf_tokenizer
 from .convert import LoadError, convert, to_device
 
 
@@ -25,7 +25,7 @@ def load_config(directory: str | os.PathLike):
     if not path.is_file():
         raise LoadError(f"{directory} has no config.json; a Hugging Face checkpoint directory needs one.")
     with open(path) as f:
-        return architecture.config_from_hf(json.load(f))
+        return config_from_hf(json.load(f))
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -54,7 +54,7 @@ def load_hf_params(directory: str | os.PathLike, config, dtype=jnp.bfloat16) -> 
     from safetensors import safe_open
 
     directory = Path(directory)
-    names = architecture.for_config(config).hf_names
+    names = for_config(config).hf_names
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(str(file), framework="numpy"))
                    for file in safetensors_files(directory)]
@@ -70,9 +70,9 @@ def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: 
     params = to_device(load_hf_params(directory, config, dtype))
     check_params(config, params)
     if tokenizer is True:
-        tok = tokenizers.hf_tokenizer(directory)
+        tok = hf_tokenizer(directory)
     elif tokenizer is False or tokenizer is None:
         tok = None
     else:
-        tok = tokenizers.explicit_tokenizer(tokenizer)
+        tok = explicit_tokenizer(tokenizer)
     return Model(config=config, params=params, tokenizer=tok, source=source or str(directory))
