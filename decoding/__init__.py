@@ -12,6 +12,7 @@ Quick start::
 from .autoregressive import Autoregressive, Context
 from .cache import KVCache
 from .config import ConfigError, ModelConfig
+from . import llama  # noqa: F401  (registers the Llama family)
 from .gemma3 import Gemma3Config
 from .generation import Result, Stats, check_same_tokenizer, generate, stream
 from .options import Options

@@ -20,7 +20,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 # Config keys that do not change the forward computation (bookkeeping, tokenizer ids,
 # generation defaults, training-only settings). Anything not listed here and not consumed by
 # `from_hf` is rejected, so an unfamiliar field that changes the math cannot slip through.
-_IGNORED_KEYS = frozenset(
+IGNORED_KEYS = frozenset(
     {
         "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
         "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
@@ -42,7 +42,7 @@ _IGNORED_KEYS = frozenset(
     }
 )
 
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class ConfigError(ValueError):
@@ -100,7 +100,7 @@ class ModelConfig:
             raise ConfigError(
                 f"unknown architecture model_type={model_type!r} (architectures="
                 f"{cfg.get('architectures')}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-                "Convert the checkpoint to one of these or add the architecture to decoding/models."
+                "Convert the checkpoint to one of these or add the architecture (docs/interface.md)."
             )
         consumed = set()
 
@@ -138,16 +138,16 @@ class ModelConfig:
         if rope_scaling:
             rope_scaling = dict(rope_scaling)
             rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rtype not in _SUPPORTED_ROPE_TYPES:
+            if rtype not in SUPPORTED_ROPE_TYPES:
                 raise ConfigError(
-                    f"rope_scaling type {rtype!r} is not supported; supported: {_SUPPORTED_ROPE_TYPES}."
+                    f"rope_scaling type {rtype!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}."
                 )
             rope_scaling.pop("type", None)
             rope_scaling["rope_type"] = rtype
             if rtype == "default":
                 rope_scaling = None
             else:
-                rope_scaling = tuple(sorted((k, _freeze(v)) for k, v in rope_scaling.items()))
+                rope_scaling = tuple(sorted((k, freeze(v)) for k, v in rope_scaling.items()))
         use_sliding = take("use_sliding_window", model_type == "mistral")
         window = take("sliding_window", None)
         if not use_sliding:
@@ -171,12 +171,12 @@ class ModelConfig:
         for key in ("num_key_value_heads", "intermediate_size", "num_hidden_layers", "vocab_size",
                     "rms_norm_eps", "tie_word_embeddings"):
             consumed.add(key)
-        unknown = sorted(k for k in cfg if k not in consumed and k not in _IGNORED_KEYS)
+        unknown = sorted(k for k in cfg if k not in consumed and k not in IGNORED_KEYS)
         if unknown:
             raise ConfigError(
                 f"config field(s) {unknown} of {model_type} are not understood by this implementation "
                 "and may change the model's computation; refusing to guess. If a field is known to be "
-                "harmless, add it to decoding.config._IGNORED_KEYS."
+                "harmless, add it to decoding.config.IGNORED_KEYS."
             )
         return cls(
             vocab_size=int(cfg["vocab_size"]),
@@ -198,7 +198,7 @@ class ModelConfig:
 
 
 def thaw(frozen) -> dict[str, Any] | None:
-    """A config's frozen mapping (a sorted tuple of pairs, see `_freeze`) as a dict; None stays None."""
+    """A config's frozen mapping (a sorted tuple of pairs, see `freeze`) as a dict; None stays None."""
     return None if frozen is None else dict(frozen)
 
 
@@ -213,9 +213,10 @@ def decoder_param_count(c, *, per_layer_extra: int, norms_per_layer: int) -> int
     return c.num_layers * per_layer + c.vocab_size * d + head + d
 
 
-def _freeze(v):
+def freeze(v):
+    """A config value made hashable: lists become tuples, dicts sorted tuples of (key, value)."""
     if isinstance(v, list):
         return tuple(v)
     if isinstance(v, dict):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+        return tuple(sorted((k, freeze(x)) for k, x in v.items()))
     return v

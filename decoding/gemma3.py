@@ -1,10 +1,9 @@
 """Gemma 3 text decoder (Gemma Team 2025, "Gemma 3 Technical Report") behind the common interface.
 
-The functions here have the signatures of `decoding.model`'s (`embed`, `run_layers`,
-`final_norm`, `lm_head`, `unembed`, `forward`, `param_shapes`, `param_parts`, `init_params`),
-which dispatch to them when the config is a `Gemma3Config`; every decoding algorithm therefore
-runs Gemma 3 unchanged. The forward contract (cache slots, masks, tree verification, layer
-ranges, hidden states) is the one documented in `decoding.model`.
+The family is one `decoding.architecture.Architecture` (`GEMMA3`), registered for
+`Gemma3Config`: `decoding.model`'s functions reach its pieces, so every decoding algorithm runs
+Gemma 3 unchanged. The forward contract (cache slots, masks, tree verification, layer ranges,
+hidden states) is the one documented in `decoding.model`.
 
 Legend: B batch, T new tokens, S cache capacity, D hidden, F ffn, V vocab, L layers, H query
 heads, K kv heads, G = H/K, Dh head dim.
@@ -40,7 +39,7 @@ Choices:
     contiguous sequence). With a `slot_mask`, tree nodes written by earlier calls have slot
     index >= position, which can only keep an ancestor visible; ancestors are always inside the
     window when the tree is shallower than it, so the result is exact in that case.
-  * The parameter layout fuses projections as `decoding.model`'s does: `wqkv: [L, D, (H + 2K) * Dh]`
+  * The parameter layout fuses projections as `decoding.llama`'s does: `wqkv: [L, D, (H + 2K) * Dh]`
     (q columns, then k, then v) and `w_gate_up: [L, D, 2F]` (gate columns, then up), one
     matmul each.
   * Attention and logits accumulate in float32; rotary embeddings are applied in float32 and
@@ -51,18 +50,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+import re
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import KVCache
-from .config import _IGNORED_KEYS, _SUPPORTED_ROPE_TYPES, ConfigError, _freeze, decoder_param_count, thaw
-from .model import LAYER_PARAM_PARTS as _LLAMA_PARTS
-from .model import Output, _f32_einsum, attention_mask, layer_range, split_parts
-from .model import forward as _forward
-from .model import random_params
+from .architecture import Architecture, register
+from .config import IGNORED_KEYS, SUPPORTED_ROPE_TYPES, ConfigError, decoder_param_count, freeze, thaw
+from .kernels.attention import attention_reference
+from .llama import gate_up_parts, qkv_parts
+from .loading.convert import NameMap, Rule
+from .numerics import attention_mask, f32_einsum, rms_norm, split_parts
 from .rope import apply_rope, inv_frequencies, rope_tables
 
 SLIDING = "sliding_attention"
@@ -76,7 +76,7 @@ _MULTIMODAL_TOP_KEYS = frozenset({"text_config", "vision_config", "mm_tokens_per
                                   "eoi_token_index", "image_token_index", "boi_token_id", "eoi_token_id",
                                   "image_token_id", "tie_word_embeddings"})
 # Gemma 3 checkpoints carry these; they do not change the forward computation.
-_GEMMA_IGNORED = frozenset({"cache_implementation"})
+GEMMA_IGNORED_KEYS = frozenset({"cache_implementation"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,13 +201,13 @@ class Gemma3Config:
                     "tie_word_embeddings", "max_position_embeddings", "head_dim", "query_pre_attn_scalar",
                     "final_logit_softcapping"):
             consumed.add(key)
-        unknown = sorted(k for k in cfg if k not in consumed and k not in _IGNORED_KEYS
-                         and k not in _GEMMA_IGNORED)
+        unknown = sorted(k for k in cfg if k not in consumed and k not in IGNORED_KEYS
+                         and k not in GEMMA_IGNORED_KEYS)
         if unknown:
             raise ConfigError(
                 f"config field(s) {unknown} of {model_type} are not understood by the Gemma 3 implementation "
                 "and may change the model's computation; refusing to guess. If a field is known to be "
-                "harmless, add it to decoding.gemma3._GEMMA_IGNORED."
+                "harmless, add it to decoding.gemma3.GEMMA_IGNORED_KEYS."
             )
 
         return cls(
@@ -246,7 +246,7 @@ def _text_config_of_multimodal(cfg: dict) -> dict:
     text = cfg.get("text_config")
     if not isinstance(text, Mapping):
         raise ConfigError("a 'gemma3' config needs a text_config (the decoder's settings); none was found.")
-    unknown = sorted(k for k in cfg if k not in _MULTIMODAL_TOP_KEYS and k not in _IGNORED_KEYS)
+    unknown = sorted(k for k in cfg if k not in _MULTIMODAL_TOP_KEYS and k not in IGNORED_KEYS)
     if unknown:
         raise ConfigError(f"top-level field(s) {unknown} of the 'gemma3' config are not understood; "
                           "refusing to guess.")
@@ -286,15 +286,15 @@ def _rope_of(rp: dict, kind: str):
     theta = float(rp.pop("rope_theta"))
     rtype = rp.pop("rope_type", rp.pop("type", "default"))
     rp.pop("type", None)
-    if rtype not in _SUPPORTED_ROPE_TYPES:
+    if rtype not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"rope type {rtype!r} of the {kind} layers is not supported; supported: "
-                          f"{_SUPPORTED_ROPE_TYPES}.")
+                          f"{SUPPORTED_ROPE_TYPES}.")
     if rtype == "default":
         if rp:
             raise ConfigError(f"rope parameters {sorted(rp)} of the {kind} layers mean nothing for default rope.")
         return theta, None
     rp["rope_type"] = rtype
-    return theta, tuple(sorted((k, _freeze(v)) for k, v in rp.items()))
+    return theta, tuple(sorted((k, freeze(v)) for k, v in rp.items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ PARAM_SHAPES = {
     "final_norm": lambda c: (c.hidden_size,),
     "lm_head": lambda c: (c.hidden_size, c.vocab_size),
 }
-LAYER_PARAM_SHAPES = {  # projections fused as in `decoding.model` (see `LAYER_PARAM_PARTS`)
+LAYER_PARAM_SHAPES = {  # projections fused as in `decoding.llama` (see `LAYER_PARAM_PARTS`)
     "attn_norm": lambda c: (c.hidden_size,),
     "wqkv": lambda c: (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
     "q_norm": lambda c: (c.head_dim,),
@@ -319,8 +319,8 @@ LAYER_PARAM_SHAPES = {  # projections fused as in `decoding.model` (see `LAYER_P
     "w_down": lambda c: (c.intermediate_size, c.hidden_size),
     "post_mlp_norm": lambda c: (c.hidden_size,),
 }
-# fused name -> its blocks along the last axis, in order: ((part, width), ...)
-LAYER_PARAM_PARTS = {name: _LLAMA_PARTS[name] for name in ("wqkv", "w_gate_up")}  # no biases
+# fused name -> its blocks along the last axis, in order: ((part, width), ...); no biases
+LAYER_PARAM_PARTS = {"wqkv": qkv_parts, "w_gate_up": gate_up_parts}
 
 
 def param_shapes(config: Gemma3Config) -> dict:
@@ -337,21 +337,14 @@ def param_parts(config: Gemma3Config) -> dict:
     return {name: fn(config) for name, fn in LAYER_PARAM_PARTS.items()}
 
 
-def init_params(config: Gemma3Config, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random parameters; norm weights start at zero, i.e. at unit scale (`x * (1 + w)`)."""
-    return random_params(param_shapes(config), key, dtype, scale, norm_value=0.0)
-
-
 # --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
 
 
-def _rms_norm(x, weight, eps):
+def _norm(x, weight, eps):
     """Gemma RMSNorm: float32 `x / rms(x) * (1 + w)`, cast back to x's dtype."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    return rms_norm(x, weight, eps, weight_offset=1.0)
 
 
 def _softcap(x, cap):
@@ -366,19 +359,14 @@ def embed(config: Gemma3Config, params: dict, tokens: jax.Array) -> jax.Array:
 
 
 def final_norm(config: Gemma3Config, params: dict, hidden: jax.Array) -> jax.Array:
-    return _rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
+    return _norm(hidden, params["final_norm"], config.rms_norm_eps)
 
 
 def lm_head(config: Gemma3Config, params: dict, normed: jax.Array) -> jax.Array:
     """Normalised hidden [..., D] -> float32 logits [..., V] (soft-capped if configured)."""
     w = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    logits = _f32_einsum("...d,dv->...v", normed, w.astype(normed.dtype))
+    logits = f32_einsum("...d,dv->...v", normed, w.astype(normed.dtype))
     return _softcap(logits, config.final_logit_softcapping)
-
-
-def unembed(config: Gemma3Config, params: dict, hidden: jax.Array) -> jax.Array:
-    """Residual stream [..., D] -> float32 logits [..., V] (final norm, then the head)."""
-    return lm_head(config, params, final_norm(config, params, hidden))
 
 
 def key_positions(cache_lengths: jax.Array, positions: jax.Array, capacity: int) -> jax.Array:
@@ -398,47 +386,13 @@ def key_positions(cache_lengths: jax.Array, positions: jax.Array, capacity: int)
 def layer_masks(config: Gemma3Config, cache_lengths, positions, capacity, mask=None, slot_mask=None):
     """(visible for global layers, visible for local layers): bool[B, T, S] each.
 
-    The visibility rule (prefix + block mask, or `slot_mask`) is `decoding.model`'s; local
-    layers additionally mask keys whose position is `sliding_window` or more behind the query.
+    The visibility rule (prefix + block mask, or `slot_mask`) is `decoding.numerics.attention_mask`;
+    local layers additionally mask keys whose position is `sliding_window` or more behind the query.
     """
     visible = attention_mask(cache_lengths, positions, capacity, mask, None, slot_mask)
     near = (positions[:, :, None] - key_positions(cache_lengths, positions, capacity)[:, None, :]
             ) < config.sliding_window
     return visible, visible & near
-
-
-def _attention(config: Gemma3Config, q, k, v, visible):
-    """q: [B, T, H, Dh], k/v: [B, K, S, Dh], visible: bool[B, T, S] -> [B, T, H, Dh]."""
-    b, t, h, dh = q.shape
-    kh = k.shape[1]
-    q = q.reshape(b, t, kh, h // kh, dh)
-    scores = _f32_einsum("btkgd,bksd->bkgts", q, k) * (config.query_pre_attn_scalar ** -0.5)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = _f32_einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(b, t, h, dh).astype(q.dtype)
-
-
-def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible):
-    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i)."""
-    b, t, _ = x.shape
-    eps = config.rms_norm_eps
-    h = _rms_norm(x, lp["attn_norm"], eps)
-    q, k, v = split_parts(jnp.dot(h, lp["wqkv"]), LAYER_PARAM_PARTS["wqkv"](config))
-    q = q.reshape(b, t, config.num_heads, config.head_dim)
-    k = k.reshape(b, t, config.num_kv_heads, config.head_dim)
-    v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
-    q = apply_rope(_rms_norm(q, lp["q_norm"], eps), cos, sin)
-    k = apply_rope(_rms_norm(k, lp["k_norm"], eps), cos, sin)
-    rows = jnp.arange(b)[:, None]
-    k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
-    attn = _attention(config, q, k_all[i], v_all[i], visible)
-    x = x + _rms_norm(jnp.dot(attn.reshape(b, t, -1), lp["wo"]), lp["post_attn_norm"], eps)
-    h = _rms_norm(x, lp["mlp_norm"], eps)
-    gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), LAYER_PARAM_PARTS["w_gate_up"](config))
-    mlp = jax.nn.gelu(gate, approximate=True) * up
-    return x + _rms_norm(jnp.dot(mlp, lp["w_down"]), lp["post_mlp_norm"], eps), k_all, v_all
 
 
 def _rope(config: Gemma3Config, positions, local: bool):
@@ -451,47 +405,144 @@ def _rope(config: Gemma3Config, positions, local: bool):
     return rope_tables(positions, jnp.asarray(inv_freq, jnp.float32), factor)
 
 
-def run_layers(
-    config: Gemma3Config,
-    params: dict,
-    x: jax.Array,
-    positions: jax.Array,
-    cache: KVCache,
-    *,
-    mask: jax.Array | None = None,
-    slot_mask: jax.Array | None = None,
-    layers: tuple[int, int] | None = None,
-    return_hidden: Sequence[int] = (),
-    options=None,
-):
-    """Run decoder layers `[start, end)` on hidden states `x: [B, T, D]` (contract of
-    `decoding.model.run_layers`: keys/values written at `cache.lengths[b] + t`, cursor not
-    moved; returns `(x, hidden, cache)` with `hidden[i]` the stream after layer i)."""
+class Setup(NamedTuple):
+    """What every layer of one call shares: {local?: (cos, sin): float32[B, T, Dh]} for the
+    layer kinds in the range, and {local?: visible: bool[B, T, S]}."""
+
+    rope: dict
+    visible: dict
+
+
+def prepare(config: Gemma3Config, positions, cache, mask=None, slot_mask=None, layers=None) -> Setup:
+    """Rotary tables of the layer kinds in `layers` (all when None) and both visibilities."""
     start, end = (0, config.num_layers) if layers is None else layers
-    kinds = config.sliding_layers[start:end]
-    t = x.shape[1]
-    slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    visible = layer_masks(config, cache.lengths, positions, cache.capacity, mask, slot_mask)
-    rope = {local: _rope(config, positions, local) for local in set(kinds)}
-    some = next(iter(rope.values()), None)
-    sliding = jnp.asarray(config.sliding_layers, bool)
+    kinds = set(config.sliding_layers[start:end])
+    full, local = layer_masks(config, cache.lengths, positions, cache.capacity, mask, slot_mask)
+    return Setup({kind: _rope(config, positions, kind) for kind in kinds}, {False: full, True: local})
 
-    def layer(lp, x, k_all, v_all, i):
-        if isinstance(i, int):  # unrolled: this layer's rope and mask, chosen statically
-            local = config.sliding_layers[i]
-            return _layer(config, lp, x, *rope[local], k_all, v_all, i, slots, visible[local])
-        local = sliding[i]  # under scan: both kinds computed once, selected per layer
-        (cos_l, sin_l), (cos_g, sin_g) = rope.get(True, some), rope.get(False, some)
+
+def layer(config: Gemma3Config, setup: Setup, lp: dict, x, k_all, v_all, i, slots, options=None):
+    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i, slots
+    `slots: int32[B, T]`). Unrolled (`i` an int), the layer's rope and mask are chosen
+    statically; under scan both kinds were computed once and are selected per layer."""
+    if isinstance(i, int):
+        local = config.sliding_layers[i]
+        (cos, sin), visible = setup.rope[local], setup.visible[local]
+    else:
+        local = jnp.asarray(config.sliding_layers, bool)[i]
+        some = next(iter(setup.rope.values()))
+        (cos_l, sin_l), (cos_g, sin_g) = setup.rope.get(True, some), setup.rope.get(False, some)
         cos, sin = jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g)
-        vis = jnp.where(local, visible[True], visible[False])
-        return _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, vis)
+        visible = jnp.where(local, setup.visible[True], setup.visible[False])
+    b, t, _ = x.shape
+    eps = config.rms_norm_eps
+    h = _norm(x, lp["attn_norm"], eps)
+    q, k, v = split_parts(jnp.dot(h, lp["wqkv"]), qkv_parts(config))
+    q = q.reshape(b, t, config.num_heads, config.head_dim)
+    k = k.reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
+    q = apply_rope(_norm(q, lp["q_norm"], eps), cos, sin)
+    k = apply_rope(_norm(k, lp["k_norm"], eps), cos, sin)
+    rows = jnp.arange(b)[:, None]
+    k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
+    attn = attention_reference(q, k_all[i], v_all[i], visible, scale=config.query_pre_attn_scalar ** -0.5)
+    x = x + _norm(jnp.dot(attn.reshape(b, t, -1), lp["wo"]), lp["post_attn_norm"], eps)
+    h = _norm(x, lp["mlp_norm"], eps)
+    gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), gate_up_parts(config))
+    mlp = jax.nn.gelu(gate, approximate=True) * up
+    return x + _norm(jnp.dot(mlp, lp["w_down"]), lp["post_mlp_norm"], eps), k_all, v_all
 
-    return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden,
-                       options=options)
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint names: qk-norm and four norms per layer, no biases
+# --------------------------------------------------------------------------------------------
+
+HF_NAMES = NameMap.hf(
+    top={
+        "model.embed_tokens.weight": Rule("embed"),
+        "model.norm.weight": Rule("final_norm"),
+        "lm_head.weight": Rule("lm_head", transpose=True),
+    },
+    layer={  # names under "model.layers.{i}."
+        "input_layernorm.weight": Rule("attn_norm"),
+        "self_attn.q_proj.weight": Rule("wqkv", "q", transpose=True),
+        "self_attn.k_proj.weight": Rule("wqkv", "k", transpose=True),
+        "self_attn.v_proj.weight": Rule("wqkv", "v", transpose=True),
+        "self_attn.q_norm.weight": Rule("q_norm"),
+        "self_attn.k_norm.weight": Rule("k_norm"),
+        "self_attn.o_proj.weight": Rule("wo", transpose=True),
+        "post_attention_layernorm.weight": Rule("post_attn_norm"),
+        "pre_feedforward_layernorm.weight": Rule("mlp_norm"),
+        "mlp.gate_proj.weight": Rule("w_gate_up", "gate", transpose=True),
+        "mlp.up_proj.weight": Rule("w_gate_up", "up", transpose=True),
+        "mlp.down_proj.weight": Rule("w_down", transpose=True),
+        "post_feedforward_layernorm.weight": Rule("post_mlp_norm"),
+    },
+    # The text decoder inside a multimodal checkpoint's names (transformers >= 4.52, and older).
+    renames=((re.compile(r"model\.language_model\.|language_model\.model\."), "model."),
+             (re.compile(r"language_model\.lm_head\."), "lm_head.")),
+)
+GGUF_NAMES = NameMap.gguf(
+    top={
+        "token_embd.weight": Rule("embed"),
+        "output_norm.weight": Rule("final_norm", offset=-1.0),
+        "output.weight": Rule("lm_head", transpose=True),
+    },
+    layer={  # names under "blk.{i}."; llama.cpp does not permute Gemma's Q and K
+        "attn_norm.weight": Rule("attn_norm", offset=-1.0),
+        "attn_q.weight": Rule("wqkv", "q", transpose=True),
+        "attn_k.weight": Rule("wqkv", "k", transpose=True),
+        "attn_v.weight": Rule("wqkv", "v", transpose=True),
+        "attn_q_norm.weight": Rule("q_norm", offset=-1.0),
+        "attn_k_norm.weight": Rule("k_norm", offset=-1.0),
+        "attn_output.weight": Rule("wo", transpose=True),
+        "post_attention_norm.weight": Rule("post_attn_norm", offset=-1.0),
+        "ffn_norm.weight": Rule("mlp_norm", offset=-1.0),
+        "ffn_gate.weight": Rule("w_gate_up", "gate", transpose=True),
+        "ffn_up.weight": Rule("w_gate_up", "up", transpose=True),
+        "ffn_down.weight": Rule("w_down", transpose=True),
+        "post_ffw_norm.weight": Rule("post_mlp_norm", offset=-1.0),
+    },
+)
+# llama.cpp's Gemma 3 rules for what the GGUF does not record (`llama_model::load_hparams`).
+GGUF_SLIDING_PATTERN = 6  # every 6th layer is global
+GGUF_27B_LAYERS = 62  # the 27B scales attention by (D / H)^-0.5, every other size by Dh^-0.5
 
 
-def forward(config: Gemma3Config, params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-            **kwargs) -> Output:
-    """Full forward over `tokens: int32[B, T]` at `positions: int32[B, T]`: the one body of
-    `decoding.model.forward`, which reaches this module's `embed`, `run_layers` and `unembed`."""
-    return _forward(config, params, tokens, positions, cache, **kwargs)
+def gguf_fields(gguf_arch: str, cfg: dict, get) -> dict:
+    """Gemma 3 settings that GGUF files leave to llama.cpp's hard-coded rules: the 5 local : 1
+    global layer pattern (no window at all: every layer global), rotary base 10k for local
+    layers unless `rope.freq_base_swa` says otherwise, and the attention scale. transformers'
+    GGUF loader uses a fixed `query_pre_attn_scalar` of 256 instead, which agrees with these
+    rules for every released size except the 27B (62 layers, scalar D / H = 168)."""
+    layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    scalar = hidden // heads if layers == GGUF_27B_LAYERS else cfg["head_dim"]
+    out = {"query_pre_attn_scalar": scalar, "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0))}
+    window = get("attention.sliding_window")
+    if window:
+        out.update(sliding_window=int(window), sliding_window_pattern=GGUF_SLIDING_PATTERN)
+    else:
+        out.update(layer_types=[FULL] * layers)
+    return out
+
+
+GEMMA3 = register(Architecture(
+    name="gemma3",
+    config_type=Gemma3Config,
+    model_types=MODEL_TYPES,
+    config_from_hf=Gemma3Config.from_hf,
+    param_shapes=param_shapes,
+    param_parts=param_parts,
+    norm_unit=0.0,
+    embed=embed,
+    final_norm=final_norm,
+    lm_head=lm_head,
+    prepare=prepare,
+    layer=layer,
+    hf_names=HF_NAMES,
+    gguf_arches={"gemma3": "gemma3_text"},
+    gguf_names=lambda gguf_arch: GGUF_NAMES,
+    gguf_keys=frozenset({"rope.freq_base_swa"}),
+    gguf_fields=gguf_fields,
+))

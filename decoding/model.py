@@ -1,23 +1,15 @@
-"""The common model interface and the Llama-family transformer behind it.
+"""The common model interface: every decoding algorithm talks to models only through it.
 
-One implementation covers Llama 2/3 (rope scaling), Qwen2/2.5 (qkv bias, untied head),
-Mistral (sliding window) and SmolLM2 (tied embeddings): pre-norm decoder layers of RMSNorm,
-grouped-query attention with rotary embeddings, and a SwiGLU MLP (Touvron et al. 2023).
+Legend: B batch, T new tokens, S cache capacity, D hidden, V vocab, L layers, K kv heads,
+Dh head dim.
 
-Legend: B batch, T new tokens, S cache capacity, D hidden, F ffn, V vocab, L layers, H query
-heads, K kv heads, G = H/K, Dh head dim.
-
-The contract every decoding algorithm relies on
-------------------------------------------------
 `forward(config, params, tokens[B,T], positions[B,T], cache, mask=None, ...)` runs T >= 1 new
 tokens per row. Their keys/values are written to cache slots `cache.lengths[b] + t`, and the
 returned cache has `lengths + T` (callers commit fewer with `KVCache.truncate` / `gather`).
-Query t of row b sees:
-  * every committed slot `s < cache.lengths[b]` (the prefix), and
-  * new slot `lengths[b] + j` iff `mask[b, t, j]` (default: causal, `j <= t`).
+Query t of row b sees every committed slot `s < cache.lengths[b]` and new slot
+`lengths[b] + j` iff `mask[b, t, j]` (default: causal) — `decoding.numerics.attention_mask`.
 A chain of candidates uses the default mask; a token tree passes its ancestor mask and
-positions `prefix_len + depth`, so one call verifies the whole tree. Mistral-style sliding
-windows mask keys whose *position* is `window` or more behind the query's.
+positions `prefix_len + depth`, so one call verifies the whole tree.
 
 Pieces for algorithms that work inside the network: `embed`, `run_layers` over any range
 `[start, end)` of layers (reading the residual stream after chosen layers, or starting from
@@ -25,21 +17,10 @@ injected hidden states), `final_norm`, `lm_head`, `unembed = lm_head(final_norm(
 `hidden[i]` is the residual stream after i layers (`hidden[0]` = embeddings).
 
 Parameters are a plain pytree (dict) with per-layer weights stacked on a leading L axis, so the
-layer loop is one `lax.scan` (unrolled on accelerators). Weights are stored as `[in, out]` (x @ W).
-Projections that read the same input are fused along their output axis, so each is one matmul
-(decode at small batch is bound by kernel launches, not by weight traffic):
-  * `wqkv: [L, D, (H + 2K) * Dh]` — q columns, then k, then v (`bqkv: [L, (H + 2K) * Dh]` the
-    same way, only when `config.qkv_bias`);
-  * `w_gate_up: [L, D, 2F]` — gate columns, then up;
-  * `wo: [L, H * Dh, D]`, `w_down: [L, F, D]`, and the norms `attn_norm`, `mlp_norm: [L, D]`.
-`param_parts(config)` lists each fused parameter's blocks (loaders fill one block per checkpoint
-tensor); `split_parts` cuts an activation the same way.
-
-Other architectures: the public functions below (`param_shapes`, `param_parts`, `init_params`,
-`embed`, `final_norm`, `lm_head`, `unembed`, `run_layers`) hand a config that is not a
-`ModelConfig` to the module implementing it (`architecture(config)`): a `decoding.gemma3.Gemma3Config`
-to `decoding.gemma3`. `forward` is one body over those, so it serves every architecture.
-Algorithms keep calling these functions and run any architecture unchanged.
+layer loop is one `lax.scan` (unrolled on accelerators). This module holds no architecture: each
+function looks up the `decoding.architecture.Architecture` registered for the config's type
+(`decoding.llama` for `ModelConfig`, `decoding.gemma3` for `Gemma3Config`) and calls its pieces.
+docs/interface.md states the contract in full.
 """
 
 from __future__ import annotations
@@ -51,89 +32,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .architecture import for_config
 from .cache import KVCache
 from .config import ModelConfig
 from .options import DEFAULT as DEFAULT_OPTIONS
 from .options import Options
-from .rope import apply_rope, inv_frequencies, rope_tables
-
-# name -> shape as a function of the config (the one declaration of weights)
-PARAM_SHAPES = {
-    "embed": lambda c: (c.vocab_size, c.hidden_size),
-    "final_norm": lambda c: (c.hidden_size,),
-    "lm_head": lambda c: (c.hidden_size, c.vocab_size),
-}
-# Per-layer weights, stacked on a leading L axis by `param_shapes`. The projections that read
-# the same input are fused along their output axis (one matmul each): see `LAYER_PARAM_PARTS`.
-LAYER_PARAM_SHAPES = {
-    "attn_norm": lambda c: (c.hidden_size,),
-    "wqkv": lambda c: (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
-    "bqkv": lambda c: ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim,),  # only with qkv_bias
-    "wo": lambda c: (c.num_heads * c.head_dim, c.hidden_size),
-    "mlp_norm": lambda c: (c.hidden_size,),
-    "w_gate_up": lambda c: (c.hidden_size, 2 * c.intermediate_size),
-    "w_down": lambda c: (c.intermediate_size, c.hidden_size),
-}
-
-
-def _qkv_parts(c) -> tuple[tuple[str, int], ...]:
-    return (("q", c.num_heads * c.head_dim), ("k", c.num_kv_heads * c.head_dim),
-            ("v", c.num_kv_heads * c.head_dim))
-
-
-# fused name -> its blocks along the last axis, in order: ((part, width), ...)
-LAYER_PARAM_PARTS = {
-    "wqkv": _qkv_parts,  # [D, H*Dh | K*Dh | K*Dh]: q columns, then k, then v
-    "bqkv": _qkv_parts,
-    "w_gate_up": lambda c: (("gate", c.intermediate_size), ("up", c.intermediate_size)),  # [D, F | F]
-}
-
-
-def architecture(config):
-    """The module implementing `config`'s architecture, or None for the Llama family here.
-
-    Each such module provides the public functions of this one with the same signatures.
-    """
-    if isinstance(config, ModelConfig):
-        return None
-    from . import gemma3  # imported here: it builds on this module's shared pieces
-
-    if isinstance(config, gemma3.Gemma3Config):
-        return gemma3
-    raise TypeError(f"no model implementation for a config of type {type(config).__name__}; expected "
-                    "decoding.ModelConfig (Llama family) or decoding.gemma3.Gemma3Config.")
 
 
 def param_shapes(config: ModelConfig) -> dict:
     """The expected parameter tree of `config`, as shapes (the one declaration of weights)."""
-    if (arch := architecture(config)) is not None:
-        return arch.param_shapes(config)
-    layer = {
-        name: (config.num_layers, *fn(config))
-        for name, fn in LAYER_PARAM_SHAPES.items()
-        if config.qkv_bias or name != "bqkv"
-    }
-    top = {name: fn(config) for name, fn in PARAM_SHAPES.items()}
-    if config.tie_embeddings:
-        del top["lm_head"]
-    return {**top, "layers": layer}
+    return for_config(config).param_shapes(config)
 
 
 def param_parts(config: ModelConfig) -> dict:
     """{fused layer parameter: ((part, width), ...)}: the blocks its last axis concatenates, in
-    order (e.g. "wqkv": q, k, v). Loaders fill each block from its own checkpoint tensor."""
-    if (arch := architecture(config)) is not None:
-        return arch.param_parts(config)
-    shapes = param_shapes(config)["layers"]
-    return {name: fn(config) for name, fn in LAYER_PARAM_PARTS.items() if name in shapes}
-
-
-def split_parts(x: jax.Array, parts: Sequence[tuple[str, int]]) -> tuple[jax.Array, ...]:
-    """Static slices of `x: [..., sum(widths)]` along its last axis, one per `(part, width)`."""
-    bounds = np.cumsum([0] + [w for _, w in parts])
-    if bounds[-1] != x.shape[-1]:
-        raise ValueError(f"parts {tuple(parts)} cover {bounds[-1]} columns, the array has {x.shape[-1]}.")
-    return tuple(x[..., int(a):int(b)] for a, b in zip(bounds[:-1], bounds[1:]))
+    order (e.g. "wqkv": q, k, v). Loaders fill each block from its own checkpoint tensor;
+    `decoding.numerics.split_parts` cuts an activation the same way."""
+    return for_config(config).param_parts(config)
 
 
 def check_params(config: ModelConfig, params: dict) -> None:
@@ -162,10 +77,10 @@ def check_params(config: ModelConfig, params: dict) -> None:
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random parameters (unit tests and drafter initialisation); norms start at one."""
-    if (arch := architecture(config)) is not None:
-        return arch.init_params(config, key, dtype, scale)
-    return random_params(param_shapes(config), key, dtype, scale, norm_value=1.0)
+    """Random parameters (unit tests and drafter initialisation); norms start at the identity
+    scale of the architecture's norm (`Architecture.norm_unit`)."""
+    arch = for_config(config)
+    return random_params(arch.param_shapes(config), key, dtype, scale, norm_value=arch.norm_unit)
 
 
 def random_params(shapes: dict, key: jax.Array, dtype, scale: float, *, norm_value: float) -> dict:
@@ -199,138 +114,24 @@ class Output:
     cache: KVCache
 
 
-def _f32_einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """einsum accumulated and returned in float32. XLA:CPU has no bf16 x bf16 -> f32 dot, so
-    there the operands are upcast (same result, slower); accelerators keep 16-bit operands."""
-    if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
-
-
-def _rms_norm(x, weight, eps):
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
-
-
 def embed(config: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
     """tokens: int32[B, T] -> hidden [B, T, D] (the parameters' dtype)."""
-    if (arch := architecture(config)) is not None:
-        return arch.embed(config, params, tokens)
-    return params["embed"][tokens]
+    return for_config(config).embed(config, params, tokens)
 
 
 def final_norm(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
-    if (arch := architecture(config)) is not None:
-        return arch.final_norm(config, params, hidden)
-    return _rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
+    """Residual stream [..., D] -> the normalised stream the head reads."""
+    return for_config(config).final_norm(config, params, hidden)
 
 
 def lm_head(config: ModelConfig, params: dict, normed: jax.Array) -> jax.Array:
     """Normalised hidden [..., D] -> float32 logits [..., V]."""
-    if (arch := architecture(config)) is not None:
-        return arch.lm_head(config, params, normed)
-    w = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    return _f32_einsum("...d,dv->...v", normed, w.astype(normed.dtype))
+    return for_config(config).lm_head(config, params, normed)
 
 
 def unembed(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
     """Residual stream [..., D] -> float32 logits [..., V] (final norm, then the head)."""
-    if (arch := architecture(config)) is not None:
-        return arch.unembed(config, params, hidden)
     return lm_head(config, params, final_norm(config, params, hidden))
-
-
-def attention_mask(cache_lengths, positions, capacity, mask=None, window=None, slot_mask=None):
-    """visible: bool[B, T, S] — which cache slots each new query may attend to.
-
-    With `slot_mask: bool[B, T, S]` the caller states visibility over all slots directly (the
-    new tokens occupy slots `lengths + t`); the prefix rule and `mask` are then not applied.
-    Sliding windows apply in both cases (slot positions are then taken as slot indices).
-    """
-    b, t = positions.shape
-    if slot_mask is not None:
-        visible = slot_mask.astype(bool)
-        if window is not None:
-            slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
-            visible &= (positions[:, :, None] - slots) < window
-        return visible
-    slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
-    start = cache_lengths[:, None, None]  # [B, 1, 1]
-    prefix = slots < start
-    j = slots - start  # index of the slot within the new block
-    in_block = (j >= 0) & (j < t)
-    if mask is None:
-        block_ok = j <= jnp.arange(t, dtype=jnp.int32)[None, :, None]
-    else:
-        jc = jnp.clip(j, 0, t - 1)
-        block_ok = jnp.take_along_axis(mask.astype(bool), jnp.broadcast_to(jc, (b, t, capacity)), axis=2)
-    visible = prefix | (in_block & block_ok)
-    if window is not None:
-        key_pos = jnp.where(
-            prefix,
-            slots,
-            jnp.take_along_axis(positions[:, None, :], jnp.clip(j, 0, t - 1), axis=2),
-        )
-        visible &= (positions[:, :, None] - key_pos) < window
-    return visible
-
-
-def _attention(q, k, v, visible):
-    """q: [B, T, H, Dh], k/v: [B, K, S, Dh], visible: bool[B, T, S] -> [B, T, H, Dh]."""
-    b, t, h, dh = q.shape
-    kh = k.shape[1]
-    q = q.reshape(b, t, kh, h // kh, dh)
-    scores = _f32_einsum("btkgd,bksd->bkgts", q, k)
-    scores = scores * (dh**-0.5)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = _f32_einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(b, t, h, dh).astype(q.dtype)
-
-
-def _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible, options: Options = DEFAULT_OPTIONS):
-    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i).
-
-    One matmul for q, k and v (`wqkv`, then one bias add) and one for gate and up (`w_gate_up`);
-    their outputs are split by static slices. q and k heads are rotated together.
-    """
-    b, t, _ = x.shape
-    nh, kh, dh = config.num_heads, config.num_kv_heads, config.head_dim
-    h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    qkv = jnp.dot(h, lp["wqkv"])  # [B, T, (H + 2K) * Dh]
-    if config.qkv_bias:
-        qkv = qkv + lp["bqkv"]
-    qk, v = split_parts(qkv, (("qk", (nh + kh) * dh), ("v", kh * dh)))
-    qk = apply_rope(qk.reshape(b, t, nh + kh, dh), cos, sin)  # q heads, then k heads
-    q, k = qk[:, :, :nh], qk[:, :, nh:]
-    v = v.reshape(b, t, kh, dh)
-    # The cache keeps k and v as two arrays (`KVCache`): one scatter each.
-    rows = jnp.arange(b)[:, None]
-    k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
-    if _use_kernel(options, i, dh):
-        from .kernels.attention import attention_pallas
-
-        attn = attention_pallas(q, k_all, v_all, visible, layer=i, interpret=jax.default_backend() != "gpu")
-    else:
-        attn = _attention(q, k_all[i], v_all[i], visible)
-    x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
-    h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), LAYER_PARAM_PARTS["w_gate_up"](config))
-    x = x + jnp.dot(jax.nn.silu(gate) * up, lp["w_down"])
-    return x, k_all, v_all
-
-
-def _use_kernel(options: Options, i, head_dim: int) -> bool:
-    return options.attention == "pallas" and isinstance(i, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
-
-
-def _rope_consts(config: ModelConfig):
-    inv_freq, factor = inv_frequencies(
-        config.head_dim, config.rope_theta, config.rope_scaling_dict, config.max_position_embeddings
-    )
-    return jnp.asarray(inv_freq, jnp.float32), factor
 
 
 def run_layers(
@@ -352,21 +153,17 @@ def run_layers(
     moved: `forward` does that once all layers ran). Returns `(x, hidden, cache)` where
     `hidden[i]` (for i in `return_hidden`, start < i <= end) is the stream after layer i.
     Injecting hidden states at layer `start` is calling this with them as `x`.
-    `slot_mask: bool[B, T, S]` replaces the prefix + block-mask rule (see `attention_mask`):
+    `slot_mask: bool[B, T, S]` replaces the prefix + block-mask rule (`decoding.numerics.attention_mask`):
     drafters that grow a tree over several calls use it to show each node only its ancestors.
     """
-    if (arch := architecture(config)) is not None:
-        return arch.run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
-                               layers=layers, return_hidden=return_hidden, options=options)
+    arch = for_config(config)
     options = (options or DEFAULT_OPTIONS).resolved()
-    inv_freq, factor = _rope_consts(config)
-    cos, sin = rope_tables(positions, inv_freq, factor)
+    setup = arch.prepare(config, positions, cache, mask, slot_mask, layers)
     t = x.shape[1]
     slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window, slot_mask)
 
     def layer(lp, x, k_all, v_all, i):
-        return _layer(config, lp, x, cos, sin, k_all, v_all, i, slots, visible, options)
+        return arch.layer(config, setup, lp, x, k_all, v_all, i, slots, options)
 
     return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden,
                        options=options)
@@ -440,8 +237,7 @@ def forward(
     self-drafting); only those layers' cache entries are written. `options` (`decoding.Options`)
     picks the attention implementation and whether the layer loop is unrolled.
     """
-    # One body for every architecture: embed, run_layers and unembed hand a config of another
-    # architecture to the module implementing it.
+    # One body for every architecture: embed, run_layers and unembed reach its pieces.
     x = embed(config, params, tokens)
     x, hidden, cache = run_layers(config, params, x, positions, cache, mask=mask, slot_mask=slot_mask,
                                   layers=layers, return_hidden=return_hidden, options=options)

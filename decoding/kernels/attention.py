@@ -4,7 +4,8 @@ Legend: B batch rows, T new query tokens (1 for decode, a chain or a tree for ve
 S cache slots (capacity), H query heads, K kv heads, G = H / K query heads per kv head,
 Dh head dim, M = T * G query rows of one kv head, NS splits of the slot axis.
 
-What is computed (`attention_reference`, the same function as `decoding.model._attention`):
+What is computed (`attention_reference`, the attention every architecture's layers run when the
+kernel is not asked for):
 grouped-query attention where query head h reads kv head h // G; scores `q . k * scale` in
 float32, masked by `visible: bool[B, T, S]`, softmax in float32, probabilities cast to v's
 dtype, `probs @ v` accumulated in float32, result in q's dtype. One choice differs: a query
@@ -26,7 +27,7 @@ step. Choices the papers leave open:
   costs half. Each split takes an equal share of that row's live blocks.
 * Compact visibility (`attention_pallas_prefix`): slots `< lengths[b]` are visible to every
   query, the T new slots `lengths[b] + j` to query t iff `block_mask[b, t, j]` (default causal,
-  `j <= t`): the rule `decoding.model.attention_mask` applies when no `slot_mask` is given.
+  `j <= t`): the rule `decoding.numerics.attention_mask` applies when no `slot_mask` is given.
   No [B, T, S] mask is read; the new slots are one extra block handled by the first split.
 * Unified max (Hong et al. 2024, "FlashDecoding++: Faster Large Language Model Inference on
   GPUs", asynchronised softmax with a unified maximum): with `unified_max=phi` every block
@@ -60,6 +61,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ..numerics import attention_mask, f32_einsum
+
 UNIFIED_MAX_MARGIN = 40.0
 """A split falls back to the exact softmax when a row's largest score is this far from phi:
 exp(40) ~ 2e17, so sums over 8k slots stay far from float32's 3e38, and exp(-40) ~ 4e-18
@@ -71,13 +74,6 @@ _TARGET_PROGRAMS = 128  # splits are added until about this many programs run (1
 # --------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------
-
-
-def _f32_einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """einsum accumulated in float32; on CPU 16-bit operands are upcast (same result)."""
-    if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
 
 
 def _default_scale(q: jax.Array, scale: float | None) -> float:
@@ -95,29 +91,20 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.A
     kh = k.shape[1]
     _check_shapes(q, k, v)
     qg = q.reshape(b, t, kh, h // kh, dh)
-    scores = _f32_einsum("btkgd,bksd->bkgts", qg, k) * _default_scale(q, scale)
+    scores = f32_einsum("btkgd,bksd->bkgts", qg, k) * _default_scale(q, scale)
     vis = visible.astype(bool)[:, None, None]  # [B, 1, 1, T, S]
     probs = jax.nn.softmax(jnp.where(vis, scores, -jnp.inf), axis=-1)
     probs = jnp.where(jnp.any(vis, axis=-1, keepdims=True), probs, 0.0)
-    out = _f32_einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
+    out = f32_einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
     return out.reshape(b, t, h, dh).astype(q.dtype)
 
 
 def prefix_visible(lengths: jax.Array, block_mask: jax.Array | None, t: int, capacity: int) -> jax.Array:
     """The [B, T, S] mask of the prefix rule: `lengths: int32[B]`, `block_mask: bool[B, T, T]`
-    (None: causal) -> visible: bool[B, T, S]. Same as `decoding.model.attention_mask` without
-    a slot mask or a sliding window."""
-    slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
-    start = jnp.asarray(lengths, jnp.int32)[:, None, None]
-    j = slots - start
-    in_block = (j >= 0) & (j < t)
-    if block_mask is None:
-        block_ok = j <= jnp.arange(t, dtype=jnp.int32)[None, :, None]
-    else:
-        b = block_mask.shape[0]
-        jc = jnp.broadcast_to(jnp.clip(j, 0, t - 1), (b, t, capacity))
-        block_ok = jnp.take_along_axis(block_mask.astype(bool), jc, axis=2)
-    return (slots < start) | (in_block & block_ok)
+    (None: causal) -> visible: bool[B, T, S]: `decoding.numerics.attention_mask` without a slot
+    mask or a sliding window (positions then do not matter)."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    return attention_mask(lengths, jnp.zeros((lengths.shape[0], t), jnp.int32), capacity, block_mask)
 
 
 def _check_shapes(q, k, v):
