@@ -1,4 +1,4 @@
-"""generate / stream / loop.commit on a tiny random model (token-id prompts, CPU).
+"""generate / stream / tokens.commit on a tiny random model (token-id prompts, CPU).
 
 Compiled whole-generation programs are the expensive part here (seconds each on two cores),
 so most tests share one model, one prompt batch and one `max_new_tokens`.
@@ -10,7 +10,7 @@ import pytest
 
 from decoding import Sampling, generate, make_sampling, stream
 from decoding.generation import compile_count
-from decoding.loop import StopRule, Tokens, commit
+from decoding.tokens import StopRule, Tokens, commit
 from tiny import compile_events, numpy_greedy, smollm_tokenizer, tiny_model
 
 N = 10  # max_new_tokens shared by most tests (one compiled program)
