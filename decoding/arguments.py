@@ -93,8 +93,8 @@ def prompt_list(prompts) -> list:
             if not p:
                 raise ValueError(f"prompt {i} is empty (an empty string): give at least one character or token.")
             out.append(p)
-        elif isinstance(p, (list, tuple, np.ndarray)):
-            ids = _id_list(p, i)
+        elif isinstance(p, (list, tuple, np.ndarray)) or hasattr(p, "__array__"):
+            ids = _id_list(p if isinstance(p, (list, tuple)) else np.asarray(p), i)
             if not ids:
                 raise ValueError(f"prompt {i} is empty (an empty list of token ids): give at least one token.")
             out.append(ids)
