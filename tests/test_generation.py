@@ -146,6 +146,38 @@ def test_compile_count_does_not_depend_on_the_number_of_steps(model):
     assert counts[0] == counts[1] >= 1, counts
 
 
+def test_a_program_traced_with_one_options_value_is_never_reused_for_another(model, batch_result):
+    """`decoding.Options` is part of every compile key: each value that changes the traced
+    program (the layer loop unrolled or a scan, the attention implementation) compiles its own
+    programs, in `generate` and in `stream`; the same value again reuses them; the tokens do not
+    change. On a CPU `Options()` resolves to the scan, so it shares `unroll_layers=False`'s."""
+    def run_generate(options):
+        return generate(model, PROMPTS, max_new_tokens=N, options=options).tokens
+
+    def run_streamed(options):
+        return run_stream(stream(model, PROMPTS, max_new_tokens=N, options=options))[1].tokens
+
+    variants = (Options(unroll_layers=True), Options(attention="pallas"),
+                Options(attention="pallas", unroll_layers=True))
+    for run in (run_generate, run_streamed):
+        assert run(Options()) == batch_result.tokens
+        before = compile_count()
+        with compile_events() as events:
+            assert run(Options(unroll_layers=False)) == batch_result.tokens
+        assert events == [] and compile_count() == before, run.__name__
+        for options in variants:
+            before = compile_count()
+            with compile_events() as events:
+                tokens = run(options)
+            assert tokens == batch_result.tokens, (run.__name__, options)
+            # generate: one whole-generation program; stream: its own init and step programs
+            assert len(events) >= (1 if run is run_generate else 2), (run.__name__, options, events)
+            assert compile_count() == before + (run is run_generate), (run.__name__, options)
+            with compile_events() as events:
+                assert run(options) == batch_result.tokens
+            assert events == [], (run.__name__, options, events)
+
+
 # ------------------------------------------------------------------------------------------
 # stream
 # ------------------------------------------------------------------------------------------
