@@ -57,7 +57,8 @@ class DynamicTree:
 
     From the root, for `depth` steps, expand each of the `top_k` frontier nodes by its `top_k`
     best children, scored by cumulative draft log-probability; keep the global `top_k` as the
-    next frontier; finally keep the `total_tokens` best nodes of everything expanded.
+    next frontier; finally keep the `total_tokens` best nodes of everything expanded
+    (`drafting.tree_search.expand_and_rerank`).
     """
 
     depth: int = 6
