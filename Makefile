@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m decoding demo
+	$(PY) -m experiments.cli demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -88,6 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoding.arguments import check_model, check_options
 from decoding.generation import default_eos_ids
 from decoding.model import Model, forward
 from decoding.options import Options
@@ -407,11 +408,24 @@ def _capacity(model: Model, prompt_len: int, config: Nudging) -> int:
     return cap
 
 
-def _check(base: Model, aligned: Model) -> None:
+def _check(base: Model, aligned: Model, question, config, prompts, stop, options) -> None:
     for role, m in (("base", base), ("aligned", aligned)):
+        check_model(m, role)
         if m.tokenizer is None:
             raise ValueError(f"the {role} model has no tokenizer: nudging exchanges text between the models, "
                              "so load both with tokenizer=True (or attach a transformers tokenizer).")
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a string (one question; call nudge once per question), "
+                        f"got {type(question).__name__}.")
+    if not question.strip():
+        raise ValueError("question is empty: give the text of the question to answer.")
+    if not isinstance(config, Nudging):
+        raise TypeError(f"config must be an alignment.Nudging(...), got {type(config).__name__}.")
+    if not isinstance(prompts, Prompts):
+        raise TypeError(f"prompts must be an alignment.Prompts(...), got {type(prompts).__name__}.")
+    if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
+        raise TypeError(f"stop must be a list of non-empty strings, got {stop!r}.")
+    check_options(options)
 
 
 class _Answer:
@@ -453,11 +467,12 @@ def nudge(base: Model, aligned: Model, question: str, config: Nudging = Nudging(
           prompts: Prompts = Prompts(), stop: Sequence[str] = (), options: Options | None = None) -> NudgeResult:
     """Answer `question` with `base` nudged by `aligned` (see the module docstring).
 
-    base, aligned: models with tokenizers (any two; the aligned one needs a chat template).
+    base, aligned: `decoding.Model`s with tokenizers (any two; the aligned one needs a chat
+      template). question: a non-empty string. config: `Nudging`; prompts: `Prompts`.
     stop: strings that end the answer (it is cut just before the first one).
-    options: `decoding.Options` of both models' compiled programs.
+    options: `decoding.Options` (or None) of both models' compiled programs.
     """
-    _check(base, aligned)
+    _check(base, aligned, question, config, prompts, stop, options)
     t0 = time.perf_counter()
     gamma = float(config.gamma)
     base_prefix = prompts.base_prefix(question)

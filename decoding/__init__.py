@@ -9,7 +9,7 @@ Quick start::
     print(out.texts[0], out.stats.summary())
 """
 
-from .autoregressive import Autoregressive, Context
+from .autoregressive import Autoregressive
 from .cache import KVCache
 from .config import ConfigError, ModelConfig
 from . import llama  # noqa: F401  (registers the Llama family)
@@ -19,8 +19,9 @@ from .options import Options
 from .model import Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, unembed
 from .sampling import Greedy, Sampling, make_sampling
 from .entropy_adaptive import EntropyAdaptive
-from .speculative import Chain, DynamicGamma, DynamicTree, Speculative, TreeDecoding
-from .tree import TreeBatch, TreeError, TreeTopology
+from .speculative import DynamicGamma, Speculative, TreeDecoding
+from .strategy import Context, Strategy
+from .tree import Accepted, TreeBatch
 
 
 def load(source, **kwargs):
@@ -31,8 +32,8 @@ def load(source, **kwargs):
 
 
 __all__ = [
-    "Autoregressive", "Chain", "ConfigError", "DynamicGamma", "DynamicTree", "EntropyAdaptive", "Gemma3Config", "Speculative", "TreeBatch",
-    "TreeDecoding", "TreeError", "TreeTopology", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Options", "Output",
-    "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
+    "Accepted", "Autoregressive", "ConfigError", "DynamicGamma", "EntropyAdaptive", "Gemma3Config", "Speculative",
+    "Strategy", "TreeBatch", "TreeDecoding", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Options",
+    "Output", "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
     "init_params", "lm_head", "load", "make_sampling", "run_layers", "stream", "unembed",
 ]

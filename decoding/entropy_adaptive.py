@@ -29,7 +29,7 @@ One step, for every batch row at once (each row has its own active model):
   select    each row takes its active model's logits;
   sample    the token is drawn from the processed distribution of those logits
             (`Greedy` / `Sampling`), its entropy from the raw ones;
-  commit    `decoding.loop.commit` (EOS, length, stop sequences) and the context buffer;
+  commit    `decoding.tokens.commit` (EOS, length, stop sequences) and the context buffer;
   switch    the entropy joins the row's rolling window; if the window mean says the other
             model, and the current one has generated at least `min_dwell` tokens since it
             became active, the row switches for its next token (a row that this token
@@ -89,8 +89,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import loop
-from .autoregressive import Context, prefill
+from . import tokens
+from .strategy import Context, prefill
 from .cache import KVCache
 from .model import forward
 from .sampling import entropy_bits
@@ -116,7 +116,7 @@ class State:
       exact in int32 (for the cost).
     """
 
-    out: loop.Tokens
+    out: tokens.Tokens
     small: KVCache
     large: KVCache
     context: jax.Array
@@ -293,7 +293,7 @@ class EntropyAdaptive:
         use_large, since, switched = switch(h0, jnp.zeros((b,), bool), free, self._threshold(params), self.min_dwell)
         key, sub = jax.random.split(key)
         first = ctx.sampling.sample(sub, jnp.where(use_large[:, None], logits_l, logits_s))
-        out = loop.commit(loop.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
+        out = tokens.commit(tokens.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
         context = jnp.zeros((b, ctx.capacity), jnp.int32).at[:, :p].set(prompt)
         context = context.at[jnp.arange(b), lengths].set(first)
         zeros = jnp.zeros((b,), jnp.int32)
@@ -320,7 +320,7 @@ class EntropyAdaptive:
         h = entropy_bits(logits)
         key, sub = jax.random.split(state.key)
         tok = ctx.sampling.sample(sub, logits)
-        out = loop.commit(state.out, tok[:, None], jnp.ones_like(tok), ctx.rule)
+        out = tokens.commit(state.out, tok[:, None], jnp.ones_like(tok), ctx.rule)
         new = out.count - state.out.count  # 1 on running rows
         b = tok.shape[0]
         rows = jnp.arange(b)

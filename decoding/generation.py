@@ -1,10 +1,11 @@
-"""`generate` and `stream`: the host-side surface over every decoding strategy.
+"""`generate` and `stream`: the user's entry points, over every decoding strategy.
 
-The host does what must happen outside the compiled program — tokenising (chat template
-applied), checking inputs, bucketing prompt lengths so that calls of similar shapes share one
-compiled program, choosing the cache capacity — then runs the strategy's whole generation as
-one jitted `while_loop` (`decoding.loop.run`), and finally turns tokens back into text,
-cutting at stop strings exactly.
+The host does what must happen outside the compiled program — checking the arguments,
+tokenising (chat template applied), bucketing prompt lengths so that calls of similar shapes
+share one compiled program, choosing the cache capacity (`prepare`) — then runs the strategy's
+whole generation as one jitted `while_loop` (`decoding.driver.run`; `compiled` keeps the
+compile cache), and finally turns tokens back into text, cutting at stop strings exactly
+(`finish`). `stream` runs the same `step` from Python (`decoding.driver.stream`).
 
 Compilation is ahead-of-time (`jit(...).lower(...).compile()`) and memoised per (strategy,
 static settings, shapes), so compile time is reported apart from run time and a repeated call
@@ -19,6 +20,7 @@ are cut to the shortest prefix whose text contains it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from typing import Iterator, Sequence
 
@@ -26,12 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import loop
-from . import shapes
-from .autoregressive import Autoregressive, Context
+from . import driver, shapes
+from .arguments import check_model, check_options, check_positive_int, check_strategy, prompt_list
+from .autoregressive import Autoregressive
 from .model import Model
 from .options import Options
 from .sampling import Greedy, Sampling
+from .strategy import Context
+from .tokens import StopRule
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
 
@@ -94,15 +98,10 @@ def compile_count() -> int:
 
 
 def encode_prompts(tokenizer, prompts, chat) -> list[list[int]]:
-    """Strings or token lists -> token lists (chat template applied when `chat`)."""
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()  # 1-D: one prompt of token ids; 2-D: a batch of prompts
-    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], (int, np.integer))):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("no prompts given: pass a string or a non-empty list of prompts.")
+    """Strings or token lists -> token lists (chat template applied when `chat`); the prompts
+    are checked first (`decoding.arguments.prompt_list`)."""
     out = []
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompt_list(prompts)):
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("text prompts need a tokenizer: load the model with tokenizer=True or pass token ids.")
@@ -117,9 +116,9 @@ def encode_prompts(tokenizer, prompts, chat) -> list[list[int]]:
                     ids = ids["input_ids"]
             else:
                 ids = tokenizer.encode(p, add_special_tokens=True)
-            ids = list(ids)
+            ids = [int(t) for t in ids]
         else:
-            ids = [int(t) for t in p]
+            ids = p
         if not ids:
             raise ValueError(f"prompt {i} is empty after tokenisation: give at least one token.")
         out.append(ids)
@@ -166,26 +165,37 @@ def _cut_at_stop(tokenizer, tokens: list[int], text: str, stop: Sequence[str]):
 
 
 @dataclasses.dataclass
-class _Prepared:
+class Prepared:
+    """One call's inputs, checked and laid out for the compiled program (`prepare`)."""
+
     strategy: object
     ctx: Context
     params: dict
-    prompt: np.ndarray
-    lengths: np.ndarray
+    prompt: np.ndarray  # int32[B, P], right-padded to the prompt bucket
+    lengths: np.ndarray  # int32[B]
     key: jax.Array
-    ids: list
-    stop: tuple
+    ids: list  # each row's prompt token ids
+    stop: tuple  # stop strings
     tokenizer: object
 
 
-def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed, stop, eos_token_id,
-             chat, max_cache_len, draft, prompt_bucket=None, options=None) -> _Prepared:
+def prepare(model: Model, prompts, *, strategy=None, sampling=None, max_new_tokens: int = 128, seed: int = 0,
+            stop: Sequence[str] | str = (), eos_token_id=None, chat: bool | None = None,
+            max_cache_len: int | None = None, draft: Model | None = None, prompt_bucket: int | None = None,
+            options: Options | None = None) -> Prepared:
+    """Check `generate`'s arguments and lay them out for the compiled program (tokenised,
+    padded prompts, the static `Context`, the params pytree). `generate`, `stream` and the
+    phase profiler (`decoding.profiling`) start from it."""
+    check_model(model)
+    check_strategy(strategy)
+    check_model(draft, "draft", optional=True)
+    check_positive_int(max_new_tokens, "max_new_tokens")
+    check_options(options)
     strategy = strategy or Autoregressive()
     sampling = sampling if sampling is not None else Greedy()
     if not isinstance(sampling, (Greedy, Sampling)):
         raise TypeError(f"sampling must be decoding.Greedy() or decoding.Sampling(...), got {sampling!r}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    max_new_tokens = int(max_new_tokens)
     tok = model.tokenizer
     ids = encode_prompts(tok, prompts, chat)
     vocab = model.config.vocab_size
@@ -200,7 +210,7 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
         eos = (eos_token_id,)
     else:
         eos = tuple(int(e) for e in eos_token_id)
-    rule = loop.StopRule(eos_ids=eos, stop_sequences=_stop_sequences(tok, stop))
+    rule = StopRule(eos_ids=eos, stop_sequences=_stop_sequences(tok, stop))
     limit = max_cache_len or model.config.max_position_embeddings
     longest = max(len(p) for p in ids)
     slack = int(strategy.cache_slack)
@@ -235,7 +245,7 @@ def _prepare(model: Model, prompts, *, strategy, sampling, max_new_tokens, seed,
         # sweep over such a setting reuses one compiled program.
         strategy, runtime = strategy.split_runtime()
         params["runtime"] = {k: jnp.asarray(v, jnp.float32) for k, v in runtime.items()}
-    return _Prepared(strategy, ctx, params, prompt, lengths, jax.random.PRNGKey(seed), ids, stop, tok)
+    return Prepared(strategy, ctx, params, prompt, lengths, jax.random.PRNGKey(seed), ids, stop, tok)
 
 
 def check_same_tokenizer(target: Model, draft: Model) -> None:
@@ -262,7 +272,7 @@ def check_same_tokenizer(target: Model, draft: Model) -> None:
 
 def _whole(strategy, ctx, params, prompt, lengths, key):
     state = strategy.init(ctx, params, prompt, lengths, key)
-    return loop.run(lambda s: strategy.step(ctx, params, s), state)
+    return driver.run(lambda s: strategy.step(ctx, params, s), state)
 
 
 _whole_jit = jax.jit(_whole, static_argnums=(0, 1))
@@ -271,7 +281,9 @@ def _signature(tree) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _compiled(prep: _Prepared):
+def compiled(prep: Prepared):
+    """(The compiled whole-generation program for `prep`, seconds spent compiling it: 0.0 when
+    a program of the same strategy, static settings and shapes was compiled before)."""
     options = prep.ctx.options.compiler_options()
     key = (prep.strategy, prep.ctx, prep.prompt.shape, _signature(prep.params),
            jax.tree_util.tree_structure(prep.params), tuple(sorted((options or {}).items())))
@@ -291,7 +303,8 @@ def _compiled(prep: _Prepared):
     return exe, time.perf_counter() - t0
 
 
-def _finish(prep: _Prepared, state, compile_s: float, run_s: float) -> Result:
+def finish(prep: Prepared, state, compile_s: float, run_s: float) -> Result:
+    """The `Result` of a finished generation: texts (cut at stop strings), tokens and stats."""
     out = state.out
     toks = np.asarray(out.tokens)
     counts = np.asarray(out.count)
@@ -339,29 +352,31 @@ def generate(
 ) -> Result:
     """Generate continuations of a batch of prompts with any strategy.
 
-    prompts: a string, a list of strings, or a list of token-id lists (ragged lengths are fine).
-    strategy: `Autoregressive()` (default) or any strategy object of this package.
+    model: a `decoding.Model`; draft: a `decoding.Model` or None (for strategies with a draft).
+    prompts: a string, a list of strings, a list of token-id lists (ragged lengths are fine), or
+      an integer numpy array (1-D: one prompt, 2-D: a batch); no prompt may be empty.
+    strategy: `Autoregressive()` (default) or any strategy (`decoding.strategy.Strategy`).
     sampling: `Greedy()` (default) or `Sampling(temperature, top_k, top_p)`.
     chat: apply the tokenizer's chat template to string prompts (default: when it has one).
     eos_token_id: int or ids that end a row (default: the tokenizer's EOS and end-of-turn tokens;
       pass () to never stop early). stop: strings that end a row (the text is cut after them).
     prompt_bucket: pad prompts to at least this many tokens, so that batches of different prompt
       lengths share one compiled program (benchmarks over many prompts set it once).
-    options: `decoding.Options` (attention implementation, layer loop, command buffers): static
-      switches of the compiled program, part of its compile key.
+    max_new_tokens: an int >= 1.
+    options: `decoding.Options` or None (attention implementation, layer loop, command buffers):
+      static switches of the compiled program, part of its compile key.
     Returns `Result(texts, tokens, stats)`; tokens include the EOS that ended a row, texts don't.
     `stats.new_tokens` counts the tokens generated, including any cut after a stop *string*.
     """
-    prep = _prepare(model, prompts, strategy=strategy, sampling=sampling, max_new_tokens=max_new_tokens,
-                    seed=seed, stop=stop, eos_token_id=eos_token_id, chat=chat,
-                    max_cache_len=max_cache_len, draft=draft, prompt_bucket=prompt_bucket,
-                    options=options)
-    exe, compile_s = _compiled(prep)
+    prep = prepare(model, prompts, strategy=strategy, sampling=sampling, max_new_tokens=max_new_tokens,
+                   seed=seed, stop=stop, eos_token_id=eos_token_id, chat=chat, max_cache_len=max_cache_len,
+                   draft=draft, prompt_bucket=prompt_bucket, options=options)
+    exe, compile_s = compiled(prep)
     t0 = time.perf_counter()
     state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
     jax.block_until_ready(state.out.tokens)
     run_s = time.perf_counter() - t0
-    return _finish(prep, state, compile_s, run_s)
+    return finish(prep, state, compile_s, run_s)
 
 
 _init_jit = jax.jit(lambda strategy, ctx, params, prompt, lengths, key: strategy.init(ctx, params, prompt, lengths, key),
@@ -371,23 +386,26 @@ _step_jit = jax.jit(lambda strategy, ctx, params, state: strategy.step(ctx, para
 
 
 def stream(model: Model, prompts, **kwargs) -> Iterator[list[list[int]]]:
-    """Like `generate`, but yields each round's newly committed tokens per row from Python.
+    """Like `generate` (the same keyword arguments, checked at the call), but yields each
+    round's newly committed tokens per row from Python.
 
     Runs the same `init`/`step` functions as `generate` (jitted, state donated), one host sync
     per round: for debugging and interactive use. The generator's return value is the Result.
     """
-    prep = _prepare(model, prompts, **{k: kwargs.pop(k, d) for k, d in (
-        ("strategy", None), ("sampling", None), ("max_new_tokens", 128), ("seed", 0), ("stop", ()),
-        ("eos_token_id", None), ("chat", None), ("max_cache_len", None), ("draft", None),
-        ("prompt_bucket", None), ("options", None))})
-    if kwargs:
-        raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+    unknown = sorted(set(kwargs) - set(inspect.signature(prepare).parameters))
+    if unknown:
+        raise TypeError(f"stream: unexpected arguments {unknown}; it takes generate's keyword arguments "
+                        f"(strategy, sampling, max_new_tokens, seed, stop, ..., options).")
+    return _stream(prepare(model, prompts, **kwargs))
+
+
+def _stream(prep: Prepared) -> Iterator[list[list[int]]]:
     t0 = time.perf_counter()
     state = _init_jit(prep.strategy, prep.ctx, prep.params, prep.prompt, prep.lengths, prep.key)
     counts = np.asarray(state.out.count)
     toks = np.asarray(state.out.tokens)
     yield [toks[b, : counts[b]].tolist() for b in range(len(counts))]
     step = lambda s: _step_jit(prep.strategy, prep.ctx, prep.params, s)  # noqa: E731
-    for state, new in loop.stream(step, state):
+    for state, new in driver.stream(step, state):
         yield new
-    return _finish(prep, state, 0.0, time.perf_counter() - t0)
+    return finish(prep, state, 0.0, time.perf_counter() - t0)

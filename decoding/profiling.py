@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from .generation import _prepare
+from .generation import prepare
 
 
 def _median_ms(fn, *args, repeats: int) -> float:
@@ -38,8 +38,8 @@ def phase_times(model, prompts, strategy, *, draft=None, sampling=None, max_new_
     if not hasattr(strategy, "propose"):
         raise TypeError(f"{type(strategy).__name__} has no propose/verify phases to time; "
                         "use a decoding.Speculative or decoding.TreeDecoding strategy.")
-    prep = _prepare(model, prompts, strategy=strategy, sampling=sampling, max_new_tokens=max_new_tokens,
-                    seed=0, stop=(), eos_token_id=(), chat=None, max_cache_len=None, draft=draft, **kwargs)
+    prep = prepare(model, prompts, strategy=strategy, sampling=sampling, max_new_tokens=max_new_tokens,
+                   seed=0, eos_token_id=(), draft=draft, **kwargs)
     s, ctx, params = prep.strategy, prep.ctx, prep.params
     state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k))(params, prep.prompt, prep.lengths, prep.key)
     key = jax.random.PRNGKey(1)

@@ -13,12 +13,16 @@ One round, for every batch row at once (rows accept different numbers of tokens)
   accept   greedy: walk while the child equals the target argmax; sampled: multi-round
            rejection (`decoding.tree.accept_sampled`) — the output follows the target's
            processed distribution exactly (lenience 1);
-  commit   append the accepted tokens + the bonus token (`decoding.loop.commit`), move the
+  commit   append the accepted tokens + the bonus token (`decoding.tokens.commit`), move the
            accepted path's KV entries into place (chains: move the cursor; trees: `gather`),
            and let the drafter catch up.
 
-Drafters (in `drafting/`) implement the `Proposer` protocol below; any of them plugs into
-`Speculative` (chains) or `TreeDecoding` (static or dynamic trees) where it supports the shape.
+Drafters (in `drafting/`) implement `drafting.Proposer`; any of them plugs into `Speculative`
+(chains) or `TreeDecoding` (any draft shape of `drafting.shapes`) where it supports the shape.
+The drafter reads the decoding state through the round's `State` (`root`, `cache`, `context`,
+`context_len`: the attributes of `drafting.View`). The strategies read a draft shape only
+through `num_nodes`, `max_depth`, `max_children` and `is_chain`; a `Speculative` strategy is
+itself the chain shape it drafts (`gamma`, `confidence`, like `drafting.Chain`).
 
 Dynamic draft length (`DynamicGamma`): each row keeps its own gamma, grown by `grow` after a
 fully accepted round and shrunk by `shrink` after a rejection (the schedule of transformers'
@@ -33,99 +37,17 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import loop
-from .autoregressive import Context, prefill
+from . import tokens
 from .cache import KVCache
 from .model import forward
-from .tree import Accepted, TreeBatch, TreeTopology, accept_greedy, accept_sampled
-
-
-@dataclasses.dataclass(frozen=True)
-class Chain:
-    """Draft shape: a chain of up to `gamma` tokens (per-row `limit` may be smaller)."""
-
-    gamma: int
-    confidence: float | None = None  # stop drafting a row when top-1 draft prob < this
-
-    @property
-    def num_nodes(self) -> int:
-        return self.gamma + 1
-
-    @property
-    def max_depth(self) -> int:
-        return self.gamma
-
-
-@dataclasses.dataclass(frozen=True)
-class DynamicTree:
-    """Draft shape: an EAGLE-2 dynamic tree.
-
-    From the root, for `depth` steps, expand each of the `top_k` frontier nodes by its `top_k`
-    best children, scored by cumulative draft log-probability; keep the global `top_k` as the
-    next frontier; finally keep the `total_tokens` best nodes of everything expanded.
-    """
-
-    depth: int = 6
-    top_k: int = 10
-    total_tokens: int = 60
-
-    def __post_init__(self):
-        if self.depth < 1 or self.top_k < 1 or self.total_tokens < 1:
-            raise ValueError(f"DynamicTree needs depth, top_k, total_tokens >= 1, got {self}.")
-        pool = self.top_k + (self.depth - 1) * self.top_k**2
-        if self.total_tokens > pool:
-            raise ValueError(
-                f"total_tokens={self.total_tokens} exceeds the {pool} nodes that depth={self.depth}, "
-                f"top_k={self.top_k} can expand; lower total_tokens or raise depth/top_k."
-            )
-
-    @property
-    def num_nodes(self) -> int:
-        return self.total_tokens + 1
-
-    @property
-    def max_depth(self) -> int:
-        return self.depth
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class View:
-    """What a drafter may read of the decoding state.
-
-    root: int32[B] last committed token (not yet in the target cache);
-    cache: the target's KVCache (lengths = committed tokens before the root);
-    context: int32[B, C] every committed token (prompt + generated, root included);
-    context_len: int32[B] (= cache.lengths + 1).
-    """
-
-    root: jax.Array
-    cache: KVCache
-    context: jax.Array
-    context_len: jax.Array
-
-
-class Proposer(Protocol):
-    """The drafter protocol (see `drafting/` for implementations)."""
-
-    name: str
-
-    def slack(self, shape) -> int:
-        """Cache slots needed past the committed prefix, beyond the tree itself."""
-
-    def init(self, ctx: Context, params, prompt, lengths, cache: KVCache) -> tuple[Any, KVCache]:
-        """Prefill drafter state after the target's prefill; may use/extend the target cache."""
-
-    def propose(self, ctx: Context, params, dstate, view: View, shape, limit, key):
-        """-> (TreeBatch, dstate, target cache, number of draft forwards: int32[])."""
-
-    def commit(self, ctx: Context, params, dstate, view: View, shape, tree: TreeBatch, acc: Accepted, running):
-        """Update drafter state after `acc` was committed (view is the state *before*)."""
+from .strategy import Context, prefill
+from .tree import Accepted, TreeBatch, accept_greedy, accept_sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +63,12 @@ class DynamicGamma:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class State:
-    out: loop.Tokens
+    """The decoding state of a speculative round; what a drafter reads of it (`drafting.View`):
+    root: int32[B] last committed token (not yet in the target cache); cache: the target's
+    KVCache (lengths = committed tokens before the root); context: int32[B, C] every committed
+    token (prompt + generated, root included); context_len: int32[B] (= cache.lengths + 1)."""
+
+    out: tokens.Tokens
     cache: KVCache
     root: jax.Array  # int32[B]
     context: jax.Array  # int32[B, C]
@@ -165,11 +92,12 @@ class _SpecBase(abc.ABC):
     @property
     @abc.abstractmethod
     def shape(self):
-        """The draft shape: `Chain`, `TreeTopology` or `DynamicTree`."""
+        """The draft shape (`drafting.shapes`): read through num_nodes, max_depth, max_children,
+        is_chain."""
 
     @property
     def is_chain(self) -> bool:
-        return isinstance(self.shape, Chain)
+        return self.shape.is_chain
 
     @property
     def cache_slack(self) -> int:
@@ -190,7 +118,7 @@ class _SpecBase(abc.ABC):
         logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
         key, sub = jax.random.split(key)
         first = ctx.sampling.sample(sub, logits)
-        out = loop.commit(loop.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
+        out = tokens.commit(tokens.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
         context = jnp.zeros((b, ctx.capacity), jnp.int32).at[:, :p].set(prompt)
         context = context.at[jnp.arange(b), lengths].set(first)
         dstate, cache = self.drafter.init(ctx, params, prompt, lengths, cache)
@@ -198,20 +126,11 @@ class _SpecBase(abc.ABC):
         return State(out=out, cache=cache, root=first, context=context, context_len=lengths + 1,
                      drafter=dstate, gamma=jnp.full((b,), gamma0, jnp.int32), key=key,
                      accept_hist=jnp.zeros((self.shape.max_depth + 1,), jnp.int32),
-                     rank_hist=jnp.zeros((self.shape.max_depth, self._max_children), jnp.int32),
+                     rank_hist=jnp.zeros((self.shape.max_depth, self.shape.max_children), jnp.int32),
                      draft_forwards=jnp.zeros((), jnp.int32), rounds=jnp.zeros((), jnp.int32))
 
     def _gamma0(self) -> int:
         return self.shape.max_depth
-
-    @property
-    def _max_children(self) -> int:
-        shape = self.shape
-        if isinstance(shape, Chain):
-            return 1
-        if isinstance(shape, DynamicTree):
-            return shape.top_k
-        return int(shape.children.shape[1])
 
     @staticmethod
     def _rank_hist(hist, tree: TreeBatch, acc: Accepted, running):
@@ -232,7 +151,9 @@ class _SpecBase(abc.ABC):
     # -- the four phases ----------------------------------------------------------------------
 
     def propose(self, ctx, params, state: State, key):
-        view = View(root=state.root, cache=state.cache, context=state.context, context_len=state.context_len)
+        """-> (the view the drafter read (the state itself), TreeBatch, drafter state, target
+        cache, draft forwards: int32[])."""
+        view = state
         tree, dstate, cache, n_fwd = self.drafter.propose(ctx, params, state.drafter, view, self.shape,
                                                            self._limit(state), key)
         return view, tree, dstate, cache, n_fwd
@@ -248,10 +169,10 @@ class _SpecBase(abc.ABC):
             return accept_greedy(tree, logits, self.shape.max_depth)
         return accept_sampled(tree, ctx.sampling.logprobs(logits), key, self.shape.max_depth, self.lenience)
 
-    def commit(self, ctx, params, state: State, view: View, tree, acc: Accepted, cache, dstate, n_fwd) -> State:
+    def commit(self, ctx, params, state: State, view: State, tree, acc: Accepted, cache, dstate, n_fwd) -> State:
         running = ~state.out.done
         new = acc.tokens(tree)  # [B, D+1]
-        out = loop.commit(state.out, new, acc.n + 1, ctx.rule)
+        out = tokens.commit(state.out, new, acc.n + 1, ctx.rule)
         base = view.cache.lengths
         if self.is_chain:
             cache = cache.truncate(base + 1 + acc.n)
@@ -283,8 +204,6 @@ class _SpecBase(abc.ABC):
         return self.commit(ctx, params, state, view, tree, acc, res.cache, dstate, n_fwd)
 
     def stats(self, state: State) -> dict:
-        import numpy as np
-
         hist = np.asarray(state.accept_hist).astype(np.int64)
         total = hist.sum()
         # acceptance rate at position d: P(n >= d | n >= d - 1), over rounds of running rows
@@ -309,6 +228,8 @@ class Speculative(_SpecBase):
     `Speculative(DraftModel(), gamma=4)` with `generate(..., draft=small_model)`;
     `lenience < 1` gives DistillSpec's lossy acceptance; `dynamic=DynamicGamma()` adapts gamma
     per row (gamma is then the maximum); `confidence` stops drafting below that top-1 prob.
+    The strategy is its own draft shape: a chain of `gamma` tokens (the attributes of
+    `drafting.Chain`), so `TreeDecoding(drafter, tree=drafting.Chain(4))` drafts the same.
     """
 
     gamma: int = 4
@@ -325,9 +246,20 @@ class Speculative(_SpecBase):
         if self.dynamic is not None and not 1 <= self.dynamic.minimum <= self.dynamic.start <= self.gamma:
             raise ValueError(f"DynamicGamma needs 1 <= minimum <= start <= gamma={self.gamma}, got {self.dynamic}.")
 
+    is_chain = True
+    max_children = 1
+
     @property
-    def shape(self) -> Chain:
-        return Chain(self.gamma, self.confidence)
+    def num_nodes(self) -> int:
+        return self.gamma + 1
+
+    @property
+    def max_depth(self) -> int:
+        return self.gamma
+
+    @property
+    def shape(self) -> Speculative:
+        return self
 
     def _gamma0(self) -> int:
         return self.dynamic.start if self.dynamic else self.gamma
@@ -342,25 +274,32 @@ class Speculative(_SpecBase):
         return jnp.clip(g, self.dynamic.minimum, self.gamma).astype(jnp.int32)
 
 
+SHAPE_ATTRIBUTES = ("num_nodes", "max_depth", "max_children", "is_chain")
+
+
 @dataclasses.dataclass(frozen=True)
 class TreeDecoding(_SpecBase):
-    """Tree speculative decoding: a static `TreeTopology` or an EAGLE-2 `DynamicTree`."""
+    """Tree speculative decoding over any draft shape: `tree=` a static `drafting.TreeTopology`,
+    an EAGLE-2 `drafting.DynamicTree` (or a `drafting.Chain`)."""
 
-    tree: TreeTopology | DynamicTree = DynamicTree()
+    tree: Any = None
 
     name = "tree"
 
     def __post_init__(self):
-        if not isinstance(self.tree, (TreeTopology, DynamicTree)):
+        if self.tree is None:
             raise TypeError(
-                f"tree must be a decoding.TreeTopology (static, e.g. TreeTopology.from_branching((4, 2, 2))) "
-                f"or a decoding.DynamicTree(...), got {type(self.tree).__name__}."
+                "TreeDecoding needs tree=: a draft shape such as drafting.DynamicTree(depth=6, top_k=10, "
+                "total_tokens=60) (EAGLE-2) or drafting.TreeTopology.from_branching((4, 2, 2)) (static)."
+            )
+        missing = [a for a in SHAPE_ATTRIBUTES if not hasattr(self.tree, a)]
+        if missing:
+            raise TypeError(
+                f"tree must be a drafting.TreeTopology (static, e.g. TreeTopology.from_branching((4, 2, 2))), "
+                f"a drafting.DynamicTree(...) or another draft shape with {SHAPE_ATTRIBUTES}; "
+                f"got {type(self.tree).__name__}, which has no {missing}."
             )
 
     @property
     def shape(self):
         return self.tree
-
-    @property
-    def is_chain(self) -> bool:
-        return False

@@ -1,10 +1,21 @@
-"""drafting: proposers for speculative and tree decoding.
+"""drafting: proposers for speculative and tree decoding, and where they plug in.
 
-Every drafter implements `decoding.speculative.Proposer` and plugs into
-`decoding.Speculative` (chains) and, where it can draft trees, `decoding.TreeDecoding`.
+* `Proposer`, `View` (`drafting.proposer`): the contract a drafter implements; it then plugs
+  into `decoding.Speculative` (chains) and, where it drafts trees, `decoding.TreeDecoding`.
+* Draft shapes (`drafting.shapes`): `Chain`, a static `TreeTopology`, an EAGLE-2
+  `DynamicTree`, and `chain_batch` / `topology_batch`, which build the `decoding.TreeBatch`
+  the target verifies.
+* `expand_and_rerank` (`drafting.tree_search`): EAGLE-2's dynamic tree search over any scorer
+  of frontier nodes (a draft LM, a feature head, Medusa heads).
+* Drafters: `DraftModel` (a small LM), `LayerSkip` (the target's first layers), `PromptLookup`
+  (n-gram lookup in the context).
 """
 
 from .model_drafter import DraftModel, LayerSkip, ModelDrafter
 from .prompt_lookup import PromptLookup, lookup
+from .proposer import Proposer, View
+from .shapes import Chain, DynamicTree, TreeError, TreeTopology, chain_batch, topology_batch
+from .tree_search import Frontier, expand_and_rerank
 
-__all__ = ["DraftModel", "LayerSkip", "ModelDrafter", "PromptLookup", "lookup"]
+__all__ = ["Chain", "DraftModel", "DynamicTree", "Frontier", "LayerSkip", "ModelDrafter", "PromptLookup", "Proposer",
+           "TreeError", "TreeTopology", "View", "chain_batch", "expand_and_rerank", "lookup", "topology_batch"]

@@ -1,20 +1,20 @@
 """Drafters that are language models: a small draft LM, or the target's own first layers.
 
-Both implement `decoding.speculative.Proposer` through one generic engine that only needs a
-forward function (`_forward`) and a notion of how far the drafter's cache has caught up
+Both implement `drafting.Proposer` through one generic engine that only needs a forward
+function (`_forward`) and a notion of how far the drafter's cache has caught up
 (`_drafted_len`). The engine drafts any shape:
 
-- `Chain(gamma)`: one catch-up forward over the tokens committed since the drafter last ran
-  (the root, plus the last draft token when a whole chain was accepted), then gamma - 1
-  single-token forwards. Greedy decoding drafts argmaxes (deterministic proposals); sampled
-  decoding samples from the drafter's *processed* distribution, which the verifier uses as q.
+- a chain (`shape.is_chain`: `Chain(gamma)` or a `decoding.Speculative`): one catch-up
+  forward over the tokens committed since the drafter last ran (the root, plus the last draft
+  token when a whole chain was accepted), then gamma - 1 single-token forwards. Greedy
+  decoding drafts argmaxes (deterministic proposals); sampled decoding samples from the
+  drafter's *processed* distribution, which the verifier uses as q.
 - `TreeTopology` (static, Medusa-style): level by level; the nodes of one depth are forwarded
   together, each seeing the prefix and its ancestors (a slot mask over the drafter's cache);
   node of rank r gets its parent's r-th most likely token. Siblings are deterministic.
-- `DynamicTree` (EAGLE-2): expand the top_k frontier by top_k children each, scored by
-  cumulative draft log-probability; keep the global top_k as the next frontier; finally the
-  best `total_tokens` nodes (ancestor-closed because scores only decrease along a path; ties
-  are broken by creation order, parents first). Siblings are deterministic.
+- `DynamicTree` (EAGLE-2): `drafting.tree_search.expand_and_rerank`, each frontier scored by
+  one forward of its K nodes, written at their tree-region slots right after the root and
+  seeing the prefix and their ancestors (a slot mask). Siblings are deterministic.
 
 Legend: B batch, N nodes, W catch-up width, K top-k, V vocab, S cache slots.
 """
@@ -28,15 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.speculative import Chain, DynamicTree, View
-from decoding.tree import TreeBatch, TreeTopology, chain_batch, topology_batch
+from decoding.cache import KVCache
+from decoding.model import forward
+from decoding.strategy import prefill
 
-
-def _topk_tokens(logits: jax.Array, k: int):
-    """(log-probs, tokens) of the k most likely tokens: float32[..., k], int32[..., k]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    vals, idx = jax.lax.top_k(logp, k)
-    return vals, idx.astype(jnp.int32)
+from .proposer import View
+from .shapes import DynamicTree, TreeTopology, chain_batch, topology_batch
+from .tree_search import Frontier, expand_and_rerank, top_k_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +92,7 @@ class ModelDrafter(abc.ABC):
     def propose(self, ctx, params, dstate, view: View, shape, limit, key):
         cache = view.cache
         root_logits, dstate, cache = self._catch_up(ctx, params, dstate, cache, view, shape)
-        if isinstance(shape, Chain):
+        if shape.is_chain:
             out = self._chain(ctx, params, dstate, cache, view, shape, limit, key, root_logits)
         elif isinstance(shape, TreeTopology):
             out = self._static_tree(ctx, params, dstate, cache, view, shape, root_logits)
@@ -106,7 +104,7 @@ class ModelDrafter(abc.ABC):
         # The verifier writes the tree right after the committed prefix: restore that cursor.
         return tree, dstate, cache.truncate(view.cache.lengths), n_fwd
 
-    def _chain(self, ctx, params, dstate, cache, view, shape: Chain, limit, key, root_logits):
+    def _chain(self, ctx, params, dstate, cache, view, shape, limit, key, root_logits):
         """Draft up to `gamma` tokens per row (fewer where `limit` or `confidence` stops it)."""
         b, vocab = root_logits.shape
         g = shape.gamma
@@ -178,7 +176,7 @@ class ModelDrafter(abc.ABC):
         k = topo.max_rank
         tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(view.root)
         parents, ranks = topo.parents, topo.rank
-        _, top = _topk_tokens(root_logits, k)  # [B, K]
+        _, top = top_k_logprobs(root_logits, k)  # [B, K]
         first, count = topo.levels[0]
         tokens = tokens.at[:, first : first + count].set(top[:, ranks[first : first + count]])
         anc = np.zeros((n, n - 1), bool)  # node -> visible tree-region slots (node i at slot i-1)
@@ -190,7 +188,7 @@ class ModelDrafter(abc.ABC):
             logits, dstate, cache = self._level_forward(
                 ctx, params, dstate, cache, view, tokens[:, ids], jnp.asarray(topo.depth[ids])[None, :],
                 first - 1, vis)
-            _, top = _topk_tokens(logits, k)  # [B, count, K]
+            _, top = top_k_logprobs(logits, k)  # [B, count, K]
             nf, nc = topo.levels[level + 1]
             child = np.arange(nf, nf + nc)
             par_local = parents[child] - first
@@ -199,74 +197,15 @@ class ModelDrafter(abc.ABC):
         return topology_batch(topo, tokens), dstate, cache, jnp.asarray(n_fwd, jnp.int32)
 
     def _dynamic_tree(self, ctx, params, dstate, cache, view, shape: DynamicTree, root_logits):
-        b = root_logits.shape[0]
-        k, depth_max, total = shape.top_k, shape.depth, shape.total_tokens
-        rows = jnp.arange(b)
-        region = (depth_max - 1) * k  # drafter-cache slots of forwarded frontier nodes
-        vals, toks = _topk_tokens(root_logits, k)
-        # candidate pool (creation order): token, score, parent pool index (-1 = root), depth
-        pool_tok, pool_score = [toks], [vals]
-        pool_par = [jnp.full((b, k), -1, jnp.int32)]
-        pool_depth = [jnp.ones((b, k), jnp.int32)]
-        frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # pool indices
-        front_tok, front_score = toks, vals
-        front_vis = jnp.zeros((b, k, max(region, 1)), bool)  # visible region slots of each frontier node
-        offset = k
-        n_fwd = 1
-        for d in range(1, depth_max):
-            slot0 = (d - 1) * k
-            own = jax.nn.one_hot(slot0 + jnp.arange(k), max(region, 1), dtype=bool)[None]
-            vis = front_vis | own
-            logits, dstate, cache = self._level_forward(
-                ctx, params, dstate, cache, view, front_tok, jnp.full((1, k), d, jnp.int32), slot0, vis)
-            n_fwd += 1
-            cvals, ctoks = _topk_tokens(logits, k)  # [B, K(frontier), K(children)]
-            scores = front_score[:, :, None] + cvals
-            pool_tok.append(ctoks.reshape(b, k * k))
-            pool_score.append(scores.reshape(b, k * k))
-            pool_par.append(jnp.repeat(frontier, k, axis=1))
-            pool_depth.append(jnp.full((b, k * k), d + 1, jnp.int32))
-            best_vals, best = jax.lax.top_k(scores.reshape(b, k * k), k)
-            parent_local = best // k
-            frontier = offset + best
-            front_tok = jnp.take_along_axis(ctoks.reshape(b, k * k), best, axis=1)
-            front_score = best_vals
-            front_vis = jnp.take_along_axis(vis, parent_local[:, :, None], axis=1)
-            offset += k * k
-        tok = jnp.concatenate(pool_tok, axis=1)
-        score = jnp.concatenate(pool_score, axis=1)
-        par = jnp.concatenate(pool_par, axis=1)
-        dep = jnp.concatenate(pool_depth, axis=1)
-        m = tok.shape[1]
-        # best `total` by score, ties by creation order (stable sort on -score)
-        order = jnp.argsort(-score, axis=1, stable=True)[:, :total]
-        chosen = jnp.sort(order, axis=1)  # creation order: parents before children
-        node_of_pool = jnp.full((b, m), -1, jnp.int32).at[rows[:, None], chosen].set(
-            jnp.arange(1, total + 1, dtype=jnp.int32)[None, :])
-        c_par_pool = jnp.take_along_axis(par, chosen, axis=1)
-        c_par = jnp.where(c_par_pool < 0, 0, jnp.take_along_axis(node_of_pool, jnp.maximum(c_par_pool, 0), axis=1))
-        parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), c_par], axis=1)  # [B, N]
-        tokens = jnp.concatenate([view.root[:, None], jnp.take_along_axis(tok, chosen, axis=1)], axis=1)
-        depth = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.take_along_axis(dep, chosen, axis=1)], axis=1)
-        n = total + 1
-        # ancestor-or-self mask by following parents depth_max times
-        eye = jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n))
-        mask, cur = eye, parents
-        for _ in range(depth_max):
-            hit = jax.nn.one_hot(jnp.maximum(cur, 0), n, dtype=bool) & (cur >= 0)[..., None]
-            mask = mask | hit
-            cur = jnp.where(cur >= 0, jnp.take_along_axis(parents, jnp.maximum(cur, 0), axis=1), -1)
-        # children of each node in creation (= score) order, K = top_k
-        is_child = parents[:, None, :] == jnp.arange(n)[None, :, None]  # [B, N(parent), N(child)]
-        rank = jnp.cumsum(is_child, axis=2) * is_child  # 1-based among siblings
-        children = []
-        for r in range(1, k + 1):
-            hit = rank == r
-            children.append(jnp.where(jnp.any(hit, axis=2), jnp.argmax(hit, axis=2), -1))
-        children = jnp.stack(children, axis=2).astype(jnp.int32)
-        tree = TreeBatch(tokens=tokens.astype(jnp.int32), depth=depth, mask=mask, children=children,
-                         valid=jnp.ones((b, n), bool))
-        return tree, dstate, cache, jnp.asarray(n_fwd, jnp.int32)
+        def score(carry, frontier: Frontier):
+            dstate, cache = carry
+            depth = jnp.full((1, shape.top_k), frontier.depth, jnp.int32)
+            logits, dstate, cache = self._level_forward(ctx, params, dstate, cache, view, frontier.tokens, depth,
+                                                        frontier.slot, frontier.visible)
+            return logits, (dstate, cache)
+
+        tree, (dstate, cache), n_scored = expand_and_rerank(score, (dstate, cache), view.root, root_logits, shape)
+        return tree, dstate, cache, jnp.asarray(1 + n_scored, jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -288,14 +227,12 @@ class DraftModel(ModelDrafter):
     def _catchup_width(self, shape) -> int:
         # chains: the root, plus the last draft token when the whole chain was accepted;
         # trees: the root and every accepted token (tree slots are not contiguous).
-        return 2 if isinstance(shape, Chain) else shape.max_depth + 2
+        return 2 if shape.is_chain else shape.max_depth + 2
 
     def _capacity(self, dstate, cache):
         return dstate.cache.capacity
 
     def _forward(self, ctx, params, dstate, cache, tokens, positions, *, logit_indices=None, slot_mask=None):
-        from decoding.model import forward
-
         out = forward(ctx.draft, params["draft"], tokens, positions, dstate.cache,
                       logit_indices=logit_indices, slot_mask=slot_mask, options=ctx.options)
         # forward advanced the cursor by T; callers place it explicitly with _set_cursor
@@ -311,9 +248,6 @@ class DraftModel(ModelDrafter):
         return DraftState(dstate.cache.truncate(lengths)), cache
 
     def init(self, ctx, params, prompt, lengths, cache):
-        from decoding.autoregressive import prefill
-        from decoding.cache import KVCache
-
         dcache = KVCache.init(ctx.draft, prompt.shape[0], ctx.capacity, params["draft"]["embed"].dtype)
         _, dcache = prefill(ctx.draft, params["draft"], prompt, lengths, dcache, ctx.options)
         return DraftState(dcache), cache
@@ -322,7 +256,7 @@ class DraftModel(ModelDrafter):
         # Valid drafter entries after a chain: the root and d_1..d_{m-1} (d_m was never fed);
         # after a tree: only the root (the accepted path is re-fed by the next catch-up).
         base = view.cache.lengths
-        if isinstance(shape, Chain):
+        if shape.is_chain:
             m = jnp.sum(tree.valid, axis=1) - 1  # tokens proposed
             new_len = jnp.minimum(base + jnp.maximum(m, 1), base + 1 + acc.n)
         else:
@@ -353,8 +287,6 @@ class LayerSkip(ModelDrafter):
         return cache.capacity
 
     def _forward(self, ctx, params, dstate, cache, tokens, positions, *, logit_indices=None, slot_mask=None):
-        from decoding.model import forward
-
         out = forward(ctx.target, params["target"], tokens, positions, cache, layers=(0, self.layers),
                       logit_indices=logit_indices, slot_mask=slot_mask, options=ctx.options)
         return out.logits, dstate, out.cache.truncate(cache.lengths)

@@ -17,8 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from decoding.speculative import Chain, View
-from decoding.tree import chain_batch
+from .proposer import View
+from .shapes import chain_batch
 
 
 def lookup(context: jax.Array, length: jax.Array, gamma: int, max_ngram: int, min_ngram: int):
@@ -58,7 +58,7 @@ class PromptLookup:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}.")
 
     def validate(self, ctx, draft, shape):
-        if not isinstance(shape, Chain):
+        if not shape.is_chain:
             raise ValueError("PromptLookup drafts a chain (one continuation per match); use "
                              "Speculative(PromptLookup(), gamma=...) rather than TreeDecoding.")
         if shape.confidence is not None:
@@ -71,7 +71,7 @@ class PromptLookup:
     def init(self, ctx, params, prompt, lengths, cache):
         return jnp.zeros((), jnp.int32), cache
 
-    def propose(self, ctx, params, dstate, view: View, shape: Chain, limit, key):
+    def propose(self, ctx, params, dstate, view: View, shape, limit, key):
         drafts, n_prop = lookup(view.context, view.context_len, shape.gamma, self.max_ngram, self.min_ngram)
         n_prop = jnp.minimum(n_prop, limit)
         drafts = jnp.where(jnp.arange(shape.gamma)[None, :] < n_prop[:, None], drafts, 0)

@@ -9,7 +9,7 @@ missing one gives a clear error before any work starts):
   ar         decoding.Autoregressive()                                   cost: 1 target call/token
   spec       decoding.Speculative(drafting.DraftModel(), gamma, confidence)  + the --draft model
   tree       decoding.TreeDecoding(drafting.DraftModel(),
-                 tree=decoding.DynamicTree(depth, top_k, total_tokens))  + the --draft model
+                 tree=drafting.DynamicTree(depth, top_k, total_tokens))  + the --draft model
   pld        decoding.Speculative(drafting.PromptLookup(max_ngram), gamma)
   layerskip  decoding.Speculative(drafting.LayerSkip(layers), gamma)     (0 = half the layers)
   hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
@@ -291,7 +291,7 @@ def _build_spec(env, opts):
 def _build_tree(env, opts):
     tree_decoding = _attr("decoding", "TreeDecoding", "tree")
     drafter = _attr("drafting", "DraftModel", "tree")()
-    tree = _attr("decoding", "DynamicTree", "tree")(depth=opts["depth"], top_k=opts["top_k"],
+    tree = _attr("drafting", "DynamicTree", "tree")(depth=opts["depth"], top_k=opts["top_k"],
                                                     total_tokens=opts["nodes"])
     cost = {"kind": "tree", "nodes": opts["nodes"], "depth": opts["depth"],
             "draft_tokens_per_step": opts["top_k"], "draft": "model"}
@@ -337,7 +337,7 @@ for _spec in (
                needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
     MethodSpec("tree", "tree decoding (dynamic tree) with the --draft model", _build_tree,
                {"depth": 6, "top_k": 10, "nodes": 60, "graphs": "", "attention": ""},
-               needs("decoding.TreeDecoding", "drafting.DraftModel", "decoding.DynamicTree", method="tree"),
+               needs("decoding.TreeDecoding", "drafting.DraftModel", "drafting.DynamicTree", method="tree"),
                uses_draft_model=True),
     MethodSpec("pld", "prompt lookup decoding (n-gram drafts from the prompt)", _build_pld,
                {"gamma": 10, "ngram": 3, "graphs": "", "attention": ""},

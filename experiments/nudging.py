@@ -276,7 +276,7 @@ class Judge:
     def __init__(self, model, batch: int = 8):
         import jax
 
-        from decoding.autoregressive import prefill
+        from decoding.strategy import prefill
 
         self.model, self.batch = model, batch
         tok = model.tokenizer

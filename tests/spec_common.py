@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding import KVCache, Model, ModelConfig, generation, init_params
-from decoding.autoregressive import prefill
+from decoding.strategy import prefill
 from decoding.model import forward
 
 # ------------------------------------------------------------------------------------------
@@ -232,12 +232,12 @@ def chi_square(observed_cells: np.ndarray, probs: np.ndarray, min_expected: floa
 def run_state(model: Model, prompts, strategy=None, *, draft=None, sampling=None, max_new_tokens=MAX_NEW,
               eos=(), seed=0):
     """(Result, final state) of one generation, through `generate`'s own compiled program."""
-    prep = generation._prepare(model, prompts, strategy=strategy, sampling=sampling,
+    prep = generation.prepare(model, prompts, strategy=strategy, sampling=sampling,
                                max_new_tokens=max_new_tokens, seed=seed, stop=(), eos_token_id=eos, chat=False,
                                max_cache_len=None, draft=draft)
-    exe, compile_s = generation._compiled(prep)
+    exe, compile_s = generation.compiled(prep)
     state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
-    return generation._finish(prep, state, compile_s, 0.0), state
+    return generation.finish(prep, state, compile_s, 0.0), state
 
 
 def fresh_cache(model: Model, context: np.ndarray, lengths: np.ndarray) -> KVCache:

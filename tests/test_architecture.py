@@ -109,7 +109,7 @@ def test_toy_family_forward_matches_the_numpy_reference():
 def test_toy_family_runs_generate_with_chains_and_trees():
     """Greedy autoregressive, speculative (a chain) and tree decoding of the toy family give the
     numpy reference's greedy continuation."""
-    from drafting import DraftModel
+    from drafting import DraftModel, DynamicTree
 
     model, draft = toy_model(seed=1), toy_model(seed=2)
     prompts = [[3, 9, 4, 1, 7], [5, 2]]
@@ -117,7 +117,7 @@ def test_toy_family_runs_generate_with_chains_and_trees():
     ar = decoding.generate(model, prompts, max_new_tokens=6, eos_token_id=())
     assert ar.tokens == want
     for strategy in (decoding.Speculative(DraftModel(), gamma=3),
-                     decoding.TreeDecoding(DraftModel(), tree=decoding.DynamicTree(depth=2, top_k=2, total_tokens=4))):
+                     decoding.TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4))):
         out = decoding.generate(model, prompts, strategy=strategy, draft=draft, max_new_tokens=6, eos_token_id=())
         assert out.tokens == want, type(strategy).__name__
 

@@ -29,7 +29,7 @@ import pytest
 
 from decoding import Autoregressive, Context, Greedy, Sampling, generate, stream
 from decoding.entropy_adaptive import EntropyAdaptive, catch_up, cost_ratio
-from decoding.loop import StopRule
+from decoding.tokens import StopRule
 from decoding.model import forward
 from tiny import compile_events, numpy_forward, numpy_greedy, tiny_model
 
@@ -288,7 +288,7 @@ def test_catch_up_gives_the_logits_of_a_fresh_forward():
     prompt = np.zeros((b, max(cached)), np.int32)
     for i, (s, c) in enumerate(zip(seqs, cached)):
         prompt[i, :c] = s[:c]
-    from decoding.autoregressive import prefill
+    from decoding.strategy import prefill
 
     cache = model.init_cache(b, cap)
     _, cache = jax.jit(prefill, static_argnums=0)(model.config, model.params, prompt, np.array(cached, np.int32),

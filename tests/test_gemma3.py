@@ -30,12 +30,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import decoding  # noqa: E402
-from decoding import Autoregressive, DynamicTree, Speculative, TreeDecoding, generate  # noqa: E402
+from decoding import Autoregressive, Speculative, TreeDecoding, generate  # noqa: E402
 from decoding.config import ConfigError  # noqa: E402
 from decoding.gemma3 import Gemma3Config  # noqa: E402
 from decoding.loading import load  # noqa: E402
 from decoding.model import check_params, forward, init_params, param_shapes  # noqa: E402
-from drafting import DraftModel, LayerSkip  # noqa: E402
+from drafting import DraftModel, DynamicTree, LayerSkip  # noqa: E402
 
 ATOL = 1e-4
 T = 20

@@ -1,4 +1,4 @@
-"""generate / stream / loop.commit on a tiny random model (token-id prompts, CPU).
+"""generate / stream / tokens.commit on a tiny random model (token-id prompts, CPU).
 
 Compiled whole-generation programs are the expensive part here (seconds each on two cores),
 so most tests share one model, one prompt batch and one `max_new_tokens`.
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import Sampling, generate, make_sampling, stream
+from decoding import Autoregressive, Options, Sampling, Speculative, generate, make_sampling, stream
 from decoding.generation import compile_count
-from decoding.loop import StopRule, Tokens, commit
+from decoding.tokens import StopRule, Tokens, commit
 from tiny import compile_events, numpy_greedy, smollm_tokenizer, tiny_model
 
 N = 10  # max_new_tokens shared by most tests (one compiled program)
@@ -69,6 +69,12 @@ def test_numpy_token_ids_are_accepted_as_prompts(model, reference):
     assert generate(model, list(ids), max_new_tokens=N).tokens == [reference[1]]
     assert generate(model, ids, max_new_tokens=N).tokens == [reference[1]]
     assert generate(model, ids[None], max_new_tokens=N).tokens == [reference[1]]
+
+
+def test_jax_arrays_and_tuples_are_accepted_as_prompts(model, reference):
+    ids = jnp.asarray(PROMPTS[1], jnp.int32)
+    assert generate(model, ids, max_new_tokens=N).tokens == [reference[1]]
+    assert generate(model, [ids, tuple(PROMPTS[2])], max_new_tokens=N).tokens == reference[1:]
 
 
 def test_max_new_tokens_respected_and_no_tokenizer_gives_empty_texts(batch_result):
@@ -138,6 +144,38 @@ def test_compile_count_does_not_depend_on_the_number_of_steps(model):
         assert res.stats.target_forwards == max_new
         counts.append(len(events))
     assert counts[0] == counts[1] >= 1, counts
+
+
+def test_a_program_traced_with_one_options_value_is_never_reused_for_another(model, batch_result):
+    """`decoding.Options` is part of every compile key: each value that changes the traced
+    program (the layer loop unrolled or a scan, the attention implementation) compiles its own
+    programs, in `generate` and in `stream`; the same value again reuses them; the tokens do not
+    change. On a CPU `Options()` resolves to the scan, so it shares `unroll_layers=False`'s."""
+    def run_generate(options):
+        return generate(model, PROMPTS, max_new_tokens=N, options=options).tokens
+
+    def run_streamed(options):
+        return run_stream(stream(model, PROMPTS, max_new_tokens=N, options=options))[1].tokens
+
+    variants = (Options(unroll_layers=True), Options(attention="pallas"),
+                Options(attention="pallas", unroll_layers=True))
+    for run in (run_generate, run_streamed):
+        assert run(Options()) == batch_result.tokens
+        before = compile_count()
+        with compile_events() as events:
+            assert run(Options(unroll_layers=False)) == batch_result.tokens
+        assert events == [] and compile_count() == before, run.__name__
+        for options in variants:
+            before = compile_count()
+            with compile_events() as events:
+                tokens = run(options)
+            assert tokens == batch_result.tokens, (run.__name__, options)
+            # generate: one whole-generation program; stream: its own init and step programs
+            assert len(events) >= (1 if run is run_generate else 2), (run.__name__, options, events)
+            assert compile_count() == before + (run is run_generate), (run.__name__, options)
+            with compile_events() as events:
+                assert run(options) == batch_result.tokens
+            assert events == [], (run.__name__, options, events)
 
 
 # ------------------------------------------------------------------------------------------
@@ -230,6 +268,56 @@ def test_bad_inputs_raise_clear_errors(model):
         next(stream(model, []))
     with pytest.raises(TypeError, match="unexpected arguments"):
         next(stream(model, [[1]], temperature=0.5))
+
+
+BAD_ARGUMENTS = [  # (arguments replaced, error, words of the message)
+    ({"model": 123}, TypeError, r"model must be a decoding.Model .*got int"),
+    ({"model": None}, TypeError, r"model must be a decoding.Model .*got NoneType"),
+    ({"prompts": 123}, TypeError, r"prompts must be a string, a list of strings, a list of token-id lists.*got int"),
+    ({"prompts": None}, TypeError, r"prompts must be .*got NoneType"),
+    ({"prompts": {"text": "hi"}}, TypeError, r"prompts must be .*got dict"),
+    ({"prompts": [[1], {"a": 1}]}, TypeError, r"prompt 1 is a dict; each prompt is a string or a list of token ids"),
+    ({"prompts": [1.5, 2.5]}, TypeError, r"prompt 0 is a float"),
+    ({"prompts": [[1, 2.5]]}, TypeError, r"prompt 0 holds float 2.5; a prompt of token ids holds ints only"),
+    ({"prompts": [[1, True]]}, TypeError, r"prompt 0 holds bool True"),
+    ({"prompts": np.zeros((2, 3))}, TypeError, r"2-D float64 array; prompts must be"),
+    ({"prompts": np.zeros((1, 2, 3), np.int32)}, TypeError, r"3-D int32 array"),
+    ({"prompts": []}, ValueError, r"no prompts given"),
+    ({"prompts": ()}, ValueError, r"no prompts given"),
+    ({"prompts": np.zeros((0, 4), np.int32)}, ValueError, r"no prompts given"),
+    ({"prompts": [""]}, ValueError, r"prompt 0 is empty \(an empty string\)"),
+    ({"prompts": [[1], []]}, ValueError, r"prompt 1 is empty \(an empty list of token ids\)"),
+    ({"prompts": [[1], np.zeros(0, np.int64)]}, ValueError, r"prompt 1 is empty \(an empty list of token ids\)"),
+    ({"strategy": "spec"}, TypeError, r"strategy must be a decoding strategy \(an object with init and step.*got str"),
+    ({"strategy": Autoregressive}, TypeError, r"got the class Autoregressive: instantiate it"),
+    ({"draft": "small"}, TypeError, r"draft must be a decoding.Model or None .*got str"),
+    ({"sampling": 0.7}, TypeError, r"sampling must be decoding.Greedy\(\) or decoding.Sampling"),
+    ({"max_new_tokens": 0}, ValueError, r"max_new_tokens must be >= 1, got 0"),
+    ({"max_new_tokens": -3}, ValueError, r"max_new_tokens must be >= 1, got -3"),
+    ({"max_new_tokens": 2.5}, TypeError, r"max_new_tokens must be an int >= 1, got float 2.5"),
+    ({"max_new_tokens": "8"}, TypeError, r"max_new_tokens must be an int >= 1, got str '8'"),
+    ({"max_new_tokens": True}, TypeError, r"max_new_tokens must be an int >= 1, got bool"),
+    ({"options": {"attention": "pallas"}}, TypeError, r"options must be a decoding.Options\(...\) or None, got dict"),
+    ({"options": "pallas"}, TypeError, r"options must be a decoding.Options\(...\) or None, got str"),
+]
+
+
+@pytest.mark.parametrize("entry", [generate, stream], ids=["generate", "stream"])
+@pytest.mark.parametrize("case", range(len(BAD_ARGUMENTS)))
+def test_entry_points_check_their_arguments(model, entry, case):
+    """Each argument of the public entry points is checked at the call (stream too, before its
+    first round), and the error names the argument, what was given and what it takes."""
+    replace, error, words = BAD_ARGUMENTS[case]
+    args = {"model": model, "prompts": [[1, 2]], "max_new_tokens": 2, **replace}
+    with pytest.raises(error, match=words):
+        entry(args.pop("model"), args.pop("prompts"), **args)
+
+
+def test_a_speculative_strategy_needs_its_drafter_arguments(model):
+    with pytest.raises(TypeError, match="drafter"):
+        Speculative()  # the drafter is required
+    with pytest.raises(TypeError, match=r"draft must be a decoding.Model or None"):
+        generate(model, [[1, 2]], max_new_tokens=2, strategy=Autoregressive(), draft=model.params)
 
 
 def test_prompt_too_long_for_the_cache_names_the_numbers(model, batch_result):

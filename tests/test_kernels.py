@@ -329,9 +329,9 @@ def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
     """`decoding.Options(attention="pallas")` (interpreted off GPUs) in the unrolled layers:
     the same logits as the jnp attention, the same greedy generation (autoregressive and a
     dynamic tree, whose verification uses a tree mask), and its own compiled programs."""
-    from decoding import DynamicTree, Options, TreeDecoding, forward, generate
+    from decoding import Options, TreeDecoding, forward, generate
     from decoding import generation as gen
-    from drafting import DraftModel
+    from drafting import DraftModel, DynamicTree
     from tiny import tiny_model
 
     target = tiny_model(seed=5, head_dim=16, num_heads=4, num_kv_heads=2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import decoding
-from decoding.autoregressive import prefill
+from decoding.strategy import prefill
 from decoding.model import check_params
 from tiny import jit_forward, jit_run_layers, numpy_forward, tiny_model
 

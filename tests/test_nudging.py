@@ -378,6 +378,22 @@ def test_bad_settings_and_models_raise_clear_errors(pairs):
         nudge(bare, aligned, QUESTION)
 
 
+def test_nudge_checks_its_arguments(pairs):
+    base, aligned = pairs["mixed"]
+    for args, kwargs, err, words in (
+            ((123, aligned, QUESTION), {}, TypeError, "base must be a decoding.Model .*got int"),
+            ((base, "smollm", QUESTION), {}, TypeError, "aligned must be a decoding.Model .*got str"),
+            ((base, aligned, ["a", "b"]), {}, TypeError, "question must be a string .*got list"),
+            ((base, aligned, "  "), {}, ValueError, "question is empty"),
+            ((base, aligned, QUESTION, {"gamma": 0.3}), {}, TypeError, r"config must be an alignment.Nudging"),
+            ((base, aligned, QUESTION), {"prompts": "Q:"}, TypeError, r"prompts must be an alignment.Prompts"),
+            ((base, aligned, QUESTION), {"stop": "\n"}, TypeError, "stop must be a list of non-empty strings"),
+            ((base, aligned, QUESTION), {"stop": ("",)}, TypeError, "stop must be a list of non-empty strings"),
+            ((base, aligned, QUESTION), {"options": "pallas"}, TypeError, r"options must be a decoding.Options")):
+        with pytest.raises(err, match=words):
+            nudge(*args, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct steering a tiny base with a different tokenizer
 # ------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import pytest
 
 import decoding
-from decoding import DynamicTree, Model, Speculative, TreeDecoding, TreeTopology, generate, registry
-from drafting import DraftModel, LayerSkip, PromptLookup
+from decoding import Model, Speculative, TreeDecoding, generate, registry
+from drafting import DraftModel, DynamicTree, LayerSkip, PromptLookup, TreeTopology
 
 MAX_NEW = 48
 PROMPTS = [

@@ -23,9 +23,9 @@ import functools
 import numpy as np
 import pytest
 
-from decoding import (Autoregressive, DynamicGamma, DynamicTree, Sampling, Speculative, TreeDecoding, TreeTopology,
+from decoding import (Autoregressive, DynamicGamma, Sampling, Speculative, TreeDecoding,
                       generate)
-from drafting import DraftModel, LayerSkip, PromptLookup
+from drafting import DraftModel, DynamicTree, LayerSkip, PromptLookup, TreeTopology
 from spec_common import (DRAFTS, MAX_NEW, PROMPTS, REPETITIVE_ROW, SAMPLE_K, SAMPLE_SEED, SMALL_V_PROMPT,
                          chi_square, continuation_index, eos_id, exact_continuations, reference_with_eos, run_state,
                          sample_run, small_v_target, target)

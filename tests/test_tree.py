@@ -1,6 +1,5 @@
-"""Tree buffers and tree verification (decoding.tree), and the tree commit into the KV cache.
+"""Tree verification (decoding.tree), and the tree commit into the KV cache.
 
-- `TreeTopology` buffers on hand-made trees are checked against values worked out by hand.
 - `accept_greedy` on hand-made trees and target logits: the right path and bonus, the second
   sibling when it is the match, invalid nodes never accepted.
 - `accept_sampled`: with one-hot (greedy) target distributions it must reduce to
@@ -19,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import DynamicTree, Greedy, TreeDecoding, TreeError, TreeTopology
-from decoding.tree import Accepted, TreeBatch, accept_greedy, accept_sampled, chain_batch, topology_batch
-from drafting import DraftModel, LayerSkip
+from decoding import Greedy, TreeDecoding
+from decoding.tree import Accepted, TreeBatch, accept_greedy, accept_sampled
+from drafting import DraftModel, DynamicTree, LayerSkip, TreeTopology, chain_batch, topology_batch
 from spec_common import (DRAFTS, PROMPTS, chi_square, committed_kv_error, eos_id, fresh_cache, reference_with_eos,
                          run_state, target)
 
@@ -31,90 +30,6 @@ from spec_common import (DRAFTS, PROMPTS, chi_square, committed_kv_error, eos_id
 ALPHA = 1e-4
 
 PATHS = [(0,), (1,), (0, 0), (0, 1), (1, 0)]
-
-
-# ------------------------------------------------------------------------------------------
-# TreeTopology
-# ------------------------------------------------------------------------------------------
-
-
-def test_topology_buffers_by_hand():
-    t = TreeTopology(tuple(PATHS))
-    # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (0,1), 5 (1,0)
-    assert t.num_nodes == 6 and t.max_depth == 2 and t.max_rank == 2
-    np.testing.assert_array_equal(t.parents, [-1, 0, 0, 1, 1, 2])
-    np.testing.assert_array_equal(t.depth, [0, 1, 1, 2, 2, 2])
-    np.testing.assert_array_equal(t.rank, [0, 0, 1, 0, 1, 0])
-    ancestors = {0: {0}, 1: {0, 1}, 2: {0, 2}, 3: {0, 1, 3}, 4: {0, 1, 4}, 5: {0, 2, 5}}
-    want = np.zeros((6, 6), bool)
-    for i, anc in ancestors.items():
-        want[i, list(anc)] = True
-    np.testing.assert_array_equal(t.mask, want)
-    np.testing.assert_array_equal(t.children, [[1, 2], [3, 4], [5, -1], [-1, -1], [-1, -1], [-1, -1]])
-    assert t.levels == ((1, 2), (3, 3))
-    np.testing.assert_array_equal(t.retrieve_paths(), [[0, 1, 3], [0, 1, 4], [0, 2, 5]])
-
-
-def test_topology_is_independent_of_path_order():
-    a = TreeTopology(tuple(PATHS))
-    b = TreeTopology(((1, 0), (0, 1), (1,), (0, 0), (0,)))
-    assert a == b and hash(a) == hash(b)
-    np.testing.assert_array_equal(a.parents, b.parents)
-    np.testing.assert_array_equal(a.children, b.children)
-
-
-def test_chain_topology():
-    t = TreeTopology.chain(3)
-    assert t.num_nodes == 4 and t.max_depth == 3 and t.max_rank == 1
-    np.testing.assert_array_equal(t.parents, [-1, 0, 1, 2])
-    np.testing.assert_array_equal(t.depth, [0, 1, 2, 3])
-    np.testing.assert_array_equal(t.mask, np.tril(np.ones((4, 4), bool)))
-    np.testing.assert_array_equal(t.children, [[1], [2], [3], [-1]])
-    assert t.levels == ((1, 1), (2, 1), (3, 1))
-    np.testing.assert_array_equal(t.retrieve_paths(), [[0, 1, 2, 3]])
-
-
-def test_from_branching():
-    t = TreeTopology.from_branching((2, 2))
-    assert t.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1))
-    np.testing.assert_array_equal(t.parents, [-1, 0, 0, 1, 1, 2, 2])
-    np.testing.assert_array_equal(t.rank, [0, 0, 1, 0, 1, 0, 1])
-    np.testing.assert_array_equal(t.children, [[1, 2], [3, 4], [5, 6], [-1, -1], [-1, -1], [-1, -1], [-1, -1]])
-    assert t.levels == ((1, 2), (3, 4))
-    np.testing.assert_array_equal(t.retrieve_paths(), [[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2, 6]])
-    assert TreeTopology.from_branching((3, 2, 1)).num_nodes == 1 + 3 + 6 + 6
-
-
-@pytest.mark.parametrize("paths, message", [
-    ((), "at least one path"),
-    (((0,), ()), "empty path"),
-    (((0,), (1, 0)), r"needs its parent path \(1,\)"),
-    (((0,), (0, 0, 0)), r"needs its parent path \(0, 0\)"),
-    (((0,), (1,), (0,)), r"\(0,\) appears twice"),
-    (((0,), (-1,)), "negative child rank"),
-])
-def test_invalid_topologies(paths, message):
-    with pytest.raises(TreeError, match=message):
-        TreeTopology(paths)
-
-
-def test_invalid_shapes():
-    assert issubclass(TreeError, ValueError)
-    with pytest.raises(TreeError, match="length >= 1"):
-        TreeTopology.chain(0)
-    with pytest.raises(TreeError, match="branching factors must be >= 1"):
-        TreeTopology.from_branching((2, 0))
-    with pytest.raises(TreeError, match="branching factors must be >= 1"):
-        TreeTopology.from_branching(())
-    with pytest.raises(TypeError, match="tree must be a decoding.TreeTopology"):
-        TreeDecoding(DraftModel(), tree="bad")
-    with pytest.raises(TypeError, match="got list"):
-        TreeDecoding(DraftModel(), tree=[(0,), (1,)])
-    with pytest.raises(ValueError, match="total_tokens=13 exceeds the 12 nodes"):
-        DynamicTree(depth=2, top_k=3, total_tokens=13)
-    assert DynamicTree(depth=2, top_k=3, total_tokens=12).num_nodes == 13  # the boundary is allowed
-    with pytest.raises(ValueError, match=">= 1"):
-        DynamicTree(depth=0)
 
 
 # ------------------------------------------------------------------------------------------

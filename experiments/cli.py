@@ -1,4 +1,4 @@
-"""Command line: `python -m decoding {demo,generate,models}`.
+"""Command line: `python -m experiments.cli {demo,generate,models}` (installed as `decoding`).
 
   demo      speculative decoding on the default real pair (Qwen2.5-Coder 1.5B target, 0.5B
             draft) beside plain autoregressive decoding: prints the outputs, the stats, the
@@ -31,9 +31,8 @@ def _dtype(name: str):
 def build_strategy(name: str, gamma: int = 4, layers: int = 8, depth: int = 6, top_k: int = 10,
                    total_tokens: int = 60, lenience: float = 1.0):
     """Strategy objects by CLI name: ar, spec, tree, pld, layerskip, layerskip-tree."""
-    from drafting import DraftModel, LayerSkip, PromptLookup
-
-    from . import Autoregressive, DynamicTree, Speculative, TreeDecoding
+    from decoding import Autoregressive, Speculative, TreeDecoding
+    from drafting import DraftModel, DynamicTree, LayerSkip, PromptLookup
 
     table = {
         "ar": lambda: Autoregressive(),
@@ -58,7 +57,7 @@ def _print_result(title, res):
 def cmd_demo(args) -> None:
     import jax
 
-    from . import Autoregressive, generate, load
+    from decoding import Autoregressive, generate, load
 
     dtype = _dtype(args.dtype)
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); dtype: {dtype.__name__ if hasattr(dtype, '__name__') else dtype}")
@@ -85,7 +84,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from . import generate, load, make_sampling
+    from decoding import generate, load, make_sampling
 
     dtype = _dtype(args.dtype)
     model = load(args.model, dtype=dtype)
@@ -98,7 +97,7 @@ def cmd_generate(args) -> None:
     kwargs = dict(strategy=strategy, sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   stop=args.stop or (), chat=chat, draft=draft)
     if args.stream:
-        from . import stream
+        from decoding import stream
 
         gen = stream(model, prompts, **kwargs)
         try:
@@ -115,7 +114,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from .registry import list_models
+    from decoding.registry import list_models
 
     for e in list_models():
         print(f"{e.name:32s} {e.size / 1e6:8.1f} MB  {e.description}" if hasattr(e, "description")
@@ -123,7 +122,7 @@ def cmd_models(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m decoding", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="speculative decoding on the default real pair")

@@ -1,15 +1,9 @@
-"""The one decoding loop every algorithm shares, and the token buffer it fills.
+"""The output of a generation: the token buffer `Tokens`, the `StopRule`, and `commit`.
 
-An algorithm is a pair of pure functions over its own state dataclass:
-  `init(...) -> State` (prefill) and `step(State) -> State` (one propose/verify/accept/commit
-round), where every state carries `out: Tokens`. `run(step, state)` drives `step` inside one
-`jax.lax.while_loop` until every row is done; the caller jits it with the state donated, so a
-whole generation is one compiled program with no host round-trip. `stream` drives the same
-`step` from Python, yielding the tokens each round committed (debugging, streaming UIs).
-
-`commit(out, new, n, ...)` is the single place where tokens enter the output: it appends up to
-`n[b]` tokens per row and stops each row independently at EOS, at `max_new_tokens`, or at a
-stop sequence, cutting any tokens past the stop. Rows therefore accept different numbers of
+Every strategy's state carries `out: Tokens`, and `commit(out, new, n, ...)` is the single
+place where tokens enter the output: it appends up to `n[b]` tokens per row and stops each row
+independently at EOS, at `max_new_tokens`, or at a stop sequence, cutting any tokens past the
+stop. Rows therefore accept different numbers of
 tokens in the same step and finish independently.
 
 Legend: B batch, N output capacity (max_new_tokens), M tokens offered per step.
@@ -18,11 +12,9 @@ Legend: B batch, N output capacity (max_new_tokens), M tokens offered per step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -98,19 +90,3 @@ def commit(out: Tokens, new: jax.Array, n: jax.Array, rule: StopRule, count_step
     done = out.done | (first_stop < n) | (count >= cap)
     steps = out.steps + jnp.where(out.done | (not count_step), 0, 1)
     return Tokens(tokens=tokens, count=count, done=done, steps=steps)
-
-
-def run(step: Callable, state):
-    """Run `step` until `state.out.done` holds for every row (call under jit, state donated)."""
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, state)
-
-
-def stream(step_jit: Callable, state) -> Iterator[tuple[object, list[list[int]]]]:
-    """Drive a jitted `step` from Python; yield (state, new tokens per row) after each round."""
-    seen = np.asarray(state.out.count)
-    while not bool(np.all(np.asarray(state.out.done))):
-        state = step_jit(state)
-        count = np.asarray(state.out.count)
-        toks = np.asarray(state.out.tokens)
-        yield state, [toks[b, seen[b] : count[b]].tolist() for b in range(len(count))]
-        seen = count

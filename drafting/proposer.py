@@ -1,0 +1,69 @@
+"""The proposer contract: what a drafter implements to plug into speculative and tree decoding.
+
+`decoding.Speculative` (chains) and `decoding.TreeDecoding` (any draft shape of
+`drafting.shapes`) call a drafter in two places of each round: `propose` before the target
+verifies, `commit` after the accepted tokens were committed. Both read the decoding state
+through a `View`. Both protocols are structural: a drafter needs no base class, and
+`decoding` calls them without importing this package.
+
+A drafter dispatches on the shape's attributes: `shape.is_chain` (draft up to `shape.gamma`
+tokens, stopping a row where the top-1 probability falls below `shape.confidence` when it is
+set; a `decoding.Speculative` strategy is its own chain shape), a static
+`drafting.TreeTopology`, or a `drafting.DynamicTree` (the EAGLE-2 search of
+`drafting.tree_search`). It refuses, in `validate`, a shape it cannot draft.
+
+Legend: B batch, C context slots, N tree nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+from decoding.cache import KVCache
+from decoding.strategy import Context
+from decoding.tree import Accepted, TreeBatch
+
+
+class View(Protocol):
+    """What a drafter may read of the decoding state (read-only).
+
+    root: int32[B] last committed token (not yet in the target cache);
+    cache: the target's KVCache (lengths = committed tokens before the root);
+    context: int32[B, C] every committed token (prompt + generated, root included);
+    context_len: int32[B] (= cache.lengths + 1).
+    """
+
+    root: jax.Array
+    cache: KVCache
+    context: jax.Array
+    context_len: jax.Array
+
+
+class Proposer(Protocol):
+    """The drafter protocol (implementations: `DraftModel`, `LayerSkip`, `PromptLookup`).
+
+    Optional: `validate(ctx, draft, shape)`, called on the host before compiling, refuses a
+    missing draft model, an unsupported shape or bad settings with a clear error.
+    """
+
+    name: str
+
+    def slack(self, shape) -> int:
+        """Cache slots needed past the committed prefix, beyond the tree itself."""
+
+    def init(self, ctx: Context, params, prompt: jax.Array, lengths: jax.Array,
+             cache: KVCache) -> tuple[Any, KVCache]:
+        """Prefill drafter state after the target's prefill; may use/extend the target cache."""
+
+    def propose(self, ctx: Context, params, dstate, view: View, shape, limit: jax.Array,
+                key: jax.Array) -> tuple[TreeBatch, Any, KVCache, jax.Array]:
+        """-> (TreeBatch rooted at `view.root`, dstate, target cache (cursor at
+        `view.cache.lengths`), number of draft forwards: int32[]). `limit: int32[B]` caps each
+        row's depth (dynamic gamma)."""
+
+    def commit(self, ctx: Context, params, dstate, view: View, shape, tree: TreeBatch, acc: Accepted,
+               running: jax.Array):
+        """Update drafter state after `acc` was committed (`view` is the state *before*;
+        `running: bool[B]` the rows that took part in the round)."""
