@@ -27,23 +27,13 @@ ALLOWED = {
     "tools": {"decoding", "drafting", "distill", "alignment"},
 }
 
-# Known violations in modules being restructured elsewhere; removed when the refactor lands.
+# Known violations, each with the reason it is allowed (none today).
 # (importer, imported) pairs against the layering:
-KNOWN_UPWARD = {
-    ("decoding.__main__", "drafting"),  # the CLI moves where it may see both (removed when the refactor lands)
-}
+KNOWN_UPWARD: set = set()
 # modules of a known cycle (each cycle as the set of its modules):
-KNOWN_CYCLES = [
-    {"decoding.model", "decoding.gemma3"},  # architecture dispatch (removed when the refactor lands)
-]
-# (importer, imported module, private name); removed when the refactor lands:
-KNOWN_PRIVATE = {
-    ("decoding.gemma3", "decoding.config", "_IGNORED_KEYS"),
-    ("decoding.gemma3", "decoding.config", "_SUPPORTED_ROPE_TYPES"),
-    ("decoding.gemma3", "decoding.config", "_freeze"),
-    ("decoding.gemma3", "decoding.model", "_f32_einsum"),
-    ("decoding.profiling", "decoding.generation", "_prepare"),
-}
+KNOWN_CYCLES: list = []
+# (importer, imported module, private name):
+KNOWN_PRIVATE: set = set()
 
 
 def _module_name(path: Path) -> str:
