@@ -113,8 +113,11 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(cfg: TrainConfig, trainable) -> TrainState:
-    """A fresh state: float32 master weights, optimizer state, step 0."""
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    """A fresh state: float32 master weights, optimizer state, step 0.
+
+    The weights are copied: the driver donates the state to each step, and the caller's
+    arrays (a loaded model's parameters, shared with a teacher) must stay valid."""
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
     return TrainState(params=params, opt_state=optimizer(cfg).init(params), step=jnp.zeros((), jnp.int32))
 
 
@@ -210,6 +213,10 @@ def plot(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
+# One jitted step for every Trainer: runs with equal recipes, configs and shapes share a program.
+_jitted_step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2,))
+
+
 class Trainer:
     """Runs a recipe for `cfg.steps` steps with checkpoints, metrics, evaluation and progress.
 
@@ -234,7 +241,7 @@ class Trainer:
         restored = self.checkpoints.restore_latest(fresh)
         self.state = restored if restored is not None else fresh
         self._trim_metrics(int(self.state.step))
-        self._step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2,))
+        self._step = _jitted_step
 
     @property
     def step(self) -> int:

@@ -25,7 +25,7 @@ CORPUS = ("Janet sells 16 eggs a day. She eats three for breakfast and bakes muf
           "The remainder is sold at the market for 2 dollars each, so she makes 18 dollars a day. "
           "Question: How many apples are left? Answer: There are 7 apples left, because 10 - 3 = 7. "
           "Write a short poem about the sea: the waves roll in, the gulls cry out, the tide goes away. ")
-VOCAB = 192
+VOCAB = 320
 
 CONVERSATIONS = [
     [{"role": "user", "content": f"Question {i}: how many eggs does Janet sell in {i} days?"},
@@ -83,6 +83,22 @@ def pair():
     teacher = decoding.load(str(save_tiny(root / "teacher", 2, 0, tok)), dtype=jnp.float32)
     student = decoding.load(str(save_tiny(root / "student", 1, 1, tok, scale=0.1)), dtype=jnp.float32)
     return teacher, student
+
+
+@functools.lru_cache(maxsize=None)
+def pruned_student():
+    """The teacher cut to its first layer (a draft of the same family), written with
+    `distill.export_drafter` and loaded back through `decoding.load`."""
+    import dataclasses
+
+    from distill import export_drafter, load_drafter
+
+    teacher, _ = pair()
+    config = dataclasses.replace(teacher.config, num_layers=1)
+    params = {**teacher.params, "layers": jax.tree.map(lambda x: x[:1], teacher.params["layers"])}
+    root = Path(tempfile.mkdtemp(prefix="distill_pruned_"))
+    return load_drafter(export_drafter(config, params, root / "pruned", teacher.tokenizer, dtype="float32"),
+                        dtype=jnp.float32)
 
 
 def test_export_round_trip(tmp_path):
