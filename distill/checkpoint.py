@@ -206,4 +206,8 @@ def load_drafter(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer=
     directory = Path(directory)
     if tokenizer is True and not (directory / "tokenizer_config.json").is_file():
         tokenizer = False
-    return decoding.load(str(directory), dtype=dtype, tokenizer=tokenizer)
+    if tokenizer is None or isinstance(tokenizer, (bool, str, os.PathLike)):
+        return decoding.load(str(directory), dtype=dtype, tokenizer=tokenizer)
+    model = decoding.load(str(directory), dtype=dtype, tokenizer=False)
+    model.tokenizer = tokenizer  # any object with the tokenizer methods decoding uses
+    return model
