@@ -11,7 +11,9 @@ from distill import data as D
 from experiments import distillspec
 
 
+@pytest.mark.slow
 def test_toy_run_end_to_end_and_resume(tmp_path, capsys):
+    """About a minute on two CPU cores: run with -m slow."""
     if not (D.data_root() / D.SOURCES["gsm8k"]).is_file():
         pytest.skip(f"the shared data folder {D.data_root()} is absent (set DISTILL_DATA)")
     out = tmp_path / "run"

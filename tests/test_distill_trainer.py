@@ -26,18 +26,17 @@ SEQ = 128
 
 @functools.lru_cache(maxsize=None)
 def teacher_written():
-    """Packed teacher-written (sampled) answers to the tiny conversations' first questions."""
+    """Packed teacher-written (greedy) answers to the tiny conversations' first questions."""
     teacher, _ = pair()
-    ds = datasets.Dataset.from_dict({"messages": CONVERSATIONS * 4})
-    rows = D.regenerate(ds, teacher, max_new_tokens=32, max_prompt_len=SEQ, batch_size=8,
-                        sampling=decoding.Sampling(temperature=1.0))
-    return D.pack(rows, SEQ)
+    ds = datasets.Dataset.from_dict({"messages": CONVERSATIONS})
+    return D.pack(D.regenerate(ds, teacher, max_new_tokens=32, max_prompt_len=SEQ, batch_size=8), SEQ)
 
 
 def held_out_prompts():
+    """Questions the training data does not hold (other numbers)."""
     teacher, _ = pair()
     msgs = [[{"role": "user", "content": f"Question {i}: how many eggs does Janet sell in {i} days?"}]
-            for i in range(50, 58)]
+            for i in range(50, 66)]
     return [D.prompt_ids(teacher.tokenizer, m, SEQ) for m in msgs]
 
 
@@ -51,21 +50,21 @@ def make_trainer(out_dir, *, steps=40, divergence="fkl", lora=None, on_policy=No
     trainable, frozen = recipe.init(student.params, teacher.params, frozen_dtype=jnp.float32)
     fixed = D.Batches(teacher_written(), cfg.batch_size, cfg.accumulate, seed=0)
     prompts = held_out_prompts()
+    train_prompts = [D.prompt_ids(teacher.tokenizer, m, SEQ) for m in CONVERSATIONS]
     batches = distill.batch_source(recipe, fixed, frozen=frozen, tokenizer=teacher.tokenizer, on_policy=on_policy,
-                                   prompts=prompts, seed=0, compute_dtype=jnp.float32)
+                                   prompts=train_prompts, seed=0, compute_dtype=jnp.float32)
 
     def ev(params):
         drafter = decoding.Model(student.config, recipe.student_params(params, frozen), student.tokenizer)
-        return distill.acceptance(teacher, drafter, prompts, gamma=3, max_new_tokens=24, batch_size=8,
-                                  sampling=decoding.Sampling(temperature=1.0))
+        return distill.acceptance(teacher, drafter, prompts, gamma=3, max_new_tokens=32, batch_size=8)
 
     return distill.Trainer(recipe, cfg, trainable, frozen, batches, out_dir=out_dir, evaluate=ev if evaluate else None,
                            identity={"student": distill.checkpoint.config_dict(student.config)}, progress=False)
 
 
 def test_training_lowers_the_divergence_and_raises_acceptance(tmp_path):
-    """150 TVD steps on teacher-written (sampled) data: the divergence falls, and the
-    acceptance rate and tau of sampled speculative decoding on held-out prompts rise."""
+    """150 TVD steps on teacher-written data: the divergence falls, and the acceptance rate and
+    tau of our greedy speculative decoding on held-out prompts rise."""
     trainer = make_trainer(tmp_path, steps=150, divergence="tvd", evaluate=True, lr=1e-2, student=pruned_student())
     before = trainer.evaluate(trainer.params)
     summary = trainer.run()
@@ -75,6 +74,7 @@ def test_training_lowers_the_divergence_and_raises_acceptance(tmp_path):
     assert train[-1]["acceptance"] > train[0]["acceptance"] + 0.1  # 1 - TVD on the training batches
     after = summary["eval"]
     assert after["acceptance_rate"] > before["acceptance_rate"] + 0.1, (before, after)
+    assert after["acceptance_per_position"][0] > before["acceptance_per_position"][0]
     assert after["tau"] > before["tau"] + 0.25, (before, after)
     assert summary["tokens_per_s"] > 0 and (tmp_path / "plot.png").is_file()
 
