@@ -223,7 +223,9 @@ class Trainer:
     trainable, frozen: initial pytrees (trainable is replaced by the checkpoint when one exists).
     batches: (step, trainable) -> {key: numpy [A, B, T]}.
     evaluate: optional (trainable) -> dict of figures (e.g. `distill.evaluation.acceptance`).
-    identity: what the checkpoint must match (model configs, recipe); a mismatch is an error.
+    identity: what else the checkpoint must match (model configs, data); the recipe, the
+      settings (all but the logging/evaluation/checkpoint periods) and the trainable shapes are
+      always part of it; a mismatch is an error.
     out_dir: checkpoints under ckpt/, metrics.jsonl, plot.png.
     """
 
@@ -235,7 +237,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.progress = progress
-        self.identity = dict(identity or {}, recipe=getattr(recipe, "name", type(recipe).__name__))
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                    if k not in ("log_every", "eval_every", "checkpoint_every")}
+        self.identity = dict(identity or {}, recipe=repr(recipe), train=settings,
+                             trainable=ckpt.shape_signature(trainable))
         self.checkpoints = ckpt.Checkpoints(self.out_dir / "ckpt", identity=self.identity, keep=keep)
         fresh = init_state(cfg, trainable)
         restored = self.checkpoints.restore_latest(fresh)
@@ -277,7 +282,7 @@ class Trainer:
         end = min(self.cfg.steps if steps is None else steps, self.cfg.steps)
         start_step, t_start = self.step, time.perf_counter()
         deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
-        bar = tqdm(total=end, initial=start_step, desc=self.identity["recipe"], disable=not self.progress,
+        bar = tqdm(total=end, initial=start_step, desc=getattr(self.recipe, "name", "train"), disable=not self.progress,
                    dynamic_ncols=True)
         tokens_timed, time_timed, last = 0.0, 0.0, None
         pending_tokens, mark = 0.0, None  # tokens since the last host sync, and its time
