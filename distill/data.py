@@ -58,7 +58,8 @@ def check_training_file(path: str | os.PathLike) -> Path:
     """Refuse a file that an evaluation reports on (Spec-Bench, any test split)."""
     path = Path(path)
     parts = [p.lower() for p in path.parts]
-    if any("spec_bench" in p or "specbench" in p for p in parts) or re.search(r"(^|[_.-])test([_.-]|$)", path.name.lower()):
+    is_test_split = re.search(r"(^|[_.-])test([_.-]|$)", path.name.lower())
+    if any("spec_bench" in p or "specbench" in p for p in parts) or is_test_split:
         raise DataError(f"{path} is an evaluation set (Spec-Bench or a test split): never train on what is reported. "
                         f"Use the training sources {sorted(SOURCES)} or another train split.")
     return path

@@ -144,7 +144,8 @@ def batch_source(recipe: DistillSpec, fixed: data_mod.Batches, *, frozen, tokeni
 
     Step s is on-policy when a uniform draw from (seed, s) falls below `on_policy.fraction`;
     its A x B prompts are `prompts` from index s * A * B on (cyclically), answered by the
-    current student through `decoding.generate` (sampled with seed (seed, s)).
+    current student through `decoding.generate` in one batch of A x B rows (sampled with seed
+    (seed, s)).
     """
     from decoding import shapes
 
@@ -169,7 +170,7 @@ def batch_source(recipe: DistillSpec, fixed: data_mod.Batches, *, frozen, tokeni
         student = decoding.Model(config=cfg, params=params, tokenizer=tokenizer, source="student")
         idx = [(step * a * b + i) % len(prompts) for i in range(a * b)]
         rows = data_mod.generate_rows(student, [prompts[i] for i in idx], max_new_tokens=on_policy.max_new_tokens,
-                                      batch_size=b, sampling=sampling, seed=int(seed * 1_000_003 + step),
+                                      batch_size=a * b, sampling=sampling, seed=int(seed * 1_000_003 + step),
                                       prompt_bucket=bucket, options=recipe.options)
         out = data_mod.one_row_each(rows, t)
         return {k: v.reshape(a, b, t) for k, v in out.items()}

@@ -249,7 +249,8 @@ def evaluate_heldout(args, teacher, drafter, heldout) -> dict:
     for start in range(0, len(prompts), args.eval_batch):
         chunk = prompts[start:start + args.eval_batch]
         chunk = chunk + [chunk[-1]] * (args.eval_batch - len(chunk))
-        decoding.generate(teacher, chunk, max_new_tokens=args.eval_tokens, prompt_bucket=bucket)  # warm
+        if start == 0:  # compile outside the timing
+            decoding.generate(teacher, chunk, max_new_tokens=args.eval_tokens, prompt_bucket=bucket)
         res = decoding.generate(teacher, chunk, max_new_tokens=args.eval_tokens, prompt_bucket=bucket)
         ar_s += res.stats.run_s
         ar_tokens += res.stats.new_tokens
@@ -353,7 +354,8 @@ def _plot(out: Path, by_row: dict) -> None:
         if train:
             axes[0].plot([m["step"] for m in train], [m["loss"] for m in train], label=label)
     axes[0].set_xlabel("step"), axes[0].set_ylabel("divergence"), axes[0].set_title("training loss")
-    axes[1].set_xlabel("draft position"), axes[1].set_ylabel("acceptance"), axes[1].set_title("acceptance (tuning split)")
+    axes[1].set_xlabel("draft position"), axes[1].set_ylabel("acceptance")
+    axes[1].set_title("acceptance (tuning split)")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -450,12 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if (row.label, "train") not in have:
                     append_result(results_path, {"row": row.label, "kind": "train", "steps": 0, "tokens_seen": 0,
                                                  "device": device_name()})
-                if batches and not args.toy:
-                    drafter_dir = out / row.slug / "drafter"
-                    if not drafter_dir.is_dir():
-                        import distill
-
-                        distill.export_drafter(student.config, student.params, drafter_dir, teacher.tokenizer)
+                drafter_dir = args.student  # Spec-Bench loads the draft as it is
             else:
                 if (row.label, "train") not in have:
                     record = train_row(args, row, teacher, student, packed, heldout, out)
