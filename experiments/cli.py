@@ -5,6 +5,9 @@
             speedup, and whether the greedy outputs are identical.
   generate  any model (registry name, HF directory, GGUF file, hub id) with any strategy.
   models    the registry's real checkpoints.
+
+Program switches come from the environment through `decoding.Options.from_env()`
+(DECODING_ATTENTION=xla|pallas, DECODING_UNROLL_LAYERS=1|0, DECODING_COMMAND_BUFFERS=while|...).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _print_result(title, res):
 def cmd_demo(args) -> None:
     import jax
 
-    from decoding import Autoregressive, generate, load
+    from decoding import Autoregressive, Options, generate, load
 
     dtype = _dtype(args.dtype)
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); dtype: {dtype.__name__ if hasattr(dtype, '__name__') else dtype}")
@@ -66,7 +69,7 @@ def cmd_demo(args) -> None:
     print(f"target: {target}\ndraft:  {draft}")
     prompts = list(DEMO_PROMPTS[: args.prompts])
     spec = build_strategy("spec", gamma=args.gamma)
-    common = dict(max_new_tokens=args.max_new_tokens)
+    common = dict(max_new_tokens=args.max_new_tokens, options=Options.from_env())
     # Compilation is ahead of time and reported apart (stats.compile_s); run_s excludes it.
     ar = generate(target, prompts, strategy=Autoregressive(), **common)
     sp = generate(target, prompts, strategy=spec, draft=draft, **common)
@@ -84,7 +87,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from decoding import generate, load, make_sampling
+    from decoding import Options, generate, load, make_sampling
 
     dtype = _dtype(args.dtype)
     model = load(args.model, dtype=dtype)
@@ -95,7 +98,7 @@ def cmd_generate(args) -> None:
     prompts = args.prompt or [sys.stdin.read()]
     chat = None if args.chat == "auto" else args.chat == "yes"
     kwargs = dict(strategy=strategy, sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                  stop=args.stop or (), chat=chat, draft=draft)
+                  stop=args.stop or (), chat=chat, draft=draft, options=Options.from_env())
     if args.stream:
         from decoding import stream
 

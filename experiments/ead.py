@@ -69,6 +69,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+from decoding.shapes import bucket
+
 from . import answers
 from .store import ResultsError, ResultsStore
 
@@ -145,14 +147,6 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(t) for t in ids]
-
-
-def bucket(n: int) -> int:
-    """The power of two (>= 16) that pads every prompt of a data set (one compiled shape)."""
-    b = 16
-    while b < n:
-        b *= 2
-    return b
 
 
 # ----------------------------------------------------------------------------------------------
