@@ -698,10 +698,13 @@ def describe_result(path: Path) -> dict:
     envs = sorted({json.dumps(e, sort_keys=True) for e in found["environments"]})
     envs = sorted((json.loads(e) for e in envs), key=lambda e: e.get("time_utc", ""))
     dtype = ", ".join(sorted(found["dtypes"])) or "a dtype this file does not record"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    tuned = (data.get("config") or {}).get("prompts") if isinstance(data, dict) and "result" in data else None
     return {
         "devices": sorted({(e.get("device") or {}).get("device_kind", "?") for e in envs}),
         "code": code_text(envs) if envs else "commit not recorded",
         "weights": [weights_text(m, dtype) for m in found["models"]],
+        "tuned_on": list(tuned) if tuned else None,
     }
 
 
@@ -730,8 +733,12 @@ def results_index(root: str | Path) -> str:
         regen = f"regenerated (`{REGENERATED[kind]}`)" if path.name == "run.json" and kind in REGENERATED else (
             "not regenerated: its script has no summarize-only path")
         where = rel.parent if path.name == "run.json" else rel
+        tuned = ""
+        if d["tuned_on"]:  # a tuner's result: the prompts it chose its settings on
+            tuned = (f"; tuned on the prompts {', '.join(d['tuned_on'])} (Spec-Bench question/turn), which the "
+                     "reference16 reports also contain: reference16 figures of what it chose are tuning-set figures")
         lines.append(f"- `{where}`: {', '.join(d['devices']) or 'device not recorded'}; code: {d['code']}; "
-                     f"weights: {'; '.join(d['weights']) or 'none named'}; {regen}.")
+                     f"weights: {'; '.join(d['weights']) or 'none named'}{tuned}; {regen}.")
     for path in sorted(root.rglob("*")):
         if path.is_dir() and not any(path.glob("*.json")) and any(p.is_file() for p in path.iterdir()):
             lines.append(f"- `{path.relative_to(root)}`: no JSON result (a log and its description); code not "
