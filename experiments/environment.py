@@ -38,7 +38,18 @@ def device() -> dict:
 
 
 def git_revision() -> dict:
-    """The repository's commit and whether the working tree has uncommitted changes."""
+    """The repository's commit and whether the working tree has uncommitted changes.
+
+    A copy of the tree whose git metadata is not its own (an offline GPU machine that received
+    the working tree beside an older `.git`) states its commit in DECODING_SOURCE_COMMIT (and
+    DECODING_SOURCE_DIRTY=1 for uncommitted changes), written where the tree was made
+    (`tools/gpu_stage.sh` reads `.gpu/source_commit`); that statement wins over `git`.
+    """
+    stated = os.environ.get("DECODING_SOURCE_COMMIT", "").strip()
+    if stated:
+        return {"commit": stated, "dirty": os.environ.get("DECODING_SOURCE_DIRTY", "") == "1",
+                "source": "DECODING_SOURCE_COMMIT"}
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
 

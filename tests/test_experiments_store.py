@@ -80,3 +80,16 @@ def test_a_second_writer_is_refused(tmp_path):
             ResultsStore.open(path)
     with ResultsStore.open(path):  # the lock is released on close
         pass
+
+
+def test_a_stated_source_commit_wins_over_the_local_git(monkeypatch):
+    """A tree copied beside another repository's `.git` states its own commit."""
+    from experiments import environment
+
+    monkeypatch.setenv("DECODING_SOURCE_COMMIT", "abc1234")
+    monkeypatch.delenv("DECODING_SOURCE_DIRTY", raising=False)
+    assert environment.git_revision() == {"commit": "abc1234", "dirty": False, "source": "DECODING_SOURCE_COMMIT"}
+    monkeypatch.setenv("DECODING_SOURCE_DIRTY", "1")
+    assert environment.git_revision()["dirty"] is True
+    monkeypatch.delenv("DECODING_SOURCE_COMMIT")
+    assert environment.git_revision().get("source") is None

@@ -47,6 +47,13 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/root/jaxcache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-2}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+# The commit this tree was made from (the machine's .git may be an older one): written where the
+# tree was sent from, `git rev-parse HEAD > .gpu/source_commit` (and `echo 1 > .gpu/source_dirty`
+# for uncommitted changes), carried with the command; results record it (experiments.environment).
+if [ -f .gpu/source_commit ]; then
+  export DECODING_SOURCE_COMMIT=$(cat .gpu/source_commit)
+  [ -f .gpu/source_dirty ] && export DECODING_SOURCE_DIRTY=$(cat .gpu/source_dirty)
+fi
 PARTS=${PARTS:-/root/models/parts}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
