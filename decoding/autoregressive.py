@@ -40,7 +40,7 @@ class Autoregressive:
     def init(self, ctx: Context, params, prompt, lengths, key) -> State:
         cache = KVCache.init(ctx.target, prompt.shape[0], ctx.capacity, params["target"]["embed"].dtype)
         logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
-        key, sub = jax.random.split(key)
+        key, sub = round_keys(ctx, key)
         first = ctx.sampling.sample(sub, logits)
         out = tokens.commit(tokens.Tokens.init(prompt.shape[0], ctx.max_new_tokens), first[:, None],
                           jnp.ones_like(lengths), ctx.rule)

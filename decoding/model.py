@@ -180,7 +180,8 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
     layer may branch on it statically, and each layer updates its own buffers in place. Under
     `lax.scan` `i` is a traced int32: the range's buffers are stacked into `[n, 2, B, K, S, Dh]`
     for the scan and split again after it (two copies of those layers' cache per call: the
-    scan serves fast compiles on CPU, the unrolled loop is the in-place one).
+    scan serves fast compiles on CPU, the unrolled loop is the in-place one). A range of one
+    layer always runs unrolled.
     """
     start, end = (0, config.num_layers) if layers is None else layers
     if not 0 <= start <= end <= config.num_layers:

@@ -116,7 +116,7 @@ class _SpecBase(abc.ABC):
         b, p = prompt.shape
         cache = KVCache.init(ctx.target, b, ctx.capacity, params["target"]["embed"].dtype)
         logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
-        key, sub = jax.random.split(key)
+        key, sub = round_keys(ctx, key)
         first = ctx.sampling.sample(sub, logits)
         out = tokens.commit(tokens.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
         context = jnp.zeros((b, ctx.capacity), jnp.int32).at[:, :p].set(prompt)
