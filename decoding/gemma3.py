@@ -31,8 +31,8 @@ What differs from the Llama family (as transformers' `modeling_gemma3.py` comput
 
 Choices:
   * The KV cache keeps the common layout (one `[2, B, K, S, Dh]` buffer of k and v per layer)
-    with full capacity for every layer; local layers mask by position rather than keeping a ring buffer, so rollback, tree gathers
-    and forks work exactly as for any other model.
+    with full capacity for every layer; local layers mask by position rather than keeping a
+    ring buffer, so rollback, tree gathers and forks work exactly as for any other model.
   * The window compares *positions* (`query position - key position < sliding_window`). A key
     in the block being written takes its position from `positions`; a key already in the cache
     takes its slot index, which is its position for every committed token (the cache holds a

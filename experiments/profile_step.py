@@ -190,7 +190,8 @@ def loop_body(comps: dict, entry: str) -> str:
     """The body of the decode loop: the largest body among the while loops the entry runs."""
     bodies = [c for ins in _flatten_calls(comps, entry) if ins["op"] == "while" for c in ins["called"].get("body", [])]
     if not bodies:
-        raise ValueError("the program has no while loop: pass the whole-generation program (decoding.generation.compiled).")
+        raise ValueError("the program has no while loop: pass the whole-generation program "
+                         "(decoding.generation.compiled).")
     return max(bodies, key=lambda b: len(_flatten(comps, b, (b,))))
 
 
