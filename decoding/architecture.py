@@ -38,8 +38,9 @@ class Architecture:
         lm_head(config, params, normed[.., D]) -> float32 logits [.., V].
     prepare(config, positions[B, T], cache, mask, slot_mask, layers) -> setup: what every layer
         of one call shares (rotary tables, visibility masks), computed once per call.
-    layer(config, setup, lp, x[B, T, D], k_all, v_all[L, B, K, S, Dh], i, slots[B, T], options)
-        -> (x, k_all, v_all): decoder layer i, writing its new keys/values at `slots`. Unrolled,
+    layer(config, setup, lp, x[B, T, D], kv[2, B, K, S, Dh], i, cursor[B], options) -> (x, kv):
+        decoder layer i on its own cache buffer (keys kv[0], values kv[1]), writing its T new
+        keys/values at slots `cursor[b] + t` (with `decoding.cache.write`). Unrolled,
         `i` is a Python int (a layer may branch on it); under `lax.scan` a traced int32.
     hf_names: the name map of Hugging Face safetensors tensors (`decoding.loading.NameMap`).
     gguf_arches: {GGUF `general.architecture`: Hugging Face model_type} it reads.

@@ -3,7 +3,7 @@
 One target forward per token. Phases: `prefill` (`decoding.strategy`: the whole right-padded
 prompt batch in one call) then `step` = forward the last token, sample from the processed
 distribution, `commit`.
-tau is 1.00 by definition.
+tau is 1.00 by definition. Greedy decoding splits no random key per step (`round_keys`).
 
 Legend: B batch, P padded prompt length, V vocab.
 """
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from . import tokens
 from .cache import KVCache
 from .model import forward
-from .strategy import Context, prefill
+from .strategy import Context, prefill, round_keys
 
 
 @jax.tree_util.register_dataclass
@@ -40,7 +40,7 @@ class Autoregressive:
     def init(self, ctx: Context, params, prompt, lengths, key) -> State:
         cache = KVCache.init(ctx.target, prompt.shape[0], ctx.capacity, params["target"]["embed"].dtype)
         logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
-        key, sub = jax.random.split(key)
+        key, sub = round_keys(ctx, key)
         first = ctx.sampling.sample(sub, logits)
         out = tokens.commit(tokens.Tokens.init(prompt.shape[0], ctx.max_new_tokens), first[:, None],
                           jnp.ones_like(lengths), ctx.rule)
@@ -50,7 +50,7 @@ class Autoregressive:
         cache = state.cache
         res = forward(ctx.target, params["target"], state.last[:, None], cache.lengths[:, None], cache,
                       options=ctx.options)
-        key, sub = jax.random.split(state.key)
+        key, sub = round_keys(ctx, state.key)
         nxt = ctx.sampling.sample(sub, res.logits[:, 0])
         running = ~state.out.done
         out = tokens.commit(state.out, nxt[:, None], jnp.ones_like(nxt), ctx.rule)

@@ -30,9 +30,9 @@ What differs from the Llama family (as transformers' `modeling_gemma3.py` comput
   * tied embeddings (an untied head is supported too).
 
 Choices:
-  * The KV cache keeps the common layout `[L, B, K, S, Dh]` with full capacity for every layer;
-    local layers mask by position rather than keeping a ring buffer, so rollback, tree gathers
-    and forks work exactly as for any other model.
+  * The KV cache keeps the common layout (one `[2, B, K, S, Dh]` buffer of k and v per layer)
+    with full capacity for every layer; local layers mask by position rather than keeping a
+    ring buffer, so rollback, tree gathers and forks work exactly as for any other model.
   * The window compares *positions* (`query position - key position < sliding_window`). A key
     in the block being written takes its position from `positions`; a key already in the cache
     takes its slot index, which is its position for every committed token (the cache holds a
@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .architecture import Architecture, register
+from .cache import write
 from .config import IGNORED_KEYS, SUPPORTED_ROPE_TYPES, ConfigError, decoder_param_count, freeze, thaw
 from .kernels.attention import attention_reference
 from .llama import gate_up_parts, qkv_parts
@@ -421,9 +422,10 @@ def prepare(config: Gemma3Config, positions, cache, mask=None, slot_mask=None, l
     return Setup({kind: _rope(config, positions, kind) for kind in kinds}, {False: full, True: local})
 
 
-def layer(config: Gemma3Config, setup: Setup, lp: dict, x, k_all, v_all, i, slots, options=None):
-    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i, slots
-    `slots: int32[B, T]`). Unrolled (`i` an int), the layer's rope and mask are chosen
+def layer(config: Gemma3Config, setup: Setup, lp: dict, x, kv, i, cursor, options=None):
+    """Decoder layer i. x: [B, T, D]; kv: this layer's cache buffer [2, B, K, S, Dh], written
+    at slots `cursor[b] + t` (`cursor: int32[B]`, `decoding.cache.write`). Unrolled
+    (`i` an int), the layer's rope and mask are chosen
     statically; under scan both kinds were computed once and are selected per layer."""
     if isinstance(i, int):
         local = config.sliding_layers[i]
@@ -443,15 +445,13 @@ def layer(config: Gemma3Config, setup: Setup, lp: dict, x, k_all, v_all, i, slot
     v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
     q = apply_rope(_norm(q, lp["q_norm"], eps), cos, sin)
     k = apply_rope(_norm(k, lp["k_norm"], eps), cos, sin)
-    rows = jnp.arange(b)[:, None]
-    k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
-    attn = attention_reference(q, k_all[i], v_all[i], visible, scale=config.query_pre_attn_scalar ** -0.5)
+    kv = write(kv, k, v, cursor)
+    attn = attention_reference(q, kv[0], kv[1], visible, scale=config.query_pre_attn_scalar ** -0.5)
     x = x + _norm(jnp.dot(attn.reshape(b, t, -1), lp["wo"]), lp["post_attn_norm"], eps)
     h = _norm(x, lp["mlp_norm"], eps)
     gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), gate_up_parts(config))
     mlp = jax.nn.gelu(gate, approximate=True) * up
-    return x + _norm(jnp.dot(mlp, lp["w_down"]), lp["post_mlp_norm"], eps), k_all, v_all
+    return x + _norm(jnp.dot(mlp, lp["w_down"]), lp["post_mlp_norm"], eps), kv
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .architecture import Architecture, register
+from .cache import write
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .kernels.attention import attention_pallas, attention_reference
 from .loading.convert import NameMap, Rule
@@ -119,12 +120,13 @@ def use_kernel(options: Options, i, head_dim: int) -> bool:
     return options.attention == "pallas" and isinstance(i, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def layer(config, setup: Setup, lp: dict, x, k_all, v_all, i, slots, options: Options, *,
-          activation=jax.nn.silu):
-    """Decoder layer i. x: [B, T, D]; k_all/v_all: [L, B, K, S, Dh] (written at layer i, slots
-    `slots: int32[B, T]`). One matmul for q, k and v (`wqkv`, then one bias add) and one for
-    gate and up (`w_gate_up`), split by static slices; q and k heads are rotated together.
-    `activation` gates the MLP (SiLU: SwiGLU); a family differing only there reuses this layer.
+def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *, activation=jax.nn.silu):
+    """Decoder layer i. x: [B, T, D]; kv: this layer's cache buffer [2, B, K, S, Dh], written
+    at slots `cursor[b] + t` (`cursor: int32[B]`; `decoding.cache.write`: k and v in one
+    dynamic_update_slice per row block, in place). One matmul for q, k and v (`wqkv`, then one
+    bias add) and one for gate and up (`w_gate_up`), split by static slices; q and k heads are
+    rotated together. `activation` gates the MLP (SiLU: SwiGLU); a family differing only there
+    reuses this layer.
     """
     b, t, _ = x.shape
     nh, kh, dh = config.num_heads, config.num_kv_heads, config.head_dim
@@ -136,19 +138,16 @@ def layer(config, setup: Setup, lp: dict, x, k_all, v_all, i, slots, options: Op
     qk = apply_rope(qk.reshape(b, t, nh + kh, dh), setup.cos, setup.sin)  # q heads, then k heads
     q, k = qk[:, :, :nh], qk[:, :, nh:]
     v = v.reshape(b, t, kh, dh)
-    # The cache keeps k and v as two arrays (`KVCache`): one scatter each.
-    rows = jnp.arange(b)[:, None]
-    k_all = k_all.at[i, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[i, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
-    if use_kernel(options, i, dh):
-        attn = attention_pallas(q, k_all, v_all, setup.visible, layer=i, interpret=jax.default_backend() != "gpu")
+    kv = write(kv, k, v, cursor)
+    if use_kernel(options, i, dh):  # reads kv[0], kv[1] where they lie
+        attn = attention_pallas(q, kv, kv, setup.visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
     else:
-        attn = attention_reference(q, k_all[i], v_all[i], setup.visible)
+        attn = attention_reference(q, kv[0], kv[1], setup.visible)
     x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
     gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), gate_up_parts(config))
     x = x + jnp.dot(activation(gate) * up, lp["w_down"])
-    return x, k_all, v_all
+    return x, kv
 
 
 # --------------------------------------------------------------------------------------------

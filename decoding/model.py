@@ -159,11 +159,10 @@ def run_layers(
     arch = for_config(config)
     options = (options or DEFAULT_OPTIONS).resolved()
     setup = arch.prepare(config, positions, cache, mask, slot_mask, layers)
-    t = x.shape[1]
-    slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    cursor = cache.lengths
 
-    def layer(lp, x, k_all, v_all, i):
-        return arch.layer(config, setup, lp, x, k_all, v_all, i, slots, options)
+    def layer(lp, x, kv, i):
+        return arch.layer(config, setup, lp, x, kv, i, cursor, options)
 
     return layer_range(config, params, x, cache, layer, layers=layers, return_hidden=return_hidden,
                        options=options)
@@ -173,11 +172,16 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
                 layers: tuple[int, int] | None = None, return_hidden: Sequence[int] = (),
                 options: Options | None = None):
     """Drive decoder layers `[start, end)` of any architecture: check the range, run
-    `layer(lp, x, k_all, v_all, i) -> (x, k_all, v_all)` on each layer's parameters `lp`, and
-    collect the hidden states asked for. Returns `(x, hidden, cache)` (cursor not moved).
+    `layer(lp, x, kv, i) -> (x, kv)` on each layer's parameters `lp` and its own cache buffer
+    `kv: [2, B, K, S, Dh]`, and collect the hidden states asked for. Returns
+    `(x, hidden, cache)` (cursor not moved).
 
-    Unrolled (`options.unroll_layers`, resolved by backend when None), `i` is a Python int, so a layer may branch on it statically;
-    under `lax.scan` it is a traced int32.
+    Unrolled (`options.unroll_layers`, resolved by backend when None), `i` is a Python int, so a
+    layer may branch on it statically, and each layer updates its own buffers in place. Under
+    `lax.scan` `i` is a traced int32: the range's buffers are stacked into `[n, 2, B, K, S, Dh]`
+    for the scan and split again after it (two copies of those layers' cache per call: the
+    scan serves fast compiles on CPU, the unrolled loop is the in-place one). A range of one
+    layer always runs unrolled.
     """
     start, end = (0, config.num_layers) if layers is None else layers
     if not 0 <= start <= end <= config.num_layers:
@@ -188,30 +192,30 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
     hidden = {}
     if start in return_hidden:
         hidden[start] = x
-    k_all, v_all = cache.k, cache.v
-    if (options or DEFAULT_OPTIONS).resolved().unroll_layers:
+    kvs = list(cache.layers)
+    if (options or DEFAULT_OPTIONS).resolved().unroll_layers or end - start <= 1:
         # Straight-line layers: no per-layer loop predicate round trip on GPUs, static slices.
         for i in range(start, end):
             lp = jax.tree.map(lambda w: w[i], params["layers"])
-            x, k_all, v_all = layer(lp, x, k_all, v_all, i)
+            x, kvs[i] = layer(lp, x, kvs[i], i)
             if i + 1 in return_hidden:
                 hidden[i + 1] = x
-        return x, hidden, KVCache(k_all, v_all, cache.lengths)
+        return x, hidden, cache.with_layers(kvs)
     stacked = jax.tree.map(lambda w: w[start:end], params["layers"])
     want_hidden = bool([i for i in return_hidden if i != start])
 
-    def body(carry, inputs):
-        x, k_all, v_all = carry
-        lp, i = inputs
-        x, k_all, v_all = layer(lp, x, k_all, v_all, i)
-        return (x, k_all, v_all), (x if want_hidden else None)
+    def body(x, inputs):
+        lp, kv, i = inputs
+        x, kv = layer(lp, x, kv, i)
+        return x, (kv, x if want_hidden else None)
 
     idx = jnp.arange(start, end, dtype=jnp.int32)
-    (x, k_all, v_all), trace = jax.lax.scan(body, (x, k_all, v_all), (stacked, idx))
+    x, (kv_out, trace) = jax.lax.scan(body, x, (stacked, jnp.stack(kvs[start:end]), idx))
+    kvs[start:end] = [kv_out[j] for j in range(end - start)]
     for i in return_hidden:
         if i != start:
             hidden[i] = trace[i - start - 1]
-    return x, hidden, KVCache(k_all, v_all, cache.lengths)
+    return x, hidden, cache.with_layers(kvs)
 
 
 def forward(

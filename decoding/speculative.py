@@ -46,7 +46,7 @@ import numpy as np
 from . import tokens
 from .cache import KVCache
 from .model import forward
-from .strategy import Context, prefill
+from .strategy import Context, prefill, round_keys
 from .tree import Accepted, TreeBatch, accept_greedy, accept_sampled
 
 
@@ -116,7 +116,7 @@ class _SpecBase(abc.ABC):
         b, p = prompt.shape
         cache = KVCache.init(ctx.target, b, ctx.capacity, params["target"]["embed"].dtype)
         logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
-        key, sub = jax.random.split(key)
+        key, sub = round_keys(ctx, key)
         first = ctx.sampling.sample(sub, logits)
         out = tokens.commit(tokens.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
         context = jnp.zeros((b, ctx.capacity), jnp.int32).at[:, :p].set(prompt)
@@ -134,16 +134,20 @@ class _SpecBase(abc.ABC):
 
     @staticmethod
     def _rank_hist(hist, tree: TreeBatch, acc: Accepted, running):
-        """Add, for each depth d <= n, which sibling (0 = first tried) the accepted path took."""
-        b = acc.path.shape[0]
-        rows = jnp.arange(b)
+        """Add, for each depth d <= n, which sibling (0 = first tried) the accepted path took:
+        one gather and one scatter-add over all depths (a chain's only sibling is rank 0, so
+        its histogram is the accepted lengths' and costs one scatter-add)."""
         depth, k = hist.shape
-        for d in range(1, depth + 1):
-            kids = tree.children[rows, acc.path[:, d - 1]]  # [B, K']
-            r = jnp.argmax(kids == acc.path[:, d][:, None], axis=1)
-            ok = running & (acc.n >= d) & (r < k)
-            hist = hist.at[d - 1, jnp.where(ok, r, k)].add(1, mode="drop")
-        return hist
+        d = jnp.arange(1, depth + 1, dtype=jnp.int32)[None, :]  # [1, D]
+        ok = running[:, None] & (acc.n[:, None] >= d)  # [B, D]
+        if tree.children.shape[-1] == 1:
+            r = jnp.zeros_like(ok, jnp.int32)
+        else:
+            rows = jnp.arange(acc.path.shape[0])[:, None]
+            kids = tree.children[rows, acc.path[:, :depth]]  # [B, D, K']
+            r = jnp.argmax(kids == acc.path[:, 1:depth + 1, None], axis=2).astype(jnp.int32)
+            ok = ok & (r < k)
+        return hist.at[jnp.broadcast_to(d - 1, ok.shape), jnp.where(ok, r, k)].add(1, mode="drop")
 
     def _next_gamma(self, gamma, acc: Accepted, tree: TreeBatch):
         return gamma
@@ -196,7 +200,7 @@ class _SpecBase(abc.ABC):
                      rounds=state.rounds + 1)
 
     def step(self, ctx: Context, params, state: State) -> State:
-        key, k_prop, k_acc = jax.random.split(state.key, 3)
+        key, k_prop, k_acc = round_keys(ctx, state.key, 2)
         state = dataclasses.replace(state, key=key)
         view, tree, dstate, cache, n_fwd = self.propose(ctx, params, state, k_prop)
         res = self.verify(ctx, params, cache, tree)

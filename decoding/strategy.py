@@ -61,6 +61,17 @@ class Strategy(Protocol):
         """Host-side figures of a finished run (merged into `Stats.extra`)."""
 
 
+def round_keys(ctx: Context, key: jax.Array, num: int = 1) -> tuple[jax.Array, ...]:
+    """(the key the next round starts from, `num` keys for this round's random choices).
+
+    Greedy sampling draws nothing, so the key passes through unsplit and the round's keys are
+    that same key (never consumed): the greedy loop runs no random-number kernels per step.
+    Sampling splits the key into `num + 1` fresh keys as usual."""
+    if ctx.sampling.is_greedy:
+        return (key,) * (num + 1)
+    return tuple(jax.random.split(key, num + 1))
+
+
 def prefill(config, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache, options: Options | None = None):
     """Run right-padded prompts `prompt: int32[B, P]` with true `lengths: int32[B]`.
 

@@ -16,7 +16,7 @@ def filled_cache(lengths, seed=0) -> KVCache:
     rng = np.random.RandomState(seed)
     k = rng.randn(L, B, K, S, DH).astype(np.float32)
     v = rng.randn(L, B, K, S, DH).astype(np.float32)
-    return KVCache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32))
+    return KVCache.from_stacked(jnp.asarray(k), jnp.asarray(v), lengths)
 
 
 def np_cache(cache):
@@ -42,7 +42,8 @@ def test_init_default_dtype_is_bfloat16():
 def test_cache_is_a_pytree_usable_under_jit():
     cache = filled_cache([1, 2, 3])
     leaves = jax.tree_util.tree_leaves(cache)
-    assert len(leaves) == 3
+    assert len(leaves) == L + 1  # one kv buffer per layer, and the cursor
+    assert all(leaf.shape == (2, B, K, S, DH) for leaf in leaves[:-1])
     out = jax.jit(lambda c: c.truncate(c.lengths + 1))(cache)
     assert isinstance(out, KVCache)
     np.testing.assert_array_equal(np.asarray(out.lengths), [2, 3, 4])
@@ -202,3 +203,37 @@ def test_select_rows_and_fork():
     np.testing.assert_array_equal(np.asarray(grown.lengths), [2, 1, 4, 4, 7, 7])
     np.testing.assert_array_equal(np.asarray(grown.k[:, 0, :, 1]), 1.0)
     np.testing.assert_array_equal(np.asarray(grown.k[:, 1, :, :1]), k[:, 0, :, :1])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 10])  # one row, per-row writes, the scatter past ROW_WRITE_LIMIT
+@pytest.mark.parametrize("t", [1, 3, S])
+def test_write_matches_numpy_at_every_cursor_including_past_the_end(batch, t):
+    """`write` puts k and v of row b at slots cursor[b] + j and drops what falls past the end,
+    for cursors anywhere from 0 to past the capacity, whichever write path the batch takes."""
+    from decoding.cache import ROW_WRITE_LIMIT, write
+
+    assert 3 <= ROW_WRITE_LIMIT < 10  # the cases above take both paths
+    rng = np.random.RandomState(batch * 100 + t)
+    kv = rng.randn(2, batch, K, S, DH).astype(np.float32)
+    k_new = rng.randn(batch, t, K, DH).astype(np.float32)
+    v_new = rng.randn(batch, t, K, DH).astype(np.float32)
+    cursor = rng.randint(0, S + 2, size=batch).astype(np.int32)
+    cursor[0] = S - 1  # a write that runs past the end for every t > 1
+    got = np.asarray(jax.jit(write)(jnp.asarray(kv), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(cursor)))
+    want = kv.copy()
+    for b in range(batch):
+        for j in range(t):
+            if cursor[b] + j < S:
+                want[0, b, :, cursor[b] + j] = k_new[b, j]
+                want[1, b, :, cursor[b] + j] = v_new[b, j]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_layers_are_separate_buffers_and_stacked_views_agree():
+    cache = filled_cache([1, 2, 3], seed=7)
+    assert cache.num_layers == L and all(kv.shape == (2, B, K, S, DH) for kv in cache.layers)
+    for i, kv in enumerate(cache.layers):
+        np.testing.assert_array_equal(np.asarray(kv[0]), np.asarray(cache.k[i]))
+        np.testing.assert_array_equal(np.asarray(kv[1]), np.asarray(cache.v[i]))
+    with pytest.raises(ValueError, match=r"\[L, B, K, S, Dh\]"):
+        KVCache.from_stacked(jnp.zeros((B, K, S, DH)), jnp.zeros((B, K, S, DH)), [0] * B)

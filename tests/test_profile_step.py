@@ -47,3 +47,69 @@ def test_report_names_keep_the_model_name_whole():
     names = {output_stem(m, 1) for m in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")}
     assert names == {"qwen2.5-coder-1.5b-instruct_b1", "qwen2.5-coder-0.5b-instruct_b1"}
     assert output_stem("/models/SmolLM2-135M/", 8) == "SmolLM2-135M_b8"
+
+
+HLO = """HloModule m
+
+%fused_dus (p0: f32[2,1,2,8,4], p1: f32[2,1,2,1,4], p2: s32[]) -> f32[2,1,2,8,4] {
+  %p0 = f32[2,1,2,8,4]{4,3,2,1,0} parameter(0)
+  %p1 = f32[2,1,2,1,4]{4,3,2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c = s32[] constant(0)
+  ROOT %dus = f32[2,1,2,8,4]{4,3,2,1,0} dynamic-update-slice(%p0, %p1, %c, %c, %c, %p2, %c)
+}
+
+%body (arg: (f32[2,1,2,8,4], s32[])) -> (f32[2,1,2,8,4], s32[]) {
+  %arg = (f32[2,1,2,8,4]{4,3,2,1,0}, s32[]) parameter(0)
+  %kv = f32[2,1,2,8,4]{4,3,2,1,0} get-tuple-element(%arg), index=0
+  %i = s32[] get-tuple-element(%arg), index=1
+  %new = f32[2,1,2,1,4]{4,3,2,1,0} broadcast(%i), dimensions={}
+  %copy.1 = f32[2,1,2,8,4]{4,3,2,1,0} copy(%kv)
+  %w = f32[2,1,2,8,4]{4,3,2,1,0} fusion(%copy.1, %new, %i), kind=kLoop, calls=%fused_dus
+  ROOT %t = (f32[2,1,2,8,4]{4,3,2,1,0}, s32[]) tuple(%w, %i)
+}
+
+%cond (arg: (f32[2,1,2,8,4], s32[])) -> pred[] {
+  %arg = (f32[2,1,2,8,4]{4,3,2,1,0}, s32[]) parameter(0)
+  ROOT %p = pred[] constant(false)
+}
+
+ENTRY %main (x: f32[2,1,2,8,4]) -> (f32[2,1,2,8,4], s32[]) {
+  %x = f32[2,1,2,8,4]{4,3,2,1,0} parameter(0)
+  %z = s32[] constant(0)
+  %init = (f32[2,1,2,8,4]{4,3,2,1,0}, s32[]) tuple(%x, %z)
+  ROOT %loop = (f32[2,1,2,8,4]{4,3,2,1,0}, s32[]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_hlo_counts_reads_the_loop_body_and_names_whole_cache_copies():
+    from experiments.profile_step import hlo_counts
+
+    r = hlo_counts(HLO, [(2, 1, 2, 8, 4)])
+    assert r["body"] == "body"
+    assert r["by_kind"] == {"broadcast": 1, "copy": 1, "fusion:dynamic-update-slice": 1}
+    assert r["dynamic_update_slices"] == 1 and r["copies"] == 1 and r["scatters"] == 0
+    assert r["cache_writes"] == {"copy": 1, "fusion:dynamic-update-slice": 1}
+    assert r["whole_cache_copies"] == 1
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_decode_step_writes_each_layer_in_place_with_no_whole_cache_copy(batch):
+    """The compiled whole-generation loop of a tiny model (unrolled layers, as on GPUs): every
+    instruction of the loop body that produces a whole KV buffer is one in-place
+    dynamic-update-slice per layer per row (k and v together); no copy, scatter or element-wise
+    rewrite of a buffer. Keys and values in two buffers per layer compiled here to two copies
+    of each key buffer per step (XLA:CPU duplicated the write into the attention's operand);
+    the stacked [L, B, K, S, Dh] layout before them wrote k and v apart (two writes per layer)."""
+    import decoding
+    from experiments.profile_step import hlo_report
+    from tiny import tiny_model
+
+    model = tiny_model()
+    prompt = [[5, 6, 7, 8, 9], [3, 4]][:batch]
+    r = hlo_report(model, prompt, new_tokens=4, options=decoding.Options(unroll_layers=True))
+    n = model.config.num_layers
+    assert r["whole_cache_copies"] == 0, r["cache_writes"]
+    writes = sum(c for k, c in r["cache_writes"].items() if k.endswith("dynamic-update-slice"))
+    assert writes == n * batch, r["cache_writes"]

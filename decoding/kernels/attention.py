@@ -42,8 +42,10 @@ step. Choices the papers leave open:
   statistics of the model); a bad phi costs time (recomputation), never accuracy.
 * Partials: a split writes its unnormalised output, sum and reference max (-inf for rows that
   saw no slot); with a single split the kernel normalises and writes [B, T, H, Dh] itself.
-* `layer=i` reads layer i of a stacked [L, B, K, S, Dh] cache where it lies: slicing `k[i]`
-  outside the kernel can make XLA copy the whole layer first, which would double the bytes.
+* `layer=i` reads layer i of stacked [L, B, K, S, Dh] keys and values where it lies, and
+  `layer=(0, 1)` the keys and values of one layer's kv buffer [2, B, K, S, Dh]
+  (`decoding.cache`): slicing outside the kernel can make XLA copy the buffer first, which
+  would double the bytes.
 * Rows are padded to powers of two of at least 16 (Triton's tensor shapes and its matrix
   product's minimum); the head dim must be a power of two (64 and 128 in the Llama family).
 
@@ -275,10 +277,25 @@ def _combine(o, l_sum, m, b, t, h, dh, kh, dtype):
     return out.reshape(b, t, h, dh).astype(dtype)
 
 
+def _layer_pair(layer) -> tuple[int, int] | None:
+    """`layer` as (index into k, index into v): an int reads both stacks at that index, a pair
+    (i, j) reads k[i] and v[j] (a per-layer kv buffer [2, B, K, S, Dh] passed as both k and v is
+    read with (0, 1))."""
+    if layer is None:
+        return None
+    pair = (layer, layer) if isinstance(layer, int) else tuple(layer)
+    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+        raise ValueError(f"layer must be a static int or a pair of ints (k index, v index), got {layer!r}.")
+    return pair
+
+
 def _launch(form, q, k, v, bounds, mask, *, layer, scale, unified_max, block_m, block_s, num_splits, num_warps,
             num_stages, interpret):
-    if layer is not None and (k.ndim != 5 or not 0 <= layer < k.shape[0]):
-        raise ValueError(f"layer={layer} needs k, v: [L, B, K, S, Dh] with 0 <= layer < L; got k {k.shape}.")
+    pair = _layer_pair(layer)
+    if pair is not None and (k.ndim != 5 or v.ndim != 5 or not 0 <= pair[0] < k.shape[0]
+                             or not 0 <= pair[1] < v.shape[0]):
+        raise ValueError(f"layer={layer} needs stacked k, v: [L, B, K, S, Dh] with each index < L; got k {k.shape}, "
+                         f"v {v.shape}.")
     _check_shapes(q, k[0] if layer is not None else k, v[0] if layer is not None else v)
     b, t, h, dh = q.shape
     kh, s_len = k.shape[-3], k.shape[-2]
@@ -300,14 +317,15 @@ def _launch(form, q, k, v, bounds, mask, *, layer, scale, unified_max, block_m, 
         num_splits=num_splits, scale=scale, unified_max=None if unified_max is None else float(unified_max),
         interpret=interpret)
 
-    if layer is None:
-        kv_spec = pl.BlockSpec((None, None, s_len, dh), lambda bi, ki, mi, ji: (bi, ki, 0, 0))
-    else:  # read layer `layer` of the stacked cache in place (no slice copied out first)
-        kv_spec = pl.BlockSpec((None, None, None, s_len, dh), lambda bi, ki, mi, ji: (layer, bi, ki, 0, 0))
+    if pair is None:
+        k_spec = v_spec = pl.BlockSpec((None, None, s_len, dh), lambda bi, ki, mi, ji: (bi, ki, 0, 0))
+    else:  # read k[pair[0]], v[pair[1]] of the stacks in place (no slice copied out first)
+        k_spec, v_spec = (pl.BlockSpec((None, None, None, s_len, dh), lambda bi, ki, mi, ji, n=n: (n, bi, ki, 0, 0))
+                          for n in pair)
     in_specs = [
         pl.BlockSpec((None, t, h, dh), lambda bi, ki, mi, ji: (bi, 0, 0, 0)),
-        kv_spec,
-        kv_spec,
+        k_spec,
+        v_spec,
         pl.BlockSpec(bounds.shape, lambda bi, ki, mi, ji: (0,) * bounds.ndim),
     ]
     args = [q, k, v, bounds]
@@ -349,8 +367,9 @@ def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     The Pallas kernel on an explicit mask (same function as `attention_reference`). Only the
     span of slots between the first and last one any query of the row sees is read.
     `unified_max`: FlashDecoding++'s fixed softmax reference phi (None: exact online max).
-    `layer`: a static int; k, v are then the stacked caches [L, B, K, S, Dh] and layer `layer`
-    is read where it lies (slicing `k[layer]` first can cost XLA a copy of the whole layer).
+    `layer`: a static int; k, v are then stacks [L, B, K, S, Dh] and k[layer], v[layer] are read
+    where they lie (slicing `k[layer]` first can cost XLA a copy of the whole layer); a pair
+    (i, j) reads k[i] and v[j] (a layer's kv buffer [2, B, K, S, Dh] as both k and v: (0, 1)).
     `num_splits`: splits of the slot axis (None: enough for about 128 programs).
     `block_m`, `block_s`: query rows and slots per tile (powers of two >= 16); `num_warps`,
     `num_stages`: Triton's warps per program and software-pipelining depth.
@@ -415,8 +434,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | Non
 
     impl: "reference" (jnp), "pallas" (the kernel; `interpret=True` runs it anywhere) or "auto"
     (the kernel on GPUs when the head dim allows, the reference elsewhere). `unified_max`
-    applies to the kernel only (the reference is exact). `layer` (a static int): k, v are the
-    stacked caches [L, B, K, S, Dh] and layer `layer` is attended to.
+    applies to the kernel only (the reference is exact). `layer` (a static int, or a pair of
+    them): k, v are stacks [L, B, K, S, Dh] and k[layer], v[layer] are attended to (a pair
+    (i, j): k[i], v[j]).
     """
     if (visible is None) == (lengths is None):
         raise ValueError("give exactly one of `visible` (bool[B, T, S]) or `lengths` (int32[B], with an "
@@ -428,7 +448,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | Non
     use_pallas = impl == "pallas" or (impl == "auto" and _pallas_supported(q))
     if not use_pallas:
         if layer is not None:
-            k, v = k[layer], v[layer]
+            i, j = _layer_pair(layer)
+            k, v = k[i], v[j]
         if visible is None:
             visible = prefix_visible(lengths, block_mask, q.shape[1], k.shape[2])
         return attention_reference(q, k, v, visible, scale=scale)
