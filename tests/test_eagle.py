@@ -1,0 +1,127 @@
+"""The EAGLE-3-style head (drafting/eagle.py) in chains and the dynamic tree.
+
+The test head is built to agree with the target part of the time: it fuses the target's last
+layer only (`fc` selects it), passes it through the pair map (`w_in`), a decoder layer whose
+output projections are small and the target's final norm, plus noise on every weight; so it
+repeats the target's next-token guess (accepted on the repetitive row, rejected elsewhere).
+
+- Greedy chain and dynamic-tree outputs equal greedy autoregressive outputs token for token on
+  the ragged batch, with rounds that accept and rounds that reject.
+- The head's KV cache after every round equals the head run from scratch over the committed
+  context (target features recomputed by one full forward), for every slot below its cursor,
+  and the cursor plus the pending pairs is the target cache's length (accepted and rejected
+  branches alike).
+- A sampled chain follows the target's law (chi-square); refusals are clear errors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import decoding
+from decoding import Model, Sampling, Speculative, TreeDecoding, generate, generation
+from decoding.model import forward
+from drafting import DynamicTree, TreeTopology, eagle
+from spec_common import (MAX_NEW, PROMPTS, SAMPLE_K, SAMPLE_N, SAMPLE_SEED, SMALL_V_PROMPT, chi_square,
+                         continuation_index, exact_continuations, greedy_reference, run_state, small_v_target, target)
+
+
+def agreeing_head(model: Model, seed: int = 0, noise: float = 0.05) -> Model:
+    c = model.config
+    d, nl = c.hidden_size, c.num_layers
+    cfg = eagle.config_for(model, (1, max(nl // 2, 1), nl))
+    head = eagle.init_head(c, jax.random.PRNGKey(seed), scale=noise)
+    eye = jnp.eye(d)
+    head["fc"] = head["fc"].at[2 * d:].add(eye)
+    head["w_in"] = head["w_in"].at[d:].add(eye)
+    head["final_norm"] = model.params["final_norm"]
+    return eagle.as_draft(model, cfg, head)
+
+
+@functools.cache
+def greedy_head() -> Model:
+    return agreeing_head(target())
+
+
+CASES = {
+    "chain": Speculative(eagle.Eagle(), gamma=3),
+    "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=3, top_k=3, total_tokens=8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_autoregressive(case):
+    result, state = run_state(target(), PROMPTS, CASES[case], draft=greedy_head())
+    assert [tuple(r) for r in result.tokens] == list(greedy_reference())
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, f"{case}: {hist}"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _scratch_cache(config, params, context, layers):
+    """The head's cache over every pair (feature p, token p + 1) of `context`, from scratch."""
+    b, width = context.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
+    tcache = decoding.KVCache.init(config, b, width, jnp.float32)
+    hidden = forward(config, params["target"], context, positions, tcache, return_hidden=tuple(sorted(set(layers)))).hidden
+    f = eagle.fuse(params["draft"], hidden, layers)
+    nxt = jnp.concatenate([context[:, 1:], jnp.zeros_like(context[:, :1])], axis=1)
+    hcache = decoding.KVCache.init(eagle.layer_config(config), b, width, jnp.float32)
+    _, _, hcache = eagle.head_forward(config, params["target"], params["draft"], hcache, f, nxt, positions)
+    return hcache
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_head_cache_matches_a_recomputation_after_every_round(case):
+    m, head = target(), greedy_head()
+    prep = generation.prepare(m, PROMPTS, strategy=CASES[case], max_new_tokens=MAX_NEW, eos_token_id=(),
+                              draft=head, chat=False)
+    s, ctx = prep.strategy, prep.ctx
+    state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k))(prep.params, prep.prompt, prep.lengths, prep.key)
+    step = jax.jit(lambda p, st: s.step(ctx, p, st))
+    for _ in range(MAX_NEW):
+        d = state.drafter
+        cursor = np.asarray(d.cache.lengths)
+        np.testing.assert_array_equal(cursor + np.asarray(d.n_pending), np.asarray(state.cache.lengths))
+        ref = _scratch_cache(m.config, prep.params, state.context[:, :64], head.config.layers)
+        for got, want in ((d.cache.k, ref.k), (d.cache.v, ref.v)):
+            got, want = np.asarray(got), np.asarray(want)
+            for b, n in enumerate(cursor):
+                np.testing.assert_allclose(got[:, b, :, :n], want[:, b, :, :n], atol=2e-4, rtol=2e-4)
+        if bool(np.all(np.asarray(state.out.done))):
+            break
+        state = step(prep.params, state)
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, hist
+
+
+def test_sampled_chain_follows_the_target():
+    model = small_v_target()
+    sampling = Sampling(temperature=0.8, top_k=4)
+    result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, Speculative(eagle.Eagle(), gamma=2),
+                              draft=agreeing_head(model, 3, noise=0.1), sampling=sampling, max_new_tokens=SAMPLE_K,
+                              eos=(), seed=SAMPLE_SEED)
+    law = exact_continuations(model, SMALL_V_PROMPT, SAMPLE_K, sampling)
+    res = chi_square(continuation_index(result.tokens, model.config.vocab_size, SAMPLE_K), law)
+    assert res["impossible"] == 0, res
+    assert res["p"] > 1e-3, res
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="Eagle needs its head as the draft"):
+        generate(target(), PROMPTS, strategy=Speculative(eagle.Eagle(), gamma=2), max_new_tokens=4)
+    with pytest.raises(TypeError, match="Eagle drafts chains and drafting.DynamicTree"):
+        generate(target(), PROMPTS, strategy=TreeDecoding(eagle.Eagle(), tree=TreeTopology.from_branching((2, 2))),
+                 draft=greedy_head(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="three layers in"):
+        eagle.config_for(target(), (1, 2, 9))
+    other = Model(target().config, jax.tree.map(lambda w: w * 1.01, target().params), source="other")
+    with pytest.raises(eagle.HeadMismatch, match="trained for target"):
+        eagle.as_draft(other, greedy_head().config, greedy_head().params)
