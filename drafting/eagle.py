@@ -104,13 +104,13 @@ def fuse(head: dict, hidden: dict, layers) -> jax.Array:
 
 
 def head_forward(target_config, target_params: dict, head: dict, cache: KVCache, feats: jax.Array,
-                 tokens: jax.Array, positions: jax.Array, *, slot_mask=None, options=None):
+                 tokens: jax.Array, positions: jax.Array, *, mask=None, slot_mask=None, options=None):
     """Pairs (feats[B, T, D], tokens[B, T]) at `positions` written at the head cache's cursor
     (not moved) -> (logits float32[B, T, V], output states [B, T, D], cache)."""
     e = embed(target_config, target_params, tokens)
     x = jnp.concatenate([e, feats.astype(e.dtype)], axis=-1) @ head["w_in"].astype(e.dtype)
     lc = layer_config(target_config)
-    x, _, cache = run_layers(lc, head, x, positions, cache, slot_mask=slot_mask, options=options)
+    x, _, cache = run_layers(lc, head, x, positions, cache, mask=mask, slot_mask=slot_mask, options=options)
     logits = lm_head(target_config, target_params, final_norm(lc, head, x))
     return logits, x, cache
 
