@@ -125,3 +125,51 @@ def test_refusals():
     other = Model(target().config, jax.tree.map(lambda w: w * 1.01, target().params), source="other")
     with pytest.raises(eagle.HeadMismatch, match="trained for target"):
         eagle.as_draft(other, greedy_head().config, greedy_head().params)
+
+
+def test_dynamic_tree_nodes_are_top_k_of_their_parents_path():
+    """Each proposed node is among the top_k tokens the head gives after its parent's path,
+    recomputed sequentially (no slot masks): the tree search shows every node its ancestors
+    only, wherever they sit in the head cache."""
+    m = target()
+    # a random head whose input map is small, so attention dominates: a wrong mask changes the top-k
+    hp = eagle.init_head(m.config, jax.random.PRNGKey(4), scale=0.7)
+    hp["w_in"] = hp["w_in"] * 0.01
+    head = eagle.as_draft(m, eagle.config_for(m, (1, 2, 3)), hp)
+    shape = DynamicTree(depth=3, top_k=3, total_tokens=9)
+    strategy = TreeDecoding(eagle.Eagle(), tree=shape)
+    prep = generation.prepare(m, PROMPTS, strategy=strategy, max_new_tokens=MAX_NEW, eos_token_id=(), draft=head,
+                              chat=False)
+    s, ctx, params = prep.strategy, prep.ctx, prep.params
+    state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k))(params, prep.prompt, prep.lengths, prep.key)
+    state = jax.jit(lambda p, st: s.step(ctx, p, st))(params, state)  # one round: pending pairs from a verify
+    _, tree, _, _, _ = jax.jit(lambda p, st: s.propose(ctx, p, st, jax.random.PRNGKey(0)))(params, state)
+    context, base = np.asarray(state.context), np.asarray(state.cache.lengths)
+    tokens, mask = np.asarray(tree.tokens), np.asarray(tree.mask)
+    c = m.config
+    hcfg = eagle.layer_config(c)
+    head_forward = jax.jit(eagle.head_forward, static_argnums=0)
+    checked = 0
+    for b in range(len(PROMPTS)):
+        n0 = int(base[b])  # the root pair sits at n0 - 1
+        row = jnp.asarray(context[b : b + 1, : n0 + 1])
+        pos = jnp.arange(n0, dtype=jnp.int32)[None]
+        hidden = forward(c, params["target"], row[:, :n0], pos, decoding.KVCache.init(c, 1, n0, jnp.float32),
+                         return_hidden=tuple(sorted(set(head.config.layers)))).hidden
+        f = eagle.fuse(params["draft"], hidden, head.config.layers)
+        for node in range(1, tokens.shape[1]):
+            path = [i for i in range(tokens.shape[1]) if mask[b, node, i]]  # ancestors-or-self, root first
+            cache = decoding.KVCache.init(hcfg, 1, n0 + 4, jnp.float32)
+            lg, out, cache = head_forward(c, params["target"], params["draft"], cache, f, row[:, 1:], pos)
+            cache = cache.truncate(jnp.array([n0]))
+            logits, h = lg[:, -1], out[:, -1:]
+            for d, anc in enumerate(path[1:-1], start=1):
+                tok = jnp.asarray([[tokens[b, anc]]], jnp.int32)
+                lg, h, cache = head_forward(c, params["target"], params["draft"], cache, h, tok,
+                                            jnp.array([[n0 - 1 + d]]))
+                cache = cache.truncate(cache.lengths + 1)
+                logits = lg[:, 0]
+            top = np.argsort(-np.asarray(logits[0]))[: shape.top_k]
+            assert tokens[b, node] in top, (b, node, path, top)
+            checked += 1
+    assert checked == len(PROMPTS) * shape.total_tokens
