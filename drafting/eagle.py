@@ -37,7 +37,7 @@ from decoding.architecture import for_config
 from decoding.cache import KVCache
 from decoding.model import Model, embed, final_norm, lm_head, param_shapes, random_params, run_layers
 
-from .medusa import HeadMismatch, target_identity
+from .medusa import HeadMismatch, read_head_file, target_identity, write_head_file
 from .shapes import DynamicTree, chain_batch
 from .tree_search import Frontier, expand_and_rerank
 
@@ -95,6 +95,21 @@ def as_draft(target: Model, config: EagleConfig, head: dict) -> Model:
     if config.target and config.target != want:
         raise HeadMismatch(f"this EAGLE head was trained for target {config.target!r}, not {want!r}.")
     return Model(config=config, params=head, tokenizer=target.tokenizer, source="eagle3")
+
+
+FORMAT = "decoding-eagle3-head/1"
+
+
+def save_head(path, config: EagleConfig, head: dict):
+    """Write the head as one small safetensors file (bf16) with its config and target identity."""
+    return write_head_file(path, FORMAT, config, head)
+
+
+def load_head(path, target: Model, dtype=None) -> Model:
+    """Read a file written by `save_head` for `target` -> the `draft=` Model (`as_draft`)."""
+    fields, head = read_head_file(path, FORMAT, dtype or target.params["embed"].dtype)
+    fields["layers"] = tuple(fields["layers"])
+    return as_draft(target, EagleConfig(**fields), head)
 
 
 def fuse(head: dict, hidden: dict, layers) -> jax.Array:

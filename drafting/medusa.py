@@ -130,37 +130,52 @@ def check_heads(target: Model, config: MedusaConfig, heads: dict) -> None:
         raise HeadMismatch(f"Medusa head parameters have shapes {got}, expected {shapes}.")
 
 
-def save_heads(path: str | os.PathLike, config: MedusaConfig, heads: dict) -> Path:
-    """Write the heads as one small safetensors file (bf16) with the config and target identity."""
+def write_head_file(path: str | os.PathLike, fmt: str, config, params: dict) -> Path:
+    """One small safetensors file: every leaf of `params` (nested dicts, keys joined by "/") in
+    bf16, with `fmt` and the config (a dataclass) in the metadata."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.asarray(jax.device_get(v), np.float32).astype(ml_dtypes.bfloat16) for k, v in heads.items()}
-    meta = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(config))}
-    save_file(tensors, str(path), metadata=meta)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    tensors = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(jax.device_get(v), np.float32)
+               .astype(ml_dtypes.bfloat16) for keys, v in flat}
+    save_file(tensors, str(path), metadata={"format": fmt, "config": json.dumps(dataclasses.asdict(config))})
     return path
+
+
+def read_head_file(path: str | os.PathLike, fmt: str, dtype) -> tuple[dict, dict]:
+    """(config fields, nested params in `dtype`) of a file written by `write_head_file` as `fmt`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no head file at {path} (write one with the head's save function).")
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != fmt:
+            raise HeadMismatch(f"{path} is not a {fmt} file (its format is {meta.get('format')!r}).")
+        params: dict = {}
+        for name in f.keys():
+            *outer, leaf = name.split("/")
+            node = params
+            for k in outer:
+                node = node.setdefault(k, {})
+            node[leaf] = jnp.asarray(np.asarray(f.get_tensor(name), np.float32), dtype)
+    return json.loads(meta["config"]), params
+
+
+def save_heads(path: str | os.PathLike, config: MedusaConfig, heads: dict) -> Path:
+    """Write the heads as one small safetensors file (bf16) with the config and target identity."""
+    return write_head_file(path, FORMAT, config, heads)
 
 
 def load_heads(path: str | os.PathLike, target: Model, dtype=None) -> Model:
     """Read a head file written by `save_heads` for `target` -> the `draft=` Model (`as_draft`).
     dtype: the parameters' dtype (default: the target's)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Medusa head file at {path} (write one with drafting.medusa.save_heads).")
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise HeadMismatch(f"{path} is not a Medusa head file (format {meta.get('format')!r}, "
-                               f"expected {FORMAT!r}).")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = MedusaConfig(**json.loads(meta["config"]))
-    dtype = dtype or target.params["embed"].dtype
-    heads = {k: jnp.asarray(np.asarray(v, np.float32), dtype) for k, v in tensors.items()}
-    return as_draft(target, config, heads)
+    fields, heads = read_head_file(path, FORMAT, dtype or target.params["embed"].dtype)
+    return as_draft(target, MedusaConfig(**fields), heads)
 
 
 @jax.tree_util.register_dataclass

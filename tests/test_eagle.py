@@ -173,3 +173,22 @@ def test_dynamic_tree_nodes_are_top_k_of_their_parents_path():
             assert tokens[b, node] in top, (b, node, path, top)
             checked += 1
     assert checked == len(PROMPTS) * shape.total_tokens
+
+
+def test_save_load_round_trip(tmp_path):
+    head = greedy_head()
+    path = eagle.save_head(tmp_path / "head.safetensors", head.config, head.params)
+    loaded = eagle.load_head(path, target())
+    assert loaded.config == head.config
+    want = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), head.params)
+    got = jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    out = generate(target(), PROMPTS, strategy=CASES["chain"], draft=loaded, max_new_tokens=MAX_NEW, eos_token_id=())
+    assert [tuple(r) for r in out.tokens] == list(greedy_reference())
+    with pytest.raises(eagle.HeadMismatch, match="is not a decoding-eagle3-head/1 file"):
+        from drafting import medusa
+
+        eagle.load_head(medusa.save_heads(tmp_path / "m.safetensors", medusa.config_for(target(), 2),
+                                          medusa.init_heads(medusa.config_for(target(), 2))), target())

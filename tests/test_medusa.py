@@ -151,7 +151,7 @@ def test_heads_for_another_target_are_refused(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"")
     with pytest.raises(Exception):
         medusa.load_heads(tmp_path / "x.safetensors", target())
-    with pytest.raises(FileNotFoundError, match="no Medusa head file"):
+    with pytest.raises(FileNotFoundError, match="no head file"):
         medusa.load_heads(tmp_path / "missing.safetensors", target())
 
 
