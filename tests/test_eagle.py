@@ -11,7 +11,10 @@ repeats the target's next-token guess (accepted on the repetitive row, rejected 
   context (target features recomputed by one full forward), for every slot below its cursor,
   and the cursor plus the pending pairs is the target cache's length (accepted and rejected
   branches alike).
-- A sampled chain follows the target's law (chi-square); refusals are clear errors.
+- Sampled chains (q = the head's processed distribution) and dynamic trees (one-hot top-k
+  siblings) follow the target's law (chi-square); refusals are clear errors.
+- Dynamic-tree nodes are among the top-k of their path recomputed sequentially; head files
+  round-trip in bf16.
 """
 
 from __future__ import annotations
@@ -100,10 +103,13 @@ def test_head_cache_matches_a_recomputation_after_every_round(case):
     assert hist[0] > 0 and hist[2:].sum() > 0, hist
 
 
-def test_sampled_chain_follows_the_target():
+@pytest.mark.parametrize("case", ["chain", "tree-dynamic"])
+def test_sampled_follows_the_target(case):
     model = small_v_target()
     sampling = Sampling(temperature=0.8, top_k=4)
-    result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, Speculative(eagle.Eagle(), gamma=2),
+    strategy = {"chain": Speculative(eagle.Eagle(), gamma=2),
+                "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4))}[case]
+    result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, strategy,
                               draft=agreeing_head(model, 3, noise=0.1), sampling=sampling, max_new_tokens=SAMPLE_K,
                               eos=(), seed=SAMPLE_SEED)
     law = exact_continuations(model, SMALL_V_PROMPT, SAMPLE_K, sampling)
@@ -157,12 +163,12 @@ def test_dynamic_tree_nodes_are_top_k_of_their_parents_path():
         hidden = forward(c, params["target"], row[:, :n0], pos, decoding.KVCache.init(c, 1, n0, jnp.float32),
                          return_hidden=tuple(sorted(set(head.config.layers)))).hidden
         f = eagle.fuse(params["draft"], hidden, head.config.layers)
+        prefix = decoding.KVCache.init(hcfg, 1, n0 + 4, jnp.float32)
+        lg0, out0, prefix = head_forward(c, params["target"], params["draft"], prefix, f, row[:, 1:], pos)
         for node in range(1, tokens.shape[1]):
             path = [i for i in range(tokens.shape[1]) if mask[b, node, i]]  # ancestors-or-self, root first
-            cache = decoding.KVCache.init(hcfg, 1, n0 + 4, jnp.float32)
-            lg, out, cache = head_forward(c, params["target"], params["draft"], cache, f, row[:, 1:], pos)
-            cache = cache.truncate(jnp.array([n0]))
-            logits, h = lg[:, -1], out[:, -1:]
+            cache = prefix.truncate(jnp.array([n0]))
+            logits, h = lg0[:, -1], out0[:, -1:]
             for d, anc in enumerate(path[1:-1], start=1):
                 tok = jnp.asarray([[tokens[b, anc]]], jnp.int32)
                 lg, h, cache = head_forward(c, params["target"], params["draft"], cache, h, tok,

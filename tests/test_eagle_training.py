@@ -39,19 +39,19 @@ def test_unrolled_steps_equal_the_decoding_computation():
     hidden = decoding.forward(c, target.params, tokens, batch["positions"], decoding.KVCache.init(c, 1, t, jnp.float32),
                               return_hidden=layers).hidden
     f = eagle.fuse(head, hidden, cfg.layers)
+    head_forward = jax.jit(eagle.head_forward, static_argnums=0)
+    full = decoding.KVCache.init(eagle.layer_config(c), 1, t + steps, jnp.float32)
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    _, prefix_out, full = head_forward(c, target.params, head, full, f, nxt, batch["positions"])
     checked = 0
     for b0 in range(t - 2):
-        cache = decoding.KVCache.init(eagle.layer_config(c), 1, t + steps, jnp.float32)
-        _, out, cache = eagle.head_forward(c, target.params, head, cache, f[:, : b0 + 1], tokens[:, 1 : b0 + 2],
-                                           batch["positions"][:, : b0 + 1])
-        cache = cache.truncate(jnp.array([b0 + 1]))
-        h = out[:, -1:]
+        cache = full.truncate(jnp.array([b0 + 1]))  # the pairs 0 .. b0 with target features
+        h = prefix_out[:, b0 : b0 + 1]
         for s in range(1, steps):
             p = b0 + s
             if p + 1 >= t:
                 break
-            lg, out, cache = eagle.head_forward(c, target.params, head, cache, h, tokens[:, p + 1 : p + 2],
-                                                jnp.array([[p]]))
+            lg, out, cache = head_forward(c, target.params, head, cache, h, tokens[:, p + 1 : p + 2], jnp.array([[p]]))
             cache = cache.truncate(cache.lengths + 1)
             h = out
             np.testing.assert_allclose(np.asarray(lg[0, 0]), np.asarray(outs[s][0, p]), atol=2e-4, rtol=2e-4)
