@@ -31,7 +31,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from decoding.architecture import for_config
 from decoding.cache import KVCache
