@@ -49,9 +49,9 @@ def phase_times(model, prompts, strategy, *, draft=None, sampling=None, max_new_
     verify = jax.jit(lambda p, c, t: s.verify(ctx, p, c, t))
     res = verify(params, cache, tree)
 
-    def accept_commit(p, st, v, t, logits, c, d, n):
+    def accept_commit(p, st, v, t, logits, c, d, n, h):
         acc = s.accept(ctx, t, logits, key)
-        return s.commit(ctx, p, st, v, t, acc, c, d, n)
+        return s.commit(ctx, p, st, v, t, acc, c, d, n, hidden=h)
 
     ac = jax.jit(accept_commit)
     step = jax.jit(lambda p, st: s.step(ctx, p, st))
@@ -59,7 +59,7 @@ def phase_times(model, prompts, strategy, *, draft=None, sampling=None, max_new_
         "propose_ms": _median_ms(propose, params, state, repeats=repeats),
         "verify_ms": _median_ms(verify, params, cache, tree, repeats=repeats),
         "accept_commit_ms": _median_ms(ac, params, state, view, tree, res.logits, res.cache, dstate, n_fwd,
-                                       repeats=repeats),
+                                       res.hidden, repeats=repeats),
         "round_ms": _median_ms(step, params, state, repeats=repeats),
     }
     return out

@@ -17,6 +17,12 @@ One round, for every batch row at once (rows accept different numbers of tokens)
            accepted path's KV entries into place (chains: move the cursor; trees: `gather`),
            and let the drafter catch up.
 
+A drafter that reads the target's features (Medusa, EAGLE heads) declares
+`target_hidden_layers(ctx) -> tuple[int, ...]`: the prefill and every verify forward then also
+return the residual stream after those layers, handed to `drafter.init(..., hidden=)` (every
+prompt position) and `drafter.commit(..., hidden=)` (the accepted path's nodes: root first), so
+the drafter never runs the target a second time.
+
 Drafters (in `drafting/`) implement `drafting.Proposer`; any of them plugs into `Speculative`
 (chains) or `TreeDecoding` (any draft shape of `drafting.shapes`) where it supports the shape.
 The drafter reads the decoding state through the round's `State` (`root`, `cache`, `context`,
@@ -112,16 +118,32 @@ class _SpecBase(abc.ABC):
     def _limit(self, state: State) -> jax.Array:
         return state.gamma
 
+    def _hidden_layers(self, ctx: Context) -> tuple[int, ...]:
+        """Target layers whose residual stream the drafter reads (none for most drafters)."""
+        if not hasattr(self.drafter, "target_hidden_layers"):
+            return ()
+        return tuple(int(i) for i in self.drafter.target_hidden_layers(ctx))
+
     def init(self, ctx: Context, params, prompt, lengths, key) -> State:
         b, p = prompt.shape
         cache = KVCache.init(ctx.target, b, ctx.capacity, params["target"]["embed"].dtype)
-        logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
+        layers = self._hidden_layers(ctx)
+        if layers:  # the prefill also returns the features of every prompt position: {layer: [B, P, D]}
+            positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+            res = forward(ctx.target, params["target"], prompt, positions, cache,
+                          logit_indices=(lengths - 1)[:, None], return_hidden=layers, options=ctx.options)
+            logits, cache, hidden = res.logits[:, 0], res.cache.truncate(lengths), res.hidden
+        else:
+            logits, cache = prefill(ctx.target, params["target"], prompt, lengths, cache, ctx.options)
         key, sub = round_keys(ctx, key)
         first = ctx.sampling.sample(sub, logits)
         out = tokens.commit(tokens.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
         context = jnp.zeros((b, ctx.capacity), jnp.int32).at[:, :p].set(prompt)
         context = context.at[jnp.arange(b), lengths].set(first)
-        dstate, cache = self.drafter.init(ctx, params, prompt, lengths, cache)
+        if layers:
+            dstate, cache = self.drafter.init(ctx, params, prompt, lengths, cache, hidden=hidden)
+        else:
+            dstate, cache = self.drafter.init(ctx, params, prompt, lengths, cache)
         gamma0 = self._gamma0()
         return State(out=out, cache=cache, root=first, context=context, context_len=lengths + 1,
                      drafter=dstate, gamma=jnp.full((b,), gamma0, jnp.int32), key=key,
@@ -163,17 +185,21 @@ class _SpecBase(abc.ABC):
         return view, tree, dstate, cache, n_fwd
 
     def verify(self, ctx, params, cache: KVCache, tree: TreeBatch):
-        """One target forward over every node: logits float32[B, N, V]."""
+        """One target forward over every node: `Output` with logits float32[B, N, V] (and hidden
+        {layer: [B, N, D]} at the drafter's `target_hidden_layers`)."""
         positions = cache.lengths[:, None] + tree.depth
         mask = None if self.is_chain else tree.mask
-        return forward(ctx.target, params["target"], tree.tokens, positions, cache, mask=mask, options=ctx.options)
+        return forward(ctx.target, params["target"], tree.tokens, positions, cache, mask=mask,
+                       return_hidden=self._hidden_layers(ctx), options=ctx.options)
 
     def accept(self, ctx, tree: TreeBatch, logits, key) -> Accepted:
         if ctx.sampling.is_greedy:
             return accept_greedy(tree, logits, self.shape.max_depth)
         return accept_sampled(tree, ctx.sampling.logprobs(logits), key, self.shape.max_depth, self.lenience)
 
-    def commit(self, ctx, params, state: State, view: State, tree, acc: Accepted, cache, dstate, n_fwd) -> State:
+    def commit(self, ctx, params, state: State, view: State, tree, acc: Accepted, cache, dstate, n_fwd,
+               hidden=None) -> State:
+        """`hidden`: the verify forward's {layer: [B, N, D]}, needed when the drafter reads features."""
         running = ~state.out.done
         new = acc.tokens(tree)  # [B, D+1]
         out = tokens.commit(state.out, new, acc.n + 1, ctx.rule)
@@ -188,7 +214,15 @@ class _SpecBase(abc.ABC):
         slots = jnp.where((j <= acc.n[:, None]) & running[:, None], view.context_len[:, None] + j, ctx.capacity)
         context = state.context.at[jnp.arange(b)[:, None], slots].set(new, mode="drop")
         context_len = jnp.where(running, view.context_len + acc.n + 1, view.context_len)
-        dstate = self.drafter.commit(ctx, params, dstate, view, self.shape, tree, acc, running)
+        if self._hidden_layers(ctx):
+            if not hidden:
+                raise ValueError(f"{self.drafter.name} reads the target's features: pass the verify forward's "
+                                 "hidden states to commit(..., hidden=verify(...).hidden).")
+            # the accepted path's features, root first: {layer: [B, D + 1, Dm]} (entries past acc.n are padding)
+            on_path = {i: jnp.take_along_axis(h, acc.path[:, :, None], axis=1) for i, h in hidden.items()}
+            dstate = self.drafter.commit(ctx, params, dstate, view, self.shape, tree, acc, running, hidden=on_path)
+        else:
+            dstate = self.drafter.commit(ctx, params, dstate, view, self.shape, tree, acc, running)
         depth_ix = jnp.where(running, acc.n, self.shape.max_depth + 1)
         hist = state.accept_hist.at[depth_ix].add(1, mode="drop")
         return State(out=out, cache=cache, root=jnp.where(running, acc.bonus, state.root), context=context,
@@ -205,7 +239,7 @@ class _SpecBase(abc.ABC):
         view, tree, dstate, cache, n_fwd = self.propose(ctx, params, state, k_prop)
         res = self.verify(ctx, params, cache, tree)
         acc = self.accept(ctx, tree, res.logits, k_acc)
-        return self.commit(ctx, params, state, view, tree, acc, res.cache, dstate, n_fwd)
+        return self.commit(ctx, params, state, view, tree, acc, res.cache, dstate, n_fwd, hidden=res.hidden)
 
     def stats(self, state: State) -> dict:
         hist = np.asarray(state.accept_hist).astype(np.int64)

@@ -22,15 +22,18 @@ import numpy as np
 
 
 def acceptance(target, draft, prompts: Sequence, *, gamma: int = 4, max_new_tokens: int = 64, batch_size: int = 8,
-               sampling=None, lenience: float = 1.0, prompt_bucket: int | None = None, options=None) -> dict:
-    """Speculative decoding of `prompts` (strings or token lists) with `draft` for `target`."""
+               sampling=None, lenience: float = 1.0, prompt_bucket: int | None = None, options=None,
+               drafter=None) -> dict:
+    """Speculative decoding of `prompts` (strings or token lists) with `draft` for `target`
+    (drafter: the proposer reading `draft`; default `drafting.DraftModel()`, e.g.
+    `drafting.Medusa()` for heads)."""
     import decoding
     import drafting
     from decoding import shapes
 
     if not prompts:
         raise ValueError("acceptance needs at least one held-out prompt.")
-    strategy = decoding.Speculative(drafting.DraftModel(), gamma=gamma, lenience=lenience)
+    strategy = decoding.Speculative(drafter or drafting.DraftModel(), gamma=gamma, lenience=lenience)
     prompts = list(prompts)
     if prompt_bucket is None and not isinstance(prompts[0], str):
         prompt_bucket = shapes.prompt_bucket(max(len(p) for p in prompts))

@@ -8,14 +8,20 @@
 * `expand_and_rerank` (`drafting.tree_search`): EAGLE-2's dynamic tree search over any scorer
   of frontier nodes (a draft LM, a feature head, Medusa heads).
 * Drafters: `DraftModel` (a small LM), `LayerSkip` (the target's first layers), `PromptLookup`
-  (n-gram lookup in the context).
+  (n-gram lookup in the context), `Medusa` (residual heads on the target's last hidden state,
+  `drafting.medusa`: heads as the `draft=` model, `save_heads` / `load_heads`), `Eagle` (an
+  EAGLE-3-style head: fused low/mid/high features, one decoder layer, its own KV cache;
+  `drafting.eagle`).
 """
 
+from .eagle import Eagle, EagleConfig
+from .medusa import HeadMismatch, Medusa, MedusaConfig
 from .model_drafter import DraftModel, LayerSkip, ModelDrafter
 from .prompt_lookup import PromptLookup, lookup
 from .proposer import Proposer, View
 from .shapes import Chain, DynamicTree, TreeError, TreeTopology, chain_batch, topology_batch
 from .tree_search import Frontier, expand_and_rerank
 
-__all__ = ["Chain", "DraftModel", "DynamicTree", "Frontier", "LayerSkip", "ModelDrafter", "PromptLookup", "Proposer",
-           "TreeError", "TreeTopology", "View", "chain_batch", "expand_and_rerank", "lookup", "topology_batch"]
+__all__ = ["Chain", "DraftModel", "DynamicTree", "Eagle", "EagleConfig", "Frontier", "HeadMismatch", "LayerSkip", "Medusa", "MedusaConfig",
+           "ModelDrafter", "PromptLookup", "Proposer", "TreeError", "TreeTopology", "View", "chain_batch",
+           "expand_and_rerank", "lookup", "topology_batch"]

@@ -46,6 +46,10 @@ class Proposer(Protocol):
 
     Optional: `validate(ctx, draft, shape)`, called on the host before compiling, refuses a
     missing draft model, an unsupported shape or bad settings with a clear error.
+    `target_hidden_layers(ctx) -> tuple[int, ...]`: target layers whose residual stream the
+    drafter reads (feature heads); the strategy then passes `hidden=` to `init` ({layer:
+    [B, P, D]}, the prefill's) and to `commit` ({layer: [B, D + 1, D]}, the verify forward's at
+    the accepted path's nodes, root first), so no second target forward is needed.
     """
 
     name: str

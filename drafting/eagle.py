@@ -1,0 +1,283 @@
+"""An EAGLE-3-style feature head (Li et al. 2025, "EAGLE-3: Scaling up Inference Acceleration of
+Large Language Models via Training-Time Test"; EAGLE, Li et al. 2024, for the feature loop).
+
+The head reads the target's residual stream after a low, a middle and a high layer, fuses the
+three by one linear map (`fc: [3D, D]`) into a feature f_p per position p, and runs one
+decoder layer of the target's family on pairs (feature of position p, token p + 1) at rope
+position p, with its own final norm and the target's head; the output at p predicts token
+p + 2. After the first draft step it feeds its own output state back in place of the target's
+feature (the next pair is (head output at p, drafted token p + 2)). The head keeps its own KV
+cache of the pairs whose target features are known, across draft steps and rounds.
+
+Per round (the target's verify forward hands over the accepted path's features, see
+`decoding.speculative`): the pending pairs (features of the last round's accepted path and
+root, with the tokens that followed them) are fed in one catch-up forward, then draft steps
+extend a chain or an EAGLE-2 dynamic tree (`drafting.tree_search.expand_and_rerank`, each
+frontier node fed with its parent's output state, seeing its ancestors through a slot mask).
+Entries written for draft nodes are always overwritten: the target's features of accepted
+tokens replace the head's own.
+
+Choices left open or simplified here: the pair (feature, next token) is fused by a second
+linear map `w_in: [2D, D]` (EAGLE-1's fusion) so the decoder layer is the family's own
+(`decoding.model.run_layers` on a one-layer config); the full vocabulary (no reduced draft
+vocabulary); default feature layers (2, L // 2, L - 3) clamped to [1, L].
+
+Legend: B batch, P prompt, W catch-up width (max depth + 1), K top-k, D hidden, V vocab, S slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from decoding.architecture import for_config
+from decoding.cache import KVCache
+from decoding.model import Model, embed, final_norm, lm_head, param_shapes, random_params, run_layers
+
+from .medusa import HeadMismatch, read_head_file, target_identity, write_head_file
+from .shapes import DynamicTree, chain_batch
+from .tree_search import Frontier, expand_and_rerank
+
+
+def default_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low / middle / high layers (2, L // 2, L - 3), clamped to [1, L]."""
+    clamp = lambda i: min(max(i, 1), num_layers)  # noqa: E731
+    return clamp(2), clamp(num_layers // 2), clamp(num_layers - 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleConfig:
+    """Static description of a head (the `draft` config in `decoding.Context`)."""
+
+    layers: tuple[int, int, int]
+    hidden_size: int
+    vocab_size: int
+    target: str = ""
+    model_type: str = "eagle3"
+
+    def param_count(self) -> int:
+        d = self.hidden_size
+        return 5 * d * d  # fc + w_in; the decoder layer is counted by the family
+
+
+def config_for(target: Model, layers: tuple[int, int, int] | None = None) -> EagleConfig:
+    c = target.config
+    layers = tuple(layers) if layers is not None else default_layers(c.num_layers)
+    if len(layers) != 3 or not all(1 <= i <= c.num_layers for i in layers):
+        raise ValueError(f"EAGLE feature layers must be three layers in [1, {c.num_layers}], got {layers}.")
+    return EagleConfig(layers=layers, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                       target=target_identity(c, target.params))
+
+
+def layer_config(target_config):
+    """The one-layer config of the head's decoder layer (the target's family and sizes)."""
+    return dataclasses.replace(target_config, num_layers=1)
+
+
+def init_head(target_config, key: jax.Array, scale: float = 0.02, dtype=jnp.float32) -> dict:
+    """{"fc": [3D, D], "w_in": [2D, D], "layers": one stacked layer, "final_norm": [D]}."""
+    d = target_config.hidden_size
+    lc = layer_config(target_config)
+    shapes = {"fc": (3 * d, d), "w_in": (2 * d, d), "layers": param_shapes(lc)["layers"], "final_norm": (d,)}
+    return random_params(shapes, key, dtype, scale, norm_value=for_config(lc).norm_unit)
+
+
+def as_draft(target: Model, config: EagleConfig, head: dict) -> Model:
+    """The head as the `draft=` argument of `decoding.generate`."""
+    c = target.config
+    if (config.hidden_size, config.vocab_size) != (c.hidden_size, c.vocab_size):
+        raise HeadMismatch(f"an EAGLE head for hidden size {config.hidden_size} / vocab {config.vocab_size} cannot "
+                           f"read a target with hidden size {c.hidden_size} / vocab {c.vocab_size}.")
+    want = target_identity(c, target.params)
+    if config.target and config.target != want:
+        raise HeadMismatch(f"this EAGLE head was trained for target {config.target!r}, not {want!r}.")
+    return Model(config=config, params=head, tokenizer=target.tokenizer, source="eagle3")
+
+
+FORMAT = "decoding-eagle3-head/1"
+
+
+def save_head(path, config: EagleConfig, head: dict):
+    """Write the head as one small safetensors file (bf16) with its config and target identity."""
+    return write_head_file(path, FORMAT, config, head)
+
+
+def load_head(path, target: Model, dtype=None) -> Model:
+    """Read a file written by `save_head` for `target` -> the `draft=` Model (`as_draft`)."""
+    fields, head = read_head_file(path, FORMAT, dtype or target.params["embed"].dtype)
+    fields["layers"] = tuple(fields["layers"])
+    return as_draft(target, EagleConfig(**fields), head)
+
+
+def fuse(head: dict, hidden: dict, layers) -> jax.Array:
+    """{layer: [B, T, D]} -> fused features [B, T, D]."""
+    x = jnp.concatenate([hidden[i] for i in layers], axis=-1)
+    return x @ head["fc"].astype(x.dtype)
+
+
+def head_forward(target_config, target_params: dict, head: dict, cache: KVCache, feats: jax.Array,
+                 tokens: jax.Array, positions: jax.Array, *, mask=None, slot_mask=None, options=None):
+    """Pairs (feats[B, T, D], tokens[B, T]) at `positions` written at the head cache's cursor
+    (not moved) -> (logits float32[B, T, V], output states [B, T, D], cache)."""
+    e = embed(target_config, target_params, tokens)
+    x = jnp.concatenate([e, feats.astype(e.dtype)], axis=-1) @ head["w_in"].astype(e.dtype)
+    lc = layer_config(target_config)
+    x, _, cache = run_layers(lc, head, x, positions, cache, mask=mask, slot_mask=slot_mask, options=options)
+    logits = lm_head(target_config, target_params, final_norm(lc, head, x))
+    return logits, x, cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EagleState:
+    """cache: the head's KVCache (lengths = pairs fed); feats: [B, C, D] the fused target feature
+    of every position (those at the cursor and after it are pending: not fed yet); n_pending:
+    int32[B] (cursor + n_pending = the target cache's length)."""
+
+    cache: KVCache
+    feats: jax.Array
+    n_pending: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle:
+    """The EAGLE-3-style proposer: pass the head as `draft=` (`as_draft`)."""
+
+    name = "eagle3"
+
+    def target_hidden_layers(self, ctx) -> tuple[int, ...]:
+        return tuple(sorted(set(ctx.draft.layers)))
+
+    def validate(self, ctx, draft, shape):
+        if draft is None or not isinstance(ctx.draft, EagleConfig):
+            raise ValueError("Eagle needs its head as the draft: generate(target, prompts, strategy=..., "
+                             "draft=drafting.eagle.as_draft(target, config, head)).")
+        if (ctx.draft.hidden_size, ctx.draft.vocab_size) != (ctx.target.hidden_size, ctx.target.vocab_size):
+            raise HeadMismatch(f"an EAGLE head for hidden size {ctx.draft.hidden_size} cannot read this target "
+                               f"(hidden size {ctx.target.hidden_size}).")
+        if not (shape.is_chain or isinstance(shape, DynamicTree)):
+            raise TypeError(f"Eagle drafts chains and drafting.DynamicTree (EAGLE-2's search), not {shape!r}.")
+
+    @staticmethod
+    def _width(shape) -> int:
+        return shape.max_depth + 1
+
+    def slack(self, shape) -> int:
+        if isinstance(shape, DynamicTree):
+            return shape.depth * shape.top_k + 2
+        return shape.max_depth + 2
+
+    def init(self, ctx, params, prompt, lengths, cache, hidden=None):
+        if hidden is None:
+            raise ValueError("Eagle.init needs the prefill's hidden states (hidden=); run it through "
+                             "decoding.Speculative / decoding.TreeDecoding, which pass them.")
+        head = params["draft"]
+        b, p = prompt.shape
+        f = fuse(head, hidden, ctx.draft.layers)  # [B, P, D]
+        hcache = KVCache.init(layer_config(ctx.target), b, ctx.capacity, params["target"]["embed"].dtype)
+        nxt = jnp.concatenate([prompt[:, 1:], jnp.zeros_like(prompt[:, :1])], axis=1)  # token p + 1
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        _, _, hcache = head_forward(ctx.target, params["target"], head, hcache, f, nxt, positions,
+                                    options=ctx.options)
+        hcache = hcache.truncate(lengths - 1)  # pairs 0 .. P-2; the last feature waits for the root
+        feats = jnp.zeros((b, ctx.capacity, f.shape[-1]), f.dtype).at[:, :p].set(f)
+        return EagleState(hcache, feats, jnp.ones((b,), jnp.int32)), cache
+
+    # -- propose -------------------------------------------------------------------------------
+    def _catch_up(self, ctx, params, dstate: EagleState, view, width):
+        """Feed the pending pairs; -> (root logits [B, V], root output state [B, D], head cache
+        with its cursor at the target cache's length)."""
+        c, m = dstate.cache.lengths, dstate.n_pending
+        j = jnp.arange(width, dtype=jnp.int32)[None, :]
+        pend = jnp.take_along_axis(dstate.feats, jnp.minimum(c[:, None] + j, dstate.feats.shape[1] - 1)[:, :, None],
+                                   axis=1)
+        idx = jnp.minimum(c[:, None] + j + 1, view.context.shape[1] - 1)
+        tokens = jnp.take_along_axis(view.context, idx, axis=1)
+        logits, out, hcache = head_forward(ctx.target, params["target"], params["draft"], dstate.cache, pend, tokens,
+                                           c[:, None] + j, options=ctx.options)
+        last = (m - 1)[:, None, None]
+        root_logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]
+        root_h = jnp.take_along_axis(out, last, axis=1)[:, 0]
+        return root_logits, root_h, hcache.truncate(c + m)
+
+    def propose(self, ctx, params, dstate: EagleState, view, shape, limit, key):
+        width = self._width(shape)
+        root_logits, root_h, hcache = self._catch_up(ctx, params, dstate, view, width)
+        base = hcache.lengths  # = view.cache.lengths: the root pair sits at base - 1
+        if shape.is_chain:
+            tree, n_fwd = self._chain(ctx, params, hcache, base, root_logits, root_h, view.root, shape, limit, key)
+        elif isinstance(shape, DynamicTree):
+            tree, n_fwd = self._dynamic_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape)
+        else:
+            raise TypeError(f"{self.name} cannot draft shape {shape!r}")
+        return tree, EagleState(hcache, dstate.feats, dstate.n_pending), view.cache, jnp.asarray(n_fwd, jnp.int32)
+
+    def _chain(self, ctx, params, hcache, base, root_logits, root_h, root, shape, limit, key):
+        b, vocab = root_logits.shape
+        g = shape.gamma
+        sampled = not ctx.sampling.is_greedy
+        drafts = jnp.zeros((b, g), jnp.int32)
+        qs = jnp.zeros((b, g, vocab), jnp.float32) if sampled else None
+        active = jnp.ones((b,), bool)
+        n_prop = jnp.zeros((b,), jnp.int32)
+        logits, h = root_logits, root_h
+        for i in range(g):
+            if sampled:
+                lp = ctx.sampling.logprobs(logits)
+                tok = jax.random.categorical(jax.random.fold_in(key, i), lp, axis=-1).astype(jnp.int32)
+                qs = qs.at[:, i].set(lp)
+            else:
+                tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            active = active & (i < limit)
+            if shape.confidence is not None:
+                top1 = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+                active = active & (top1 >= shape.confidence)
+            drafts = drafts.at[:, i].set(jnp.where(active, tok, 0))
+            n_prop = n_prop + active
+            if i + 1 < g:  # the pair (own state, drafted token) at position base + i
+                hcache = hcache.truncate(base + i)
+                lg, out, hcache = head_forward(ctx.target, params["target"], params["draft"], hcache, h[:, None],
+                                               tok[:, None], (base + i)[:, None], options=ctx.options)
+                logits, h = lg[:, 0], out[:, 0]
+        return chain_batch(root, drafts, n_prop, qs), g
+
+    def _dynamic_tree(self, ctx, params, hcache, base, root_logits, root_h, root, shape: DynamicTree):
+        k = shape.top_k
+        b = root_logits.shape[0]
+
+        def score(carry, frontier: Frontier):
+            hc, prev_h = carry  # prev_h: [B, K, D] output states of the previous frontier
+            if frontier.depth == 1:
+                feats = jnp.broadcast_to(root_h[:, None], (b, k, root_h.shape[-1]))
+            else:
+                feats = jnp.take_along_axis(prev_h, frontier.parent[:, :, None], axis=1)
+            region = frontier.visible.shape[-1]
+            s = jnp.arange(hc.capacity, dtype=jnp.int32)[None, None, :]
+            rel = s - base[:, None, None]
+            in_region = (rel >= 0) & (rel < region)
+            anc = jnp.take_along_axis(frontier.visible, jnp.clip(rel, 0, region - 1).repeat(k, 1), axis=2)
+            slot_mask = (s < base[:, None, None]) | (in_region & anc)
+            positions = jnp.broadcast_to((base - 1 + frontier.depth)[:, None], (b, k))
+            hc = hc.truncate(base + frontier.slot)
+            logits, out, hc = head_forward(ctx.target, params["target"], params["draft"], hc, feats, frontier.tokens,
+                                           positions, slot_mask=slot_mask, options=ctx.options)
+            return logits, (hc, out)
+
+        init_h = jnp.zeros((b, k, root_h.shape[-1]), root_h.dtype)
+        tree, _, n_scored = expand_and_rerank(score, (hcache, init_h), root, root_logits, shape)
+        return tree, 1 + n_scored
+
+    # -- commit --------------------------------------------------------------------------------
+    def commit(self, ctx, params, dstate: EagleState, view, shape, tree, acc, running, hidden=None):
+        """Pending pairs: the accepted path's target features (root first), n + 1 of them, stored
+        at their positions base .. base + n."""
+        f = fuse(params["draft"], hidden, ctx.draft.layers).astype(dstate.feats.dtype)  # [B, D + 1, D]
+        b, w = f.shape[:2]
+        base = view.cache.lengths
+        j = jnp.arange(w, dtype=jnp.int32)[None, :]
+        slots = jnp.where((j <= acc.n[:, None]) & running[:, None], base[:, None] + j, dstate.feats.shape[1])
+        feats = dstate.feats.at[jnp.arange(b)[:, None], slots].set(f, mode="drop")
+        cursor = jnp.where(running, base, base - dstate.n_pending)
+        return EagleState(dstate.cache.truncate(cursor), feats, jnp.where(running, acc.n + 1, dstate.n_pending))

@@ -1,0 +1,200 @@
+"""The EAGLE-3-style head (drafting/eagle.py) in chains and the dynamic tree.
+
+The test head is built to agree with the target part of the time: it fuses the target's last
+layer only (`fc` selects it), passes it through the pair map (`w_in`), a decoder layer whose
+output projections are small and the target's final norm, plus noise on every weight; so it
+repeats the target's next-token guess (accepted on the repetitive row, rejected elsewhere).
+
+- Greedy chain and dynamic-tree outputs equal greedy autoregressive outputs token for token on
+  the ragged batch, with rounds that accept and rounds that reject.
+- The head's KV cache after every round equals the head run from scratch over the committed
+  context (target features recomputed by one full forward), for every slot below its cursor,
+  and the cursor plus the pending pairs is the target cache's length (accepted and rejected
+  branches alike).
+- Sampled chains (q = the head's processed distribution) and dynamic trees (one-hot top-k
+  siblings) follow the target's law (chi-square); refusals are clear errors.
+- Dynamic-tree nodes are among the top-k of their path recomputed sequentially; head files
+  round-trip in bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import decoding
+from decoding import Model, Sampling, Speculative, TreeDecoding, generate, generation
+from decoding.model import forward
+from drafting import DynamicTree, TreeTopology, eagle
+from spec_common import (MAX_NEW, PROMPTS, SAMPLE_K, SAMPLE_N, SAMPLE_SEED, SMALL_V_PROMPT, chi_square,
+                         continuation_index, exact_continuations, greedy_reference, run_state, small_v_target, target)
+
+
+def agreeing_head(model: Model, seed: int = 0, noise: float = 0.05) -> Model:
+    c = model.config
+    d, nl = c.hidden_size, c.num_layers
+    cfg = eagle.config_for(model, (1, max(nl // 2, 1), nl))
+    head = eagle.init_head(c, jax.random.PRNGKey(seed), scale=noise)
+    eye = jnp.eye(d)
+    head["fc"] = head["fc"].at[2 * d:].add(eye)
+    head["w_in"] = head["w_in"].at[d:].add(eye)
+    head["final_norm"] = model.params["final_norm"]
+    return eagle.as_draft(model, cfg, head)
+
+
+@functools.cache
+def greedy_head() -> Model:
+    return agreeing_head(target())
+
+
+CASES = {
+    "chain": Speculative(eagle.Eagle(), gamma=3),
+    "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=3, top_k=3, total_tokens=8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_autoregressive(case):
+    result, state = run_state(target(), PROMPTS, CASES[case], draft=greedy_head())
+    assert [tuple(r) for r in result.tokens] == list(greedy_reference())
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, f"{case}: {hist}"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _scratch_cache(config, params, context, layers):
+    """The head's cache over every pair (feature p, token p + 1) of `context`, from scratch."""
+    b, width = context.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
+    tcache = decoding.KVCache.init(config, b, width, jnp.float32)
+    hidden = forward(config, params["target"], context, positions, tcache, return_hidden=tuple(sorted(set(layers)))).hidden
+    f = eagle.fuse(params["draft"], hidden, layers)
+    nxt = jnp.concatenate([context[:, 1:], jnp.zeros_like(context[:, :1])], axis=1)
+    hcache = decoding.KVCache.init(eagle.layer_config(config), b, width, jnp.float32)
+    _, _, hcache = eagle.head_forward(config, params["target"], params["draft"], hcache, f, nxt, positions)
+    return hcache
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_head_cache_matches_a_recomputation_after_every_round(case):
+    m, head = target(), greedy_head()
+    prep = generation.prepare(m, PROMPTS, strategy=CASES[case], max_new_tokens=MAX_NEW, eos_token_id=(),
+                              draft=head, chat=False)
+    s, ctx = prep.strategy, prep.ctx
+    state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k))(prep.params, prep.prompt, prep.lengths, prep.key)
+    step = jax.jit(lambda p, st: s.step(ctx, p, st))
+    for _ in range(MAX_NEW):
+        d = state.drafter
+        cursor = np.asarray(d.cache.lengths)
+        np.testing.assert_array_equal(cursor + np.asarray(d.n_pending), np.asarray(state.cache.lengths))
+        ref = _scratch_cache(m.config, prep.params, state.context[:, :64], head.config.layers)
+        for got, want in ((d.cache.k, ref.k), (d.cache.v, ref.v)):
+            got, want = np.asarray(got), np.asarray(want)
+            for b, n in enumerate(cursor):
+                np.testing.assert_allclose(got[:, b, :, :n], want[:, b, :, :n], atol=2e-4, rtol=2e-4)
+        if bool(np.all(np.asarray(state.out.done))):
+            break
+        state = step(prep.params, state)
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, hist
+
+
+@pytest.mark.parametrize("case", ["chain", "tree-dynamic"])
+def test_sampled_follows_the_target(case):
+    model = small_v_target()
+    sampling = Sampling(temperature=0.8, top_k=4)
+    strategy = {"chain": Speculative(eagle.Eagle(), gamma=2),
+                "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4))}[case]
+    result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, strategy,
+                              draft=agreeing_head(model, 3, noise=0.1), sampling=sampling, max_new_tokens=SAMPLE_K,
+                              eos=(), seed=SAMPLE_SEED)
+    law = exact_continuations(model, SMALL_V_PROMPT, SAMPLE_K, sampling)
+    res = chi_square(continuation_index(result.tokens, model.config.vocab_size, SAMPLE_K), law)
+    assert res["impossible"] == 0, res
+    assert res["p"] > 1e-3, res
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="Eagle needs its head as the draft"):
+        generate(target(), PROMPTS, strategy=Speculative(eagle.Eagle(), gamma=2), max_new_tokens=4)
+    with pytest.raises(TypeError, match="Eagle drafts chains and drafting.DynamicTree"):
+        generate(target(), PROMPTS, strategy=TreeDecoding(eagle.Eagle(), tree=TreeTopology.from_branching((2, 2))),
+                 draft=greedy_head(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="three layers in"):
+        eagle.config_for(target(), (1, 2, 9))
+    other = Model(target().config, jax.tree.map(lambda w: w * 1.01, target().params), source="other")
+    with pytest.raises(eagle.HeadMismatch, match="trained for target"):
+        eagle.as_draft(other, greedy_head().config, greedy_head().params)
+
+
+def test_dynamic_tree_nodes_are_top_k_of_their_parents_path():
+    """Each proposed node is among the top_k tokens the head gives after its parent's path,
+    recomputed sequentially (no slot masks): the tree search shows every node its ancestors
+    only, wherever they sit in the head cache."""
+    m = target()
+    # a random head whose input map is small, so attention dominates: a wrong mask changes the top-k
+    hp = eagle.init_head(m.config, jax.random.PRNGKey(4), scale=0.7)
+    hp["w_in"] = hp["w_in"] * 0.01
+    head = eagle.as_draft(m, eagle.config_for(m, (1, 2, 3)), hp)
+    shape = DynamicTree(depth=3, top_k=3, total_tokens=9)
+    strategy = TreeDecoding(eagle.Eagle(), tree=shape)
+    prep = generation.prepare(m, PROMPTS, strategy=strategy, max_new_tokens=MAX_NEW, eos_token_id=(), draft=head,
+                              chat=False)
+    s, ctx, params = prep.strategy, prep.ctx, prep.params
+    state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k))(params, prep.prompt, prep.lengths, prep.key)
+    state = jax.jit(lambda p, st: s.step(ctx, p, st))(params, state)  # one round: pending pairs from a verify
+    _, tree, _, _, _ = jax.jit(lambda p, st: s.propose(ctx, p, st, jax.random.PRNGKey(0)))(params, state)
+    context, base = np.asarray(state.context), np.asarray(state.cache.lengths)
+    tokens, mask = np.asarray(tree.tokens), np.asarray(tree.mask)
+    c = m.config
+    hcfg = eagle.layer_config(c)
+    head_forward = jax.jit(eagle.head_forward, static_argnums=0)
+    checked = 0
+    for b in range(len(PROMPTS)):
+        n0 = int(base[b])  # the root pair sits at n0 - 1
+        row = jnp.asarray(context[b : b + 1, : n0 + 1])
+        pos = jnp.arange(n0, dtype=jnp.int32)[None]
+        hidden = forward(c, params["target"], row[:, :n0], pos, decoding.KVCache.init(c, 1, n0, jnp.float32),
+                         return_hidden=tuple(sorted(set(head.config.layers)))).hidden
+        f = eagle.fuse(params["draft"], hidden, head.config.layers)
+        prefix = decoding.KVCache.init(hcfg, 1, n0 + 4, jnp.float32)
+        lg0, out0, prefix = head_forward(c, params["target"], params["draft"], prefix, f, row[:, 1:], pos)
+        for node in range(1, tokens.shape[1]):
+            path = [i for i in range(tokens.shape[1]) if mask[b, node, i]]  # ancestors-or-self, root first
+            cache = prefix.truncate(jnp.array([n0]))
+            logits, h = lg0[:, -1], out0[:, -1:]
+            for d, anc in enumerate(path[1:-1], start=1):
+                tok = jnp.asarray([[tokens[b, anc]]], jnp.int32)
+                lg, h, cache = head_forward(c, params["target"], params["draft"], cache, h, tok,
+                                            jnp.array([[n0 - 1 + d]]))
+                cache = cache.truncate(cache.lengths + 1)
+                logits = lg[:, 0]
+            top = np.argsort(-np.asarray(logits[0]))[: shape.top_k]
+            assert tokens[b, node] in top, (b, node, path, top)
+            checked += 1
+    assert checked == len(PROMPTS) * shape.total_tokens
+
+
+def test_save_load_round_trip(tmp_path):
+    head = greedy_head()
+    path = eagle.save_head(tmp_path / "head.safetensors", head.config, head.params)
+    loaded = eagle.load_head(path, target())
+    assert loaded.config == head.config
+    want = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), head.params)
+    got = jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    out = generate(target(), PROMPTS, strategy=CASES["chain"], draft=loaded, max_new_tokens=MAX_NEW, eos_token_id=())
+    assert [tuple(r) for r in out.tokens] == list(greedy_reference())
+    with pytest.raises(eagle.HeadMismatch, match="is not a decoding-eagle3-head/1 file"):
+        from drafting import medusa
+
+        eagle.load_head(medusa.save_heads(tmp_path / "m.safetensors", medusa.config_for(target(), 2),
+                                          medusa.init_heads(medusa.config_for(target(), 2))), target())
