@@ -97,6 +97,14 @@ def compile_count() -> int:
     return len(_COMPILED)
 
 
+def clear_compiled() -> None:
+    """Drop every program `generate` compiled (and jax's own caches), freeing their memory; later
+    calls compile again. For long processes that run many differently shaped programs (a test
+    suite, a sweep): each compiled CPU program holds memory maps until it is dropped."""
+    _COMPILED.clear()
+    jax.clear_caches()
+
+
 def encode_prompts(tokenizer, prompts, chat) -> list[list[int]]:
     """Strings or token lists -> token lists (chat template applied when `chat`); the prompts
     are checked first (`decoding.arguments.prompt_list`)."""

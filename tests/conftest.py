@@ -13,6 +13,20 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             rms_norm_eps=1e-5)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """After each test module, drop its compiled programs: a whole suite in one process otherwise
+    keeps thousands of XLA:CPU executables alive, whose memory maps approach the kernel's limit
+    (vm.max_map_count, 65530 here) and end the process with a segmentation fault."""
+    yield
+    import gc
+
+    from decoding.generation import clear_compiled
+
+    clear_compiled()
+    gc.collect()
+
+
 @pytest.fixture
 def tiny_torch_model():
     """`make(config_cls, **overrides)` -> a tiny random transformers model (eval, float32).
