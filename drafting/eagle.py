@@ -37,6 +37,7 @@ from decoding.cache import KVCache
 from decoding.model import Model, embed, final_norm, lm_head, param_shapes, random_params, run_layers
 
 from .medusa import HeadMismatch, read_head_file, target_identity, write_head_file
+from .proposer import choose_draft_token
 from .shapes import DynamicTree, chain_batch
 from .tree_search import Frontier, expand_and_rerank
 
@@ -224,16 +225,9 @@ class Eagle:
         n_prop = jnp.zeros((b,), jnp.int32)
         logits, h = root_logits, root_h
         for i in range(g):
+            tok, lp, active = choose_draft_token(ctx, shape, key, i, logits, active, limit)
             if sampled:
-                lp = ctx.sampling.logprobs(logits)
-                tok = jax.random.categorical(jax.random.fold_in(key, i), lp, axis=-1).astype(jnp.int32)
                 qs = qs.at[:, i].set(lp)
-            else:
-                tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            active = active & (i < limit)
-            if shape.confidence is not None:
-                top1 = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
-                active = active & (top1 >= shape.confidence)
             drafts = drafts.at[:, i].set(jnp.where(active, tok, 0))
             n_prop = n_prop + active
             if i + 1 < g:  # the pair (own state, drafted token) at position base + i

@@ -32,7 +32,7 @@ from decoding.cache import KVCache
 from decoding.model import forward
 from decoding.strategy import prefill
 
-from .proposer import View
+from .proposer import View, choose_draft_token
 from .shapes import DynamicTree, TreeTopology, chain_batch, topology_batch
 from .tree_search import Frontier, expand_and_rerank, top_k_logprobs
 
@@ -112,16 +112,9 @@ class ModelDrafter(abc.ABC):
         base = view.context_len  # position of the first draft token
 
         def choose(i, logits, active, drafts, qs):
+            tok, lp, active = choose_draft_token(ctx, shape, key, i, logits, active, limit)
             if sampled:
-                lp = ctx.sampling.logprobs(logits)
-                tok = jax.random.categorical(jax.random.fold_in(key, i), lp, axis=-1).astype(jnp.int32)
                 qs = jax.lax.dynamic_update_slice_in_dim(qs, lp[:, None], i, axis=1)
-            else:
-                tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            active = active & (i < limit)
-            if shape.confidence is not None:
-                top1 = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
-                active = active & (top1 >= shape.confidence)
             drafts = jax.lax.dynamic_update_slice_in_dim(drafts, jnp.where(active, tok, 0)[:, None], i, axis=1)
             return active, drafts, qs
 

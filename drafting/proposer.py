@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 
 from decoding.cache import KVCache
 from decoding.strategy import Context
@@ -71,3 +72,24 @@ class Proposer(Protocol):
                running: jax.Array):
         """Update drafter state after `acc` was committed (`view` is the state *before*;
         `running: bool[B]` the rows that took part in the round)."""
+
+
+def choose_draft_token(ctx: Context, shape, key: jax.Array, i, logits: jax.Array, active: jax.Array,
+                       limit: jax.Array):
+    """One chain draft step's choice from the drafter's `logits: float32[B, V]` at draft index `i`.
+
+    Greedy: the argmax. Sampled: a draw from the processed distribution (`ctx.sampling`), whose
+    log-probabilities `lp: float32[B, V]` are returned for lossless verification (None when
+    greedy). A row stays `active` while `i < limit[b]` and, with `shape.confidence`, while the
+    drafter's top-1 probability is at least that. Returns `(token: int32[B], lp, active: bool[B])`.
+    """
+    if ctx.sampling.is_greedy:
+        tok, lp = jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    else:
+        lp = ctx.sampling.logprobs(logits)
+        tok = jax.random.categorical(jax.random.fold_in(key, i), lp, axis=-1).astype(jnp.int32)
+    active = active & (i < limit)
+    if shape.confidence is not None:
+        top1 = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+        active = active & (top1 >= shape.confidence)
+    return tok, lp, active

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding.kernels import attention_pallas, attention_pallas_prefix, attention_reference, prefix_visible
+from drafting.shapes import ancestor_mask
 
 from . import environment
 
@@ -44,14 +45,8 @@ VARIANTS = ("reference", "pallas_mask", "pallas_prefix", "pallas_unified")
 
 def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
     """Ancestor mask bool[T, T] of a random tree whose nodes are numbered parents first."""
-    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, t)]
-    mask = np.zeros((t, t), bool)
-    for i in range(t):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parent[j]
-    return mask
+    parents = np.array([[-1] + [int(rng.integers(0, i)) for i in range(1, t)]])
+    return ancestor_mask(parents)[0]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

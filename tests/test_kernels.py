@@ -26,18 +26,13 @@ from decoding.kernels import (
     prefix_visible,
 )
 from decoding.numerics import attention_mask
+from drafting.shapes import ancestor_mask
 
 
 def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
     """Ancestor mask bool[T, T] of a random tree whose nodes are numbered parents first."""
-    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, t)]
-    mask = np.zeros((t, t), bool)
-    for i in range(t):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parent[j]
-    return mask
+    parents = np.array([[-1] + [int(rng.integers(0, i)) for i in range(1, t)]])
+    return ancestor_mask(parents)[0]
 
 
 # The package exports a function named like the module; the module itself:
