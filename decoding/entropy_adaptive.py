@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import tokens
-from .strategy import Context, prefill
+from .strategy import Context, prefill, round_keys
 from .cache import KVCache
 from .model import forward
 from .sampling import entropy_bits
@@ -291,7 +291,7 @@ class EntropyAdaptive:
         entropy = jnp.zeros((b, self.window), jnp.float32).at[:, 0].set(h0)
         free = jnp.full((b,), self.min_dwell, jnp.int32)  # the start is not a switch: no dwell
         use_large, since, switched = switch(h0, jnp.zeros((b,), bool), free, self._threshold(params), self.min_dwell)
-        key, sub = jax.random.split(key)
+        key, sub = round_keys(ctx, key)
         first = ctx.sampling.sample(sub, jnp.where(use_large[:, None], logits_l, logits_s))
         out = tokens.commit(tokens.Tokens.init(b, ctx.max_new_tokens), first[:, None], jnp.ones_like(lengths), ctx.rule)
         context = jnp.zeros((b, ctx.capacity), jnp.int32).at[:, :p].set(prompt)
@@ -318,7 +318,7 @@ class EntropyAdaptive:
                                                    state.context_len, need_l, self.catchup_width, ctx.options)
         logits = jnp.where(state.use_large[:, None], logits_l, logits_s)
         h = entropy_bits(logits)
-        key, sub = jax.random.split(state.key)
+        key, sub = round_keys(ctx, state.key)  # greedy: no random split per step
         tok = ctx.sampling.sample(sub, logits)
         out = tokens.commit(state.out, tok[:, None], jnp.ones_like(tok), ctx.rule)
         new = out.count - state.out.count  # 1 on running rows

@@ -1,8 +1,11 @@
 """Autoregressive decoding speed of the JAX decoder vs the physical limit and transformers.
 
 For each model: our jitted autoregressive decoder (bf16) at each batch size on the Spec-Bench
-"reference16" prompts (chat template, greedy, 256 new tokens), beside transformers' eager
-`generate` on the same weights and prompts in the same process, and as a fraction of the
+"reference16" prompts (chat template, greedy, 256 new tokens), beside transformers on the same
+weights and prompts in the same process (`--hf-modes`: eager `generate`, and the fair peer
+`static`: `generate` with a static cache, which transformers compiles itself with
+`torch.compile(..., mode="reduce-overhead")`; prompts left-padded to power-of-two widths, every
+width warmed up twice so compilation and CUDA-graph recording stay out of the timing), and as a fraction of the
 physical limit of batch-1 decoding: every step must read every weight once, so
 tokens/s <= memory bandwidth / weight bytes (batch b: b times that).
 
@@ -86,18 +89,28 @@ def forward_only_ms(model, context: int = 512, batch: int = 1, iters: int = 50, 
     return 1e3 * (time.perf_counter() - t0) / iters
 
 
-def run_hf(source: str, prompt_ids: list[list[int]], eos: tuple, batch: int, max_new_tokens: int):
-    """transformers eager generate (bf16, CUDA when present), greedy, left-padded batches."""
+def run_hf(source: str, prompt_ids: list[list[int]], eos: tuple, batch: int, max_new_tokens: int,
+           mode: str = "eager"):
+    """transformers generate (bf16, CUDA when present), greedy, left-padded batches; `mode`
+    "eager" (the default dynamic cache) or "static" (static cache, compiled by transformers)."""
     import torch
 
-    from .hf_peers import load_hf_model
+    from decoding.shapes import bucket
 
+    from .hf_peers import dynamo_graphs, load_hf_model
+
+    if mode not in ("eager", "static"):
+        raise ValueError(f"--hf-modes takes eager and/or static, not {mode!r}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_hf_model(source, "bfloat16", dev)
+    if mode == "static":
+        model.generation_config.cache_implementation = "static"
     pad = eos[0] if eos else 0
 
     def gen(rows):
         width = max(len(r) for r in rows)
+        if mode == "static":
+            width = bucket(width)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
         with torch.no_grad():
@@ -109,19 +122,28 @@ def run_hf(source: str, prompt_ids: list[list[int]], eos: tuple, batch: int, max
             res.append(row[:cut])
         return res
 
-    gen(prompt_ids[:batch])  # warm-up
+    batches = [prompt_ids[i : i + batch] for i in range(0, len(prompt_ids), batch)]
+    warm = batches[:1] if mode == "eager" else list({bucket(max(len(r) for r in b)): b for b in batches}.values())
+    t0 = time.perf_counter()
+    for rows in warm:  # static: compile, then record CUDA graphs, for every padded width
+        for _ in range(1 if mode == "eager" else 2):
+            gen(rows)
+    warmup_s = time.perf_counter() - t0
+    graphs = dynamo_graphs() if mode == "static" else None
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = []
-    for i in range(0, len(prompt_ids), batch):
-        outs.extend(gen(prompt_ids[i : i + batch]))
+    for rows in batches:
+        outs.extend(gen(rows))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     run_s = time.perf_counter() - t0
     tokens = sum(len(o) for o in outs)
     del model
-    return {"tokens": tokens, "run_s": run_s, "tokens_per_s": tokens / run_s, "outputs": outs}
+    recompiled = (dynamo_graphs() or 0) - (graphs or 0) if mode == "static" else None
+    return {"mode": mode, "tokens": tokens, "run_s": run_s, "tokens_per_s": tokens / run_s, "outputs": outs,
+            "warmup_s": warmup_s, "compiled_graphs": graphs, "graphs_compiled_while_timed": recompiled}
 
 
 def main(argv=None):
@@ -130,7 +152,10 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default ../shared/data/...)")
-    ap.add_argument("--hf", action="store_true", help="run transformers' eager generate beside")
+    ap.add_argument("--hf", action="store_true", help="run transformers' generate beside")
+    ap.add_argument("--hf-modes", default="eager,static",
+                    help="comma-separated transformers modes: eager (dynamic cache), static (static cache, "
+                         "compiled by transformers: the fair peer)")
     ap.add_argument("--hf-batch-sizes", default="1")
     ap.add_argument("--attention", default="xla",
                     help="comma-separated attention implementations to measure in turn: xla, pallas "
@@ -172,7 +197,7 @@ def main(argv=None):
         bw = datasheet.memory_bandwidth if datasheet else (bw_measured or float("nan"))
         limit = bw / wb
         entry = {"environment": env, "params": model.config.param_count(), "weight_bytes_per_step": wb, "load_s": load_s,
-                 "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}}
+                 "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}, "hf_static": {}}
         ids = encode_prompts(model.tokenizer, prompts, chat=True)
         eos = default_eos_ids(model.tokenizer)
         variants = [(impl, cb) for impl in args.attention.split(",") for cb in args.command_buffers.split(",")]
@@ -197,16 +222,23 @@ def main(argv=None):
                       f"({100 * r['fraction_of_physical_limit']:.1f}% of {bs * limit:.0f} tok/s limit), "
                       f"compile {r['compile_s']:.1f} s", flush=True)
         if args.hf and not args.random_weights:
-            for bs in [int(b) for b in args.hf_batch_sizes.split(",")]:
-                h = run_hf(name, ids, eos, bs, args.max_new_tokens)
-                ours = entry["ours"].get(str(bs))
-                if ours:
-                    h["ours_speedup"] = ours["tokens_per_s"] / h["tokens_per_s"]
-                    h["identical_outputs"] = sum(a == b for a, b in zip(ours["outputs"], h["outputs"]))
-                entry["hf_eager"][str(bs)] = h
-                print(f"{name} transformers eager batch {bs}: {h['tokens_per_s']:.1f} tok/s; ours is "
-                      f"{h.get('ours_speedup', float('nan')):.1f}x; identical outputs {h.get('identical_outputs')}/{len(ids)}",
-                      flush=True)
+            for mode in args.hf_modes.split(","):
+                for bs in [int(b) for b in args.hf_batch_sizes.split(",")]:
+                    try:
+                        h = run_hf(name, ids, eos, bs, args.max_new_tokens, mode)
+                    except Exception as e:  # a peer that breaks is reported, not fatal
+                        h = {"mode": mode, "error": f"{type(e).__name__}: {e}"[:500], "outputs": []}
+                        entry[f"hf_{mode}"][str(bs)] = h
+                        print(f"{name} transformers {mode} batch {bs} failed: {h['error']}", flush=True)
+                        continue
+                    ours = entry["ours"].get(str(bs))
+                    if ours:
+                        h["ours_speedup"] = ours["tokens_per_s"] / h["tokens_per_s"]
+                        h["identical_outputs"] = sum(a == b for a, b in zip(ours["outputs"], h["outputs"]))
+                    entry[f"hf_{mode}"][str(bs)] = h
+                    print(f"{name} transformers {mode} batch {bs}: {h['tokens_per_s']:.1f} tok/s; ours is "
+                          f"{h.get('ours_speedup', float('nan')):.2f}x; identical outputs "
+                          f"{h.get('identical_outputs')}/{len(ids)}", flush=True)
         report["models"][name] = entry
         del model
         write_report(report, Path(args.out))  # after every model, so a cut-off run keeps what it measured
@@ -236,8 +268,8 @@ def write_report(report, out: Path) -> None:
     report = copy.deepcopy(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     for m in report["models"].values():
-        for part in ("ours", "hf_eager"):
-            for r in m[part].values():
+        for part in ("ours", "hf_eager", "hf_static"):
+            for r in m.get(part, {}).values():
                 if r["outputs"] and not isinstance(r["outputs"][0], int):
                     r["outputs"] = [len(o) for o in r["outputs"]]  # lengths only in the JSON
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
@@ -262,12 +294,16 @@ def markdown(report) -> str:
             lines.append(f"| {name} | ours (JAX) | {bs} | {r['tokens_per_s']:.1f} | "
                          f"{100 * r['fraction_of_physical_limit']:.1f}% | {r['ms_per_step_in_loop']:.2f} | "
                          f"{r['ms_forward_only']:.2f} | {r['ms_weights_at_bandwidth']:.2f} | {r['compile_s']:.1f} | | |")
-        for bs, r in m["hf_eager"].items():
-            speedup = f"{r['ours_speedup']:.1f}x" if r.get("ours_speedup") else ""
-            same = f"{r['identical_outputs']}/{len(r['outputs'])}" if r.get("identical_outputs") is not None else ""
-            lines.append(f"| {name} | transformers eager | {bs} | {r['tokens_per_s']:.1f} | "
-                         f"{100 * r['tokens_per_s'] / (int(bs) * m['physical_limit_tokens_per_s_batch1']):.1f}% | | | | - "
-                         f"| {speedup} | {same} |")
+        for part, label in (("hf_eager", "transformers eager"), ("hf_static", "transformers static cache, compiled")):
+            for bs, r in m.get(part, {}).items():
+                if "error" in r:
+                    lines.append(f"| {name} | {label} | {bs} | failed: {r['error'][:120]} | | | | | | | |")
+                    continue
+                speedup = f"{r['ours_speedup']:.2f}x" if r.get("ours_speedup") else ""
+                same = f"{r['identical_outputs']}/{len(r['outputs'])}" if r.get("identical_outputs") is not None else ""
+                lines.append(f"| {name} | {label} | {bs} | {r['tokens_per_s']:.1f} | "
+                             f"{100 * r['tokens_per_s'] / (int(bs) * m['physical_limit_tokens_per_s_batch1']):.1f}% | | | | - "
+                             f"| {speedup} | {same} |")
         lines.append(f"| {name} | physical limit | 1 | {m['physical_limit_tokens_per_s_batch1']:.0f} | 100% | | | | - | | |")
     runs = {n: m.get("environment", env).get("time_utc") for n, m in report["models"].items()}
     if len(set(runs.values())) > 1:

@@ -4,11 +4,18 @@ Three modes, each a method of the registry:
   * hf_ar        `model.generate(...)`, eager PyTorch, dynamic cache: transformers' default;
   * hf_assisted  assisted generation, `generate(..., assistant_model=draft)` (transformers'
                  speculative decoding; batch 1 only, so a batch is run row by row);
-  * hf_static    the fastest documented path: a static cache and a compiled forward
-                 (`generation_config.cache_implementation = "static"`,
-                 `model.forward = torch.compile(model.forward, mode="reduce-overhead",
-                 fullgraph=True)`). Prompts are left-padded to power-of-two lengths so that a
-                 few compiled shapes serve every prompt. When it fails, the run records why.
+  * hf_static    the fair compiled peer: `generate(...)` with a static cache
+                 (`generation_config.cache_implementation = "static"`), which makes transformers
+                 compile its own decode step automatically (`generation_config.compile_config`:
+                 `torch.compile(..., fullgraph=True, mode="reduce-overhead")`, CUDA graphs
+                 included). The library's own path is used, not a hand-compiled `model.forward`:
+                 `generate` keeps reading the logits of the previous call, which CUDA graphs
+                 overwrite unless `generate` itself manages them (the failure "accessing tensor
+                 output of CUDAGraphs that has been overwritten"). Prompts are left-padded to
+                 power-of-two lengths so that a few compiled shapes serve every prompt; each
+                 shape is warmed up (compiled and its graphs recorded) before timing. The method's
+                 info records how many graphs torch.compile built, so a run that silently fell
+                 back to eager says so. When it fails, the run records why.
 
 Models are loaded from the very files the JAX side loads: a registry name or .gguf file with
 `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, dtype=torch.bfloat16)`
@@ -75,7 +82,7 @@ class _Counter:
         self._handle.remove()
 
 
-def _dynamo_graphs() -> int | None:
+def dynamo_graphs() -> int | None:
     """Graphs torch.compile has built so far (to flag a compile inside a timed call)."""
     try:
         from torch._dynamo.utils import counters
@@ -111,8 +118,9 @@ class HFMethod(Method):
         self.compile_mode = None
         if mode == "static":
             self.model.generation_config.cache_implementation = "static"
-            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
-            self.compile_mode = "torch.compile(model.forward, mode='reduce-overhead', fullgraph=True)"
+            config = getattr(self.model.generation_config, "compile_config", None)
+            self.compile_mode = ("transformers' automatic compile of the decode step"
+                                 + (f" ({config.to_dict()})" if hasattr(config, "to_dict") else ""))
         self.target_calls = _Counter(self.model)
         self.draft_calls = _Counter(self.assistant) if self.assistant is not None else None
         self.eos = list(env.eos_ids())
@@ -122,6 +130,7 @@ class HFMethod(Method):
     def info(self):
         d = super().info()
         d.update(device=str(self.device), load_s=self.load_s, compile=self.compile_mode,
+                 compiled_graphs=dynamo_graphs() if self.mode == "static" else None,
                  torch_device_name=(self.torch.cuda.get_device_name(0) if self.device.type == "cuda" else "cpu"))
         if self.assistant is not None:
             d["assistant"] = self._assistant_settings()
@@ -169,10 +178,8 @@ class HFMethod(Method):
                       **self._sampling_kwargs())
         if self.assistant is not None:
             kwargs["assistant_model"] = self.assistant
-        if self.mode == "static":
-            kwargs["disable_compile"] = True  # the forward is compiled explicitly above
         torch.manual_seed(seed)
-        before, graphs = self.target_calls.calls, _dynamo_graphs()
+        before, graphs = self.target_calls.calls, dynamo_graphs()
         drafts = self.draft_calls.calls if self.draft_calls else 0
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -183,13 +190,18 @@ class HFMethod(Method):
             torch.cuda.synchronize()
         run_s = time.perf_counter() - t0
         rows = [self._cut(r) for r in out[:, width:].tolist()]
+        forwards = self.target_calls.calls - before
+        if self.mode == "static":
+            # the compiled call runs the module's hooks inside the graph, so count steps instead:
+            # one forward (prefill, then one decode step) per generated position of the batch
+            forwards = int(out.shape[1] - width)
         extra = {}
         if self.draft_calls is not None:
             extra["draft_forwards"] = self.draft_calls.calls - drafts
-        after = _dynamo_graphs()
+        after = dynamo_graphs()
         if graphs is not None and after is not None and after > graphs:
             extra["compiled_during_call"] = after - graphs
-        return rows, run_s, self.target_calls.calls - before, extra
+        return rows, run_s, forwards, extra
 
     def generate(self, prompts, seed):
         if self.mode != "assisted":

@@ -36,12 +36,14 @@ def _step_primitives(strategy, sampling, draft=None) -> set[str]:
     return _primitives(jaxpr.jaxpr)
 
 
-@pytest.mark.parametrize("name", ["autoregressive", "speculative-prompt-lookup", "speculative-draft-model"])
+@pytest.mark.parametrize("name", ["autoregressive", "speculative-prompt-lookup", "speculative-draft-model",
+                                  "entropy-adaptive"])
 def test_a_greedy_step_draws_no_random_numbers_and_a_sampled_one_does(name):
-    draft = tiny_model(seed=1) if name.endswith("draft-model") else None
+    draft = tiny_model(seed=1) if name.endswith("draft-model") or name == "entropy-adaptive" else None
     strategy = {"autoregressive": decoding.Autoregressive(),
                 "speculative-prompt-lookup": decoding.Speculative(PromptLookup(), gamma=2),
-                "speculative-draft-model": decoding.Speculative(DraftModel(), gamma=2)}[name]
+                "speculative-draft-model": decoding.Speculative(DraftModel(), gamma=2),
+                "entropy-adaptive": decoding.EntropyAdaptive(threshold=1.0)}[name]
     greedy = _step_primitives(strategy, decoding.Greedy(), draft)
     assert not greedy & set(RANDOM_PRIMITIVES), sorted(greedy & set(RANDOM_PRIMITIVES))
     sampled = _step_primitives(strategy, decoding.Sampling(temperature=0.7), draft)

@@ -1,0 +1,34 @@
+"""The transformers peers of the benchmarks run on a saved random Qwen2 model (CPU): eager and
+static-cache `generate` give the same greedy tokens, and the static mode reports what it
+compiled (nothing on CPU, where transformers does not auto-compile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_distill_models import save_tiny, tokenizer
+
+
+def test_static_cache_peer_matches_eager_generate(tmp_path):
+    pytest.importorskip("torch")
+    from experiments.bench_autoregressive import run_hf
+
+    tok = tokenizer()
+    directory = save_tiny(tmp_path / "m", layers=2, seed=3, tok=tok)
+    prompts = [tok.encode("the cat sat on")[:5], tok.encode("a dog ran")[:3], tok.encode("on the mat the")[:7]]
+    eos = (tok.eos_token_id,)
+    eager = run_hf(str(directory), prompts, eos, batch=2, max_new_tokens=6, mode="eager")
+    static = run_hf(str(directory), prompts, eos, batch=2, max_new_tokens=6, mode="static")
+    assert eager["mode"] == "eager" and static["mode"] == "static"
+    assert len(static["outputs"]) == len(prompts)
+    assert static["outputs"] == eager["outputs"]
+    assert all(1 <= len(o) <= 6 for o in static["outputs"])
+    assert static["tokens"] == sum(len(o) for o in static["outputs"])
+
+
+def test_unknown_peer_mode_is_refused(tmp_path):
+    pytest.importorskip("torch")
+    from experiments.bench_autoregressive import run_hf
+
+    with pytest.raises(ValueError, match="eager and/or static"):
+        run_hf(str(tmp_path), [[1, 2]], (0,), batch=1, max_new_tokens=2, mode="compiled")
