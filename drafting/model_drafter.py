@@ -1,5 +1,11 @@
 """Drafters that are language models: a small draft LM, or the target's own first layers.
 
+`LayerSkip` is self-speculative decoding without a second model: the target's first layers and
+its own head draft, the whole target verifies (LayerSkip, Elhoushi et al. 2024; Draft & Verify,
+Zhang et al. 2024, which skips chosen intermediate layers instead). Here the draft is always a
+prefix of the layers, used as trained (no early-exit training), and it shares the target's KV
+cache for those layers.
+
 Both implement `drafting.Proposer` through one generic engine that only needs a forward
 function (`_forward`) and a notion of how far the drafter's cache has caught up
 (`_drafted_len`). The engine drafts any shape:

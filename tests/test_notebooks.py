@@ -32,7 +32,7 @@ SMALL_SETTINGS = {
     "04_reproduce_a_paper.ipynb": {"SMALL": True},
 }
 # The figures each notebook draws (the quickstart: acceptance and tokens/s in one figure, then the tree).
-PLOTS = {"01_quickstart.ipynb": 2, "02_write_your_own_algorithm.ipynb": 1, "03_train_a_drafter.ipynb": 1,
+PLOTS = {"01_quickstart.ipynb": 2, "02_write_your_own_algorithm.ipynb": 1, "03_train_a_drafter.ipynb": 2,
          "04_reproduce_a_paper.ipynb": 1}
 CELL_TIMEOUT_S = 300
 
