@@ -16,6 +16,8 @@
 #   profile    experiments.profile_step on the 1.5B and 0.5B models            (~2)
 #   ar         autoregressive speed, 1.5B and 0.5B, XLA and Pallas attention,
 #              transformers eager beside                                       (~12, two runs)
+#   peer       autoregressive speed of the 1.5B model, batch 1 and 8, beside transformers' compiled
+#              static-cache generate (the fair peer), same process                   (~6)
 #   graphs     autoregressive speed, 1.5B and 0.5B, batch 1 and 8, with and without the decode
 #              loop as a CUDA graph (decoding.Options(command_buffers="while")), same process (~6)
 #   graphs_b1  Spec-Bench reference16, batch 1: ar and spec, each with and without the decode loop
@@ -106,6 +108,10 @@ case $stage in
       [ -f "$dir/$m.json" ] || timeout "$limit" python3 -m experiments.bench_autoregressive --models $m \
         --batch-sizes 1,8 --attention xla,pallas --hf --questions "$Q" --out "$dir/$m"
     done ;;
+  peer)
+    [ -f "$dir/qwen2.5-coder-1.5b-instruct.json" ] || timeout "$limit" python3 -m experiments.bench_autoregressive \
+      --models qwen2.5-coder-1.5b-instruct --batch-sizes 1,8 --hf --hf-modes static --hf-batch-sizes 1,8 \
+      --questions "$Q" --out "$dir/qwen2.5-coder-1.5b-instruct" ;;
   graphs)
     for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
       [ -f "$dir/$m.json" ] || timeout $((limit / 2)) python3 -m experiments.bench_autoregressive --models $m \
