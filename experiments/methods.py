@@ -12,6 +12,10 @@ missing one gives a clear error before any work starts):
                  tree=drafting.DynamicTree(depth, top_k, total_tokens))  + the --draft model
   pld        decoding.Speculative(drafting.PromptLookup(max_ngram), gamma)
   layerskip  decoding.Speculative(drafting.LayerSkip(layers), gamma)     (0 = half the layers)
+  eagle      an EAGLE-3-style head file (`eagle:file=PATH`, written by `drafting.eagle.save_head`)
+  medusa     a Medusa head file (`medusa:file=PATH`, `drafting.medusa.save_heads`); each drafts a
+             chain of `gamma`, a dynamic tree when `depth` > 0 (`top_k`, `nodes`), or a static
+             tree from `branching` ("4.2.2": children per depth)
   hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
 The draft model's weights reach `decoding.generate` through its `draft=` argument.
 
@@ -314,6 +318,40 @@ def _build_layerskip(env, opts):
                      cost={"kind": "chain", "gamma": opts["gamma"], "draft": {"layers": layers}})
 
 
+def _build_head(kind):
+    """`eagle` / `medusa`: a trained head file beside the target (no --draft model)."""
+    def build(env, opts):
+        from pathlib import Path
+
+        import decoding
+        import drafting
+        from drafting import eagle, medusa
+
+        if not opts["file"]:
+            raise MethodUnavailable(f"method {kind!r} needs its head file: {kind}:file=PATH (written by "
+                                    "python -m experiments.feature_drafters, or drafting.eagle.save_head / "
+                                    "drafting.medusa.save_heads).")
+        path = Path(opts["file"]).expanduser()
+        if not path.is_file():
+            raise MethodUnavailable(f"method {kind!r}: no head file at {path}.")
+        loader, proposer = (eagle.load_head, drafting.Eagle) if kind == "eagle" else (medusa.load_heads, drafting.Medusa)
+        draft = loader(path, env.target)
+        if opts["depth"]:
+            tree = drafting.DynamicTree(depth=opts["depth"], top_k=opts["top_k"], total_tokens=opts["nodes"])
+            strategy = decoding.TreeDecoding(proposer(), tree=tree)
+        elif opts["branching"]:
+            try:
+                branching = tuple(int(x) for x in opts["branching"].split("."))
+            except ValueError:
+                raise MethodSpecError(f"{kind}: branching={opts['branching']!r} is children per depth joined by "
+                                      "'.', e.g. 4.2.2.") from None
+            strategy = decoding.TreeDecoding(proposer(), tree=drafting.TreeTopology.from_branching(branching))
+        else:
+            strategy = decoding.Speculative(proposer(), gamma=opts["gamma"])
+        return JaxMethod(kind, kind, opts, env, strategy, draft_model=draft, cost=None)
+    return build
+
+
 def _hf(mode):
     def build(env, opts):
         from . import hf_peers
@@ -345,6 +383,16 @@ for _spec in (
     MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
                {"gamma": 4, "layers": 0, "graphs": "", "attention": ""},
                needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
+    MethodSpec("eagle", "an EAGLE-3-style head file (file=PATH): chain, dynamic tree (depth > 0) or static tree "
+                        "(branching)", _build_head("eagle"),
+               {"file": "", "gamma": 4, "depth": 0, "top_k": 8, "nodes": 32, "branching": "", "graphs": "",
+                "attention": ""},
+               needs("decoding.TreeDecoding", "drafting.Eagle", "drafting.eagle.load_head", method="eagle")),
+    MethodSpec("medusa", "Medusa heads from a head file (file=PATH): chain, dynamic tree (depth > 0) or static "
+                         "tree (branching)", _build_head("medusa"),
+               {"file": "", "gamma": 3, "depth": 0, "top_k": 8, "nodes": 32, "branching": "", "graphs": "",
+                "attention": ""},
+               needs("decoding.TreeDecoding", "drafting.Medusa", "drafting.medusa.load_heads", method="medusa")),
     MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
                uses_torch=True),
     MethodSpec("hf_assisted", "transformers assisted generation (assistant_model = the --draft model)",

@@ -18,6 +18,10 @@
 #              transformers eager beside                                       (~12, two runs)
 #   peer       autoregressive speed of the 1.5B model, batch 1 and 8, beside transformers' compiled
 #              static-cache generate (the fair peer), same process                   (~6)
+#   heads      feature drafters (experiments.feature_drafters; rows $HEAD_ROWS, default eagle) trained
+#              $HEAD_MINUTES (default 5) minutes each on stored ShareGPT + GSM8K-train answers, tuned
+#              on the held-out tuning split, then Spec-Bench reference16 at batch 1; resumable:
+#              run it again until it says done                                 (~15, two commands)
 #   graphs     autoregressive speed, 1.5B and 0.5B, batch 1 and 8, with and without the decode
 #              loop as a CUDA graph (decoding.Options(command_buffers="while")), same process (~6)
 #   graphs_b1  Spec-Bench reference16, batch 1: ar and spec, each with and without the decode loop
@@ -112,6 +116,12 @@ case $stage in
     [ -f "$dir/qwen2.5-coder-1.5b-instruct.json" ] || timeout "$limit" python3 -m experiments.bench_autoregressive \
       --models qwen2.5-coder-1.5b-instruct --batch-sizes 1,8 --hf --hf-modes static --hf-batch-sizes 1,8 \
       --questions "$Q" --out "$dir/qwen2.5-coder-1.5b-instruct" ;;
+  heads)
+    timeout "$limit" python3 -m experiments.feature_drafters --out "$dir" --rows "${HEAD_ROWS:-eagle}" \
+      --stored-answers --limit-per-source 3000 --train-conversations 0 --seq-len 1024 --batch-size 4 \
+      --accumulate 4 --steps 100000 --warmup 30 --max-minutes "${HEAD_MINUTES:-5}" --eval-every -1 \
+      --gammas 4 --trees 6x8x48 --tune-prompts 16 --eval-batch 8 --specbench-batch 1 \
+      --specbench-subset reference16 --questions "$Q" --no-progress ;;
   graphs)
     for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
       [ -f "$dir/$m.json" ] || timeout $((limit / 2)) python3 -m experiments.bench_autoregressive --models $m \
@@ -171,6 +181,9 @@ case $stage in
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 rc=$?
-tar czf "$OUT/$stage.tgz" -C "$WORK" "$stage"
+# Training data, checkpoints and weight files stay on the machine (they would not fit the 16 MiB
+# a returned file may have); their summaries and metrics come back.
+tar czf "$OUT/$stage.tgz" --exclude="$stage/data" --exclude="$stage/*/ckpt" --exclude="*.safetensors" \
+  --exclude="$stage/*/data" -C "$WORK" "$stage"
 echo "stage $stage: exit $rc; packed $OUT/$stage.tgz"
 exit $rc

@@ -1,0 +1,494 @@
+"""Feature drafters on the real target: train an EAGLE-3-style head and Medusa heads, then measure.
+
+    python -m experiments.feature_drafters --out experiments/results/feature_drafters/h100 \
+        --rows eagle,medusa --steps 2000 --max-minutes 30
+    python -m experiments.feature_drafters --toy --out /tmp/feature_drafters_toy   # tiny random target, CPU
+
+EAGLE-3 (Li et al. 2025) and Medusa (Cai et al. 2024); the heads are `drafting.eagle` and
+`drafting.medusa`, their recipes `distill.EagleRecipe` and `distill.MedusaRecipe` on the shared
+trainer (docs/drafters.md, docs/distill.md). One run:
+
+  1. loads the target through `decoding.load` (registry name: the Q4_K_M GGUF dequantized to
+     bf16);
+  2. builds the data once (under <out>/data, reused by reruns; `experiments.distillspec`'s
+     builder): ShareGPT conversations and GSM8K train questions, split by a seeded shuffle into
+     training conversations and a held-out *tuning* split (never trained on, never reported as
+     a result); the answers are written again by the target (`--stored-answers` keeps the
+     stored ones);
+  3. for every row of --rows trains the head (a `distill.Trainer` under <out>/<row>/:
+     checkpoints, metrics.jsonl, plot.png; a rerun resumes; --steps and --max-minutes bound
+     each row, and a row stopped by the time budget counts as trained at the step it reached),
+     writes the head file (<out>/<row>/head.safetensors, bf16), and tunes on the tuning split:
+     every gamma of --gammas (chains) and every shape of --trees (EAGLE-2 dynamic trees,
+     depth x top_k x nodes), each against autoregressive decoding in the same process; the
+     fastest chain and the fastest tree are the row's settings;
+  4. runs Spec-Bench through the harness's command line (`experiments.specbench`, methods
+     `ar`, the row's chain and the row's tree, at each --specbench-batch) in
+     <out>/<row>/specbench_b<B>/ (the harness resumes by itself);
+  5. writes results.jsonl (one record per row x stage; present records are skipped, so a
+     rerun does only what is missing), summary.json, summary.md and summary.png.
+
+Rows: `eagle` (options `:ttt=<unrolled steps>`, `:lr=<rate>`) and `medusa` (`:heads=<k>`,
+`:soft=1` for the target's distributions as labels, `:lr=`). Default: eagle, medusa.
+Training cost (device, minutes, tokens) is recorded per row.
+
+Exit codes: 0 done, 2 bad arguments, 130 interrupted or stopped by the time budget mid-row
+(rerun the same command to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .distillspec import append_result, build_data, device_name, read_results
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results" / "feature_drafters"
+DEFAULT_ROWS = ("eagle", "medusa")
+DEFAULT_LR = {"eagle": 3e-4, "medusa": 1e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One table row: a head kind and its training options."""
+
+    label: str
+    kind: str
+    ttt: int = 3
+    heads: int = 4
+    soft: bool = False
+    lr: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Row":
+        kind, *opts = text.split(":")
+        if kind not in DEFAULT_LR:
+            raise ValueError(f"unknown row {text!r}: use eagle (options ttt=, lr=) or medusa (heads=, soft=, lr=).")
+        allowed = {"eagle": ("ttt", "lr"), "medusa": ("heads", "soft", "lr")}[kind]
+        kw = {}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key not in allowed:
+                raise ValueError(f"row {text!r}: unknown option {key!r} ({kind} takes {', '.join(allowed)}).")
+            kw[key] = float(value) if key == "lr" else bool(int(value)) if key == "soft" else int(value)
+        row = cls(label=text, kind=kind, **kw)
+        if row.ttt < 1 or row.heads < 1:
+            raise ValueError(f"row {text!r}: ttt and heads must be >= 1.")
+        return row
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(":", "_").replace("=", "")
+
+
+def parse_tree(text: str) -> tuple[int, int, int]:
+    """'6x8x48' -> (depth, top_k, nodes)."""
+    try:
+        depth, top_k, nodes = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"tree shape {text!r}: write depth x top_k x nodes, e.g. 6x8x48.") from None
+    return depth, top_k, nodes
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_for(row: Row, target, options=None):
+    import distill
+    from drafting import eagle, medusa
+
+    if row.kind == "eagle":
+        weights = tuple(round(0.8 ** i, 6) for i in range(row.ttt))  # EAGLE-3's step weights
+        return distill.EagleRecipe(target.config, eagle.config_for(target), weights=weights, options=options)
+    return distill.MedusaRecipe(target.config, medusa.config_for(target, row.heads), soft=row.soft, options=options)
+
+
+def head_model(row: Row, target, recipe, params):
+    """The trained head as the `draft=` model."""
+    from distill import eagle as eagle_recipe
+    from distill import medusa as medusa_recipe
+
+    return (eagle_recipe if row.kind == "eagle" else medusa_recipe).drafter(target, recipe, params)
+
+
+def proposer(row: Row):
+    import drafting
+
+    return drafting.Eagle() if row.kind == "eagle" else drafting.Medusa()
+
+
+def save_head(row: Row, recipe, params, path: Path) -> Path:
+    from drafting import eagle, medusa
+
+    head = recipe.head_params(params)
+    if row.kind == "eagle":
+        return eagle.save_head(path, recipe.head, head)
+    return medusa.save_heads(path, recipe.heads, head)
+
+
+def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
+    """Train (or resume) the row's head; returns the training record (cost included)."""
+    import jax
+    import jax.numpy as jnp
+
+    import decoding
+    import distill
+    from distill.checkpoint import config_dict
+
+    row_dir = out / row.slug
+    done_file = row_dir / "trained.json"
+    if done_file.is_file():
+        return json.loads(done_file.read_text())
+    cfg = distill.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
+                              seq_len=args.seq_len, learning_rate=row.lr or args.lr or DEFAULT_LR[row.kind],
+                              warmup_steps=args.warmup, compute_dtype="float32" if args.toy else "bfloat16",
+                              seed=args.seed, log_every=args.log_every, eval_every=max(args.eval_every, 0),
+                              checkpoint_every=args.checkpoint_every)
+    recipe = recipe_for(row, target, decoding.Options.from_env())
+    frozen_dtype = jnp.float32 if args.toy else jnp.bfloat16
+    if row.kind == "eagle":
+        trainable, frozen = recipe.init(target.params, jax.random.PRNGKey(args.seed), frozen_dtype=frozen_dtype)
+    else:
+        trainable, frozen = recipe.init(target.params, frozen_dtype=frozen_dtype)
+    batches = distill.Batches(packed, cfg.batch_size, cfg.accumulate, seed=args.seed)
+    eval_prompts = heldout[: args.eval_prompts]
+    eval_gamma = min(args.eval_gamma, row.heads) if row.kind == "medusa" else args.eval_gamma  # k heads: <= k deep
+
+    def evaluate(params):
+        return distill.acceptance(target, head_model(row, target, recipe, params), eval_prompts,
+                                  gamma=eval_gamma, max_new_tokens=args.eval_tokens, batch_size=args.eval_batch,
+                                  drafter=proposer(row))
+
+    identity = {"target": config_dict(target.config), "row": row.label, "train": dataclasses.asdict(cfg)}
+    trainer = distill.Trainer(recipe, cfg, trainable, frozen, lambda step, params: batches.batch(step),
+                              out_dir=row_dir, evaluate=evaluate if args.eval_every >= 0 else None, identity=identity, progress=not args.no_progress)
+    summary = trainer.run(max_minutes=args.max_minutes)
+    with (row_dir / "sessions.jsonl").open("a") as f:  # training cost over resumed sessions
+        f.write(json.dumps({"session_s": summary["session_s"], "steps": summary["session_steps"]}) + "\n")
+    sessions = distill.trainer.read_jsonl(row_dir / "sessions.jsonl")
+    head_file = save_head(row, recipe, jax.device_get(trainer.params), row_dir / "head.safetensors")
+    metrics = distill.trainer.read_jsonl(row_dir / "metrics.jsonl")
+    train_rows = [m for m in metrics if m.get("kind") == "train"]
+    last = train_rows[-1] if train_rows else {}
+    record = {"row": row.label, "steps": summary["step"], "stopped": summary["stopped"],
+              "tokens_seen": summary["step"] * cfg.batch_size * cfg.accumulate * cfg.seq_len,
+              "train_tokens_per_s": last.get("tokens_per_s"),
+              "train_minutes": sum(m["session_s"] for m in sessions) / 60.0,
+              "final_loss": last.get("loss"),
+              "final_top1": {k: v for k, v in last.items() if k.startswith("top1_")},
+              "learning_rate": cfg.learning_rate, "head_file": str(head_file),
+              "head_file_bytes": head_file.stat().st_size, "device": device_name()}
+    if summary["step"] >= cfg.steps or summary["stopped"] == "time budget":
+        done_file.write_text(json.dumps(record, indent=1))
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning (held-out tuning split) and Spec-Bench
+# --------------------------------------------------------------------------------------------
+
+
+def timed(target, prompts, *, strategy=None, draft=None, batch: int, tokens: int, bucket: int) -> dict:
+    """Tokens, target forwards and run time of `decoding.generate` over `prompts` (batches filled
+    by repeating the last prompt, which does not count; one compile call outside the timing)."""
+    import numpy as np
+
+    import decoding
+
+    kw = dict(strategy=strategy, draft=draft, max_new_tokens=tokens, prompt_bucket=bucket)
+    new = forwards = 0
+    run_s = 0.0
+    hist = None
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch - n)
+        if start == 0:
+            decoding.generate(target, chunk, **kw)
+        st = decoding.generate(target, chunk, **kw).stats
+        new += sum(st.tokens_per_row[:n])
+        forwards += sum(st.forwards_per_row[:n])
+        run_s += st.run_s
+        if "accept_histogram" in st.extra and n == batch:
+            h = np.asarray(st.extra["accept_histogram"], np.int64)
+            hist = h if hist is None else hist + h
+    out = {"tokens": int(new), "tau": new / forwards if forwards else None, "tokens_per_s": new / run_s}
+    if hist is not None:  # P(depth d reached | d - 1 reached), d = 1..: acceptance per position
+        reach = [int(hist[d:].sum()) for d in range(len(hist))]
+        out["acceptance_per_position"] = [reach[d] / reach[d - 1] if reach[d - 1] else None
+                                          for d in range(1, len(hist))]
+    return out
+
+
+def tune(args, row: Row, target, head, heldout) -> dict:
+    """Chains (--gammas) and dynamic trees (--trees) on the tuning split, against `ar`."""
+    import decoding
+    import drafting
+    from decoding import shapes
+
+    prompts = heldout[: args.tune_prompts]
+    bucket = shapes.prompt_bucket(max(len(p) for p in prompts))
+    kw = dict(batch=args.eval_batch, tokens=args.eval_tokens, bucket=bucket)
+    ar = timed(target, prompts, **kw)
+    chains, trees = {}, {}
+    max_gamma = row.heads if row.kind == "medusa" else None
+    for g in args.gammas:
+        if max_gamma is not None and g > max_gamma:
+            continue
+        r = timed(target, prompts, strategy=decoding.Speculative(proposer(row), gamma=g), draft=head, **kw)
+        chains[str(g)] = {**r, "speedup": r["tokens_per_s"] / ar["tokens_per_s"]}
+    for text in args.trees:
+        depth, top_k, nodes = parse_tree(text)
+        if max_gamma is not None and depth > max_gamma:
+            continue
+        strategy = decoding.TreeDecoding(proposer(row), tree=drafting.DynamicTree(depth=depth, top_k=top_k,
+                                                                                  total_tokens=nodes))
+        r = timed(target, prompts, strategy=strategy, draft=head, **kw)
+        trees[text] = {**r, "speedup": r["tokens_per_s"] / ar["tokens_per_s"]}
+    best_chain = max(chains, key=lambda g: chains[g]["speedup"]) if chains else None
+    best_tree = max(trees, key=lambda t: trees[t]["speedup"]) if trees else None
+    return {"ar_tokens_per_s": ar["tokens_per_s"], "chains": chains, "trees": trees, "gamma": best_chain,
+            "tree": best_tree, "prompts": len(prompts)}
+
+
+def specbench_methods(row: Row, head_file: Path, tuned: dict) -> list[str]:
+    methods = ["ar"]
+    if tuned.get("gamma"):
+        methods.append(f"{row.kind}:file={head_file}:gamma={tuned['gamma']}")
+    if tuned.get("tree"):
+        depth, top_k, nodes = parse_tree(tuned["tree"])
+        methods.append(f"{row.kind}:file={head_file}:depth={depth}:top_k={top_k}:nodes={nodes}")
+    return methods
+
+
+def run_specbench(args, row: Row, methods: list[str], batch: int, out: Path) -> dict:
+    """Spec-Bench through the harness's command line; returns its overall figures per method."""
+    run_dir = out / row.slug / f"specbench_b{batch}"
+    cmd = [sys.executable, "-m", "experiments.specbench", "--target", args.target, "--methods", ",".join(methods),
+           "--batch-size", str(batch), "--subset", args.specbench_subset, "--max-new-tokens",
+           str(args.specbench_tokens), "--out", str(run_dir), "--no-progress"]
+    if args.questions:
+        cmd += ["--questions", args.questions]
+    print("$ " + " ".join(cmd), file=sys.stderr)
+    rc = subprocess.call(cmd, cwd=REPO)
+    if rc != 0:
+        raise RuntimeError(f"Spec-Bench run for {row.label} (batch {batch}) exited with {rc}; rerun to resume it.")
+    summary = json.loads((run_dir / "summary.json").read_text())["summary"]["methods"]
+    return {"batch": batch, "command": " ".join(cmd),
+            "methods": {label: d.get("overall", {}) for label, d in summary.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def write_summary(out: Path, results: list[dict], args) -> dict:
+    by_row: dict[str, dict] = {}
+    for r in results:
+        by_row.setdefault(r["row"], {})[r["kind"]] = r
+    title = ("# Feature drafters for " + args.target) if not args.toy else "# Feature drafters (toy target: noise, not a result)"
+    lines = [title, "", f"Command: `{args.command}`", "",
+             "Training (cost per row) and tuning on the held-out tuning split (never trained on; the settings "
+             "chosen here are the ones Spec-Bench measures):", "",
+             "| row | steps | tokens seen | train tok/s | minutes | device | head file MB | best chain (gamma: tau, "
+             "speedup) | best tree (shape: tau, speedup) |", "|" + "---|" * 9]
+    for label, kinds in by_row.items():
+        t, h = kinds.get("train", {}), kinds.get("tuning", {})
+        chain = h.get("chains", {}).get(str(h.get("gamma")), {})
+        tree = h.get("trees", {}).get(str(h.get("tree")), {})
+        mb = t.get("head_file_bytes")
+        lines.append(f"| {label} | {t.get('steps', '-')} | {t.get('tokens_seen', '-')} | "
+                     f"{_fmt(t.get('train_tokens_per_s'))} | {_fmt(t.get('train_minutes'))} | {t.get('device', '-')} | "
+                     f"{_fmt(mb / 2**20 if mb else None)} | {h.get('gamma', '-')}: {_fmt(chain.get('tau'))}, "
+                     f"{_fmt(chain.get('speedup'))}x | {h.get('tree', '-')}: {_fmt(tree.get('tau'))}, "
+                     f"{_fmt(tree.get('speedup'))}x |")
+    sb = [(label, v) for label, kinds in by_row.items() for k, v in kinds.items() if k.startswith("specbench")]
+    if sb:
+        lines += ["", "Spec-Bench (never trained or tuned on), each method against `ar` in the same process "
+                  "(speedup = tokens/s ratio):", "", "| row | batch | method | tau | tokens/s | speedup |",
+                  "|---|---|---|---|---|---|"]
+        for label, v in sb:
+            for m, d in v["methods"].items():
+                lines.append(f"| {label} | {v['batch']} | {m.split(':file=')[0]}{_settings(m)} | {_fmt(d.get('tau'))} | "
+                             f"{_fmt(d.get('tokens_per_s'))} | {_fmt(d.get('speedup'))} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    summary = {"rows": by_row, "command": args.command, "toy": args.toy}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _plot(out, by_row)
+    return summary
+
+
+def _settings(method: str) -> str:
+    """The options of a head method without its file path."""
+    parts = [p for p in method.split(":")[1:] if not p.startswith("file=")]
+    return (":" + ":".join(parts)) if parts else ""
+
+
+def _plot(out: Path, by_row: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distill.trainer import read_jsonl
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for label, kinds in by_row.items():
+        train = [m for m in read_jsonl(out / Row.parse(label).slug / "metrics.jsonl") if m.get("kind") == "train"]
+        if train:
+            axes[0].plot([m["step"] for m in train], [m["loss"] for m in train], label=label)
+        h = kinds.get("tuning")
+        chain = h and h.get("chains", {}).get(str(h.get("gamma")))
+        if chain and chain.get("acceptance_per_position"):
+            pos = chain["acceptance_per_position"]
+            axes[1].plot(range(1, len(pos) + 1), [p if p is not None else float("nan") for p in pos], "o-",
+                         label=f"{label}, chain gamma {h['gamma']}")
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].set_title("training loss")
+    axes[1].set_xlabel("draft position"), axes[1].set_ylabel("acceptance"), axes[1].set_title("tuning split")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.feature_drafters", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--toy", action="store_true", help="a tiny random target and a few GSM8K questions (CPU)")
+    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}/<run>)")
+    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    p.add_argument("--sources", default="sharegpt,gsm8k")
+    p.add_argument("--limit-per-source", type=int, default=None, help="first N conversations of each source")
+    p.add_argument("--train-conversations", type=int, default=4000, help="training conversations (0 = all)")
+    p.add_argument("--stored-answers", action="store_true", help="train on the answers as stored (no target rewrite)")
+    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per target-written answer")
+    p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--max-prompt-len", type=int, default=512)
+    p.add_argument("--heldout", type=int, default=64, help="conversations held out as the tuning split")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per row")
+    p.add_argument("--max-minutes", type=float, default=None, help="training time budget per row")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: eagle 3e-4, medusa 1e-3)")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=250, help="acceptance on held-out prompts every N steps (0: at the end only; -1: never, "
+                        "the tuning stage measures it)")
+    p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--eval-gamma", type=int, default=4)
+    p.add_argument("--eval-tokens", type=int, default=128)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--gammas", default="3,4,5,6", help="chain lengths tried on the tuning split")
+    p.add_argument("--trees", default="5x4x32,6x8x48", help="dynamic tree shapes (depth x top_k x nodes) tried")
+    p.add_argument("--tune-prompts", type=int, default=32)
+    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
+    p.add_argument("--specbench-subset", default="all")
+    p.add_argument("--specbench-tokens", type=int, default=256)
+    p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default: ../shared/data/...)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def toy_defaults(args) -> None:
+    """Small settings for --toy (each only where the flag was left at its default)."""
+    defaults = parser().parse_args([])
+    small = dict(sources="gsm8k", limit_per_source=48, train_conversations=40, max_prompt_len=448, heldout=8,
+                 seq_len=512, batch_size=2, accumulate=1, steps=4, warmup=1, log_every=2, eval_every=0,
+                 eval_prompts=4, eval_tokens=12, eval_batch=4, checkpoint_every=2, gammas="2,3", trees="2x2x4",
+                 tune_prompts=4, specbench_batch="")
+    for k, v in small.items():
+        if getattr(args, k) == getattr(defaults, k):
+            setattr(args, k, v)
+    args.stored_answers = True  # the toy target's answers are noise; the stored ones are as good
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.command = "python -m experiments.feature_drafters " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.toy:
+        toy_defaults(args)
+    try:
+        rows = [Row.parse(r) for r in args.rows.split(",") if r]
+        args.sources = [s for s in args.sources.split(",") if s]
+        args.gammas = [int(g) for g in str(args.gammas).split(",") if g]
+        args.trees = [t for t in str(args.trees).split(",") if t]
+        for t in args.trees:
+            parse_tree(t)
+        batches = [int(b) for b in str(args.specbench_batch).split(",") if b]
+        if args.toy and batches:
+            raise ValueError("Spec-Bench needs the real target: drop --specbench-batch with --toy.")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else RESULTS / ("toy" if args.toy else "run")
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    try:
+        import jax.numpy as jnp
+
+        import decoding
+
+        if args.toy:
+            from experiments.toy import load_toy
+
+            target = load_toy("toy")
+        else:
+            target = decoding.load(args.target, dtype=jnp.dtype(args.dtype))
+        packed, heldout = build_data(args, target, out)
+        for row in rows:
+            have = {(r["row"], r["kind"]) for r in read_results(results_path)}
+            t0 = time.perf_counter()
+            if (row.label, "train") not in have:
+                record = train_row(args, row, target, packed, heldout, out)
+                if not (out / row.slug / "trained.json").is_file():
+                    print(f"{row.label}: stopped at step {record['steps']}; rerun to continue.", file=sys.stderr)
+                    return 130
+                append_result(results_path, {**record, "kind": "train"})
+            head_file = out / row.slug / "head.safetensors"
+            from drafting import eagle, medusa
+
+            head = (eagle.load_head if row.kind == "eagle" else medusa.load_heads)(head_file, target)
+            if (row.label, "tuning") not in have:
+                append_result(results_path, {"row": row.label, "kind": "tuning", **tune(args, row, target, head, heldout)})
+            tuned = next(r for r in read_results(results_path) if r["row"] == row.label and r["kind"] == "tuning")
+            for b in batches:
+                if (row.label, f"specbench_b{b}") not in have:
+                    sb = run_specbench(args, row, specbench_methods(row, head_file, tuned), b, out)
+                    append_result(results_path, {"row": row.label, "kind": f"specbench_b{b}", **sb})
+            print(f"{row.label}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        write_summary(out, read_results(results_path), args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue.", file=sys.stderr)
+        return 130
+    print(out / "summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
