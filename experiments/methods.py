@@ -12,6 +12,9 @@ missing one gives a clear error before any work starts):
                  tree=drafting.DynamicTree(depth, top_k, total_tokens))  + the --draft model
   pld        decoding.Speculative(drafting.PromptLookup(max_ngram), gamma)
   layerskip  decoding.Speculative(drafting.LayerSkip(layers), gamma)     (0 = half the layers)
+  ht         hidden transfer (drafting.HiddenTransfer, maps=PATH): a chain of gamma or tree=4-2-2
+  medusa     Medusa heads (drafting.Medusa, heads=PATH): a chain of gamma or tree=4-2-2
+  eagle      the EAGLE-3-style head (drafting.Eagle, head=PATH) on a dynamic tree
   hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
 The draft model's weights reach `decoding.generate` through its `draft=` argument.
 
@@ -314,6 +317,61 @@ def _build_layerskip(env, opts):
                      cost={"kind": "chain", "gamma": opts["gamma"], "draft": {"layers": layers}})
 
 
+def _feature_shape(opts, method: str):
+    """The draft shape of a head/map method: `tree=4-2-2` (branching per depth, a static
+    `drafting.TreeTopology`; '-' because ',' separates methods) or, when empty, a chain of `gamma`."""
+    if not opts.get("tree"):
+        return None
+    try:
+        branching = tuple(int(b) for b in str(opts["tree"]).split("-"))
+    except ValueError:
+        raise MethodSpecError(f"method {method!r}: tree={opts['tree']!r} is not branching factors joined by '-', "
+                              "e.g. tree=4-2-2.") from None
+    return _attr("drafting", "TreeTopology", method).from_branching(branching)
+
+
+def _file_option(opts, key: str, method: str) -> str:
+    path = opts.get(key) or ""
+    if not path:
+        raise MethodUnavailable(f"method {method!r} needs {key}=PATH (a file written by its trainer, e.g. "
+                                "experiments.hidden_transfer).")
+    return path
+
+
+def _build_feature_strategy(method, drafter, opts, cost):
+    shape = _feature_shape(opts, method)
+    if shape is None:
+        return _attr("decoding", "Speculative", method)(drafter, gamma=opts["gamma"]), dict(cost, kind="chain-self",
+                                                                                           gamma=opts["gamma"])
+    cost = dict(cost, kind="tree-self", nodes=shape.num_nodes, depth=shape.max_depth)
+    return _attr("decoding", "TreeDecoding", method)(drafter, tree=shape), cost
+
+
+def _build_ht(env, opts):
+    ht = importlib.import_module("drafting.hidden_transfer")
+    maps = ht.load_maps(_file_option(opts, "maps", "ht"), env.target)
+    strategy, cost = _build_feature_strategy("ht", ht.HiddenTransfer(), opts,
+                                             {"draft": {"layer": maps.config.layer, "k": maps.config.num_maps}})
+    return JaxMethod("ht", "ht", opts, env, strategy, draft_model=maps, cost=cost)
+
+
+def _build_medusa(env, opts):
+    medusa = importlib.import_module("drafting.medusa")
+    heads = medusa.load_heads(_file_option(opts, "heads", "medusa"), env.target)
+    strategy, cost = _build_feature_strategy("medusa", medusa.Medusa(), opts, {"draft": {"heads": heads.config.num_heads}})
+    return JaxMethod("medusa", "medusa", opts, env, strategy, draft_model=heads, cost=cost)
+
+
+def _build_eagle(env, opts):
+    eagle = importlib.import_module("drafting.eagle")
+    head = eagle.load_head(_file_option(opts, "head", "eagle"), env.target)
+    tree = _attr("drafting", "DynamicTree", "eagle")(depth=opts["depth"], top_k=opts["top_k"],
+                                                     total_tokens=opts["nodes"])
+    strategy = _attr("decoding", "TreeDecoding", "eagle")(eagle.Eagle(), tree=tree)
+    return JaxMethod("eagle", "eagle", opts, env, strategy, draft_model=head,
+                     cost={"kind": "tree-eagle", "nodes": opts["nodes"], "depth": opts["depth"]})
+
+
 def _hf(mode):
     def build(env, opts):
         from . import hf_peers
@@ -345,6 +403,17 @@ for _spec in (
     MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
                {"gamma": 4, "layers": 0, "graphs": "", "attention": ""},
                needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
+    MethodSpec("ht", "hidden transfer: the target drafts from pseudo states of its own verify forward "
+                     "(maps=PATH from drafting.hidden_transfer.save_maps; tree=4-2-2 static tree, else a chain "
+                     "of gamma)", _build_ht, {"maps": "", "tree": "", "gamma": 3, "graphs": "", "attention": ""},
+               needs("decoding.TreeDecoding", "drafting.hidden_transfer.HiddenTransfer", method="ht")),
+    MethodSpec("medusa", "Medusa heads (heads=PATH from drafting.medusa.save_heads; tree=4-2-2 static tree, "
+                         "else a chain of gamma)", _build_medusa,
+               {"heads": "", "tree": "", "gamma": 3, "graphs": "", "attention": ""},
+               needs("decoding.TreeDecoding", "drafting.Medusa", method="medusa")),
+    MethodSpec("eagle", "EAGLE-3-style head on a dynamic tree (head=PATH from drafting.eagle.save_head)",
+               _build_eagle, {"head": "", "depth": 6, "top_k": 10, "nodes": 60, "graphs": "", "attention": ""},
+               needs("decoding.TreeDecoding", "drafting.Eagle", method="eagle")),
     MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
                uses_torch=True),
     MethodSpec("hf_assisted", "transformers assisted generation (assistant_model = the --draft model)",
