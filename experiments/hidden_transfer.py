@@ -187,9 +187,11 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
             return dht.drafter(target, recipe, params)
         return dmedusa.drafter(target, recipe, params)
 
+    proposer = HiddenTransfer() if row.kind == "ht" else Medusa()
+
     def evaluate(params):
         return distill.acceptance(target, to_draft(params), eval_prompts, gamma=gamma, max_new_tokens=args.eval_tokens,
-                                  batch_size=args.eval_batch, drafter=HiddenTransfer() if row.kind == "ht" else Medusa())
+                                  batch_size=args.eval_batch, drafter=proposer)
 
     identity = {"target": config_dict(target.config), "row": row.label, "train": dataclasses.asdict(cfg),
                 "drafter": dataclasses.asdict(dcfg)}

@@ -358,7 +358,8 @@ def _build_ht(env, opts):
 def _build_medusa(env, opts):
     medusa = importlib.import_module("drafting.medusa")
     heads = medusa.load_heads(_file_option(opts, "heads", "medusa"), env.target)
-    strategy, cost = _build_feature_strategy("medusa", medusa.Medusa(), opts, {"draft": {"heads": heads.config.num_heads}})
+    strategy, cost = _build_feature_strategy("medusa", medusa.Medusa(), opts,
+                                             {"draft": {"heads": heads.config.num_heads}})
     return JaxMethod("medusa", "medusa", opts, env, strategy, draft_model=heads, cost=cost)
 
 

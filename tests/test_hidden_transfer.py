@@ -242,7 +242,11 @@ def test_training_forward_equals_the_structured_forward_and_the_loss_is_the_kl()
     total, (count, metrics) = jax.jit(recipe.loss)(trainable, {"target": m.params}, batch)
     q = np.asarray(ht.pseudo_logits(m.config, m.params, pseudo), np.float64)[0]  # [T, k, V]
     p = np.asarray(logits, np.float64)[0]
-    lsm = lambda x: x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))  # noqa: E731
+
+    def lsm(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
     seg, lm = _packed_batch()["segments"][0], _packed_batch()["loss_mask"][0]
     want, kept = 0.0, 0
     for i in range(1, K + 1):

@@ -24,7 +24,8 @@ def test_toy_run_end_to_end_and_resume(tmp_path):
     assert kinds == {(r, k) for r in exp.TOY_ROWS for k in ("train", "heldout")}
     for r in rows:
         if r["kind"] == "train":
-            assert r["steps"] == 6 and r["tokens_seen"] > 0 and r["train_tokens_per_s"] > 0 and r["trainable_params"] > 0
+            assert r["steps"] == 6 and r["tokens_seen"] > 0 and r["train_tokens_per_s"] > 0
+            assert r["trainable_params"] > 0
         else:
             assert r["shape"] in r["per_shape"] and r["tau"] >= 1.0 and r["speedup"] > 0
     assert (out / "ht_k2" / "maps.safetensors").is_file() and (out / "medusa_k2" / "heads.safetensors").is_file()
@@ -66,7 +67,8 @@ def test_spec_bench_methods_load_map_and_head_files_and_decode_losslessly(tmp_pa
     heads_path = medusa.save_heads(tmp_path / "heads.safetensors", hcfg, medusa.init_heads(hcfg))
     prompt = [list(b"hello there")]
     ar = methods.parse("ar").build(env).generate(prompt, 0).tokens
-    for label in (f"ht:maps={maps_path}:tree=2-2", f"ht:maps={maps_path}:gamma=2", f"medusa:heads={heads_path}:gamma=2"):
+    labels = (f"ht:maps={maps_path}:tree=2-2", f"ht:maps={maps_path}:gamma=2", f"medusa:heads={heads_path}:gamma=2")
+    for label in labels:
         m = methods.parse(label).build(env)
         assert m.generate(prompt, 0).tokens == ar, label
     assert isinstance(methods.parse(f"ht:maps={maps_path}:tree=2-2").build(env).strategy.drafter, ht.HiddenTransfer)
