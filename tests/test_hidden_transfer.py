@@ -9,8 +9,9 @@
   tokens (the pseudo positions' throwaway slots are never committed), and the pseudo states
   the proposer holds equal those of a fresh forward over the committed context (the hand-over
   from verification picks the last accepted node in every row).
-- Sampled chains (q = the pseudo positions' processed distributions) and static trees (one-hot
-  siblings) follow the target's law (chi-square over every 4-token continuation).
+- Sampled chains (q = the pseudo positions' processed distributions), static and dynamic trees
+  (one-hot siblings) follow the target's law (chi-square over every 4-token continuation).
+- Another family (Gemma 3, a sliding window shorter than the prompts) decodes losslessly.
 - Training: the recipe's cheaper pseudo forward (target cache + slot mask) equals the
   structured-mask forward per packed sequence; a short run raises the pseudo positions'
   acceptance measured end to end; the maps survive save / load and decode losslessly.
@@ -67,6 +68,20 @@ def test_greedy_equals_autoregressive(case, layer):
     hist = np.asarray(state.accept_hist)
     assert hist[1:].sum() > 0 and hist[0] > 0, f"{case}: no round accepted (or none rejected): {hist}"
     assert result.stats.extra["draft_forwards"] == 0  # drafting rides on the verify forward
+
+
+def test_greedy_equals_autoregressive_on_gemma3_with_a_short_window():
+    """Another family (Gemma 3: sliding-window layers, a window shorter than the prompts, so
+    pseudo positions sit at the window's edge) decodes losslessly with a static tree."""
+    cfg = decoding.Gemma3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                                num_kv_heads=1, head_dim=16, sliding_window=4,
+                                layer_types=("sliding_attention", "sliding_attention", "full_attention"))
+    m = Model(cfg, decoding.init_params(cfg, jax.random.PRNGKey(4), scale=0.5), source="tiny-gemma3")
+    ar = generate(m, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=())
+    strategy = TreeDecoding(HT, tree=TreeTopology.from_branching((3, 2)))
+    result, state = run_state(m, PROMPTS, strategy, draft=maps_for(m, 1, 5, 0.3))
+    assert result.tokens == ar.tokens
+    assert np.asarray(state.accept_hist)[1:].sum() > 0
 
 
 def test_pseudo_positions_leave_the_real_tokens_unchanged():
@@ -147,10 +162,11 @@ SAMPLING = Sampling(temperature=0.8, top_k=4)
 ALPHA = 1e-3
 
 
-@pytest.mark.parametrize("case", ["chain", "tree-static"])
+@pytest.mark.parametrize("case", ["chain", "tree-static", "tree-dynamic"])
 def test_sampled_follows_the_target(case):
     strategy = {"chain": Speculative(HT, gamma=2),
-                "tree-static": TreeDecoding(HT, tree=TreeTopology.from_branching((2, 2)))}[case]
+                "tree-static": TreeDecoding(HT, tree=TreeTopology.from_branching((2, 2))),
+                "tree-dynamic": TreeDecoding(HT, tree=DynamicTree(depth=2, top_k=2, total_tokens=4))}[case]
     model = small_v_target()
     result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, strategy, draft=maps_for(model, 1, 7, 0.5),
                               sampling=SAMPLING, max_new_tokens=SAMPLE_K, eos=(), seed=SAMPLE_SEED)
