@@ -17,7 +17,8 @@ Acceleration"); the pieces are `drafting.hidden_transfer` (decoding) and
        ht:layer=L:k=K   transfer maps at layer L (0 = the middle) for K pseudo positions
                         (`distill.HiddenTransferRecipe`), written to <row>/maps.safetensors;
        medusa:k=K       Medusa heads at the same training budget (same steps, batch, sequence
-                        length, data; `distill.MedusaRecipe`), <row>/heads.safetensors;
+                        length, data; `distill.MedusaRecipe` with soft labels: the same target
+                        distributions the maps' KL uses), <row>/heads.safetensors;
      then measures each row on the tuning split for every draft shape of --shapes that fits its
      depth (a chain `g3` or a static tree `4-2-2`), beside autoregressive decoding in the same
      process: tau, acceptance per future position, tokens/s, speedup; the fastest shape is
