@@ -20,8 +20,9 @@ so acceptance, commit and the statistics are theirs):
            r at depth d: position d's r-th best token, Medusa's Cartesian candidates, one-hot
            siblings) or an EAGLE-2 `DynamicTree` over the same distributions;
   verify   ONE target forward (`verify`, `forward_with_pseudo`): layers [0, l) over the N tree
-           nodes (ancestor mask, positions prefix + depth); k pseudo states per node from its
-           layer-l state; layers [l, L) over the N nodes and the N * k pseudo positions together
+           nodes (ancestor mask, positions prefix + depth); d = min(k, depth of the shape)
+           pseudo states per node from its layer-l state (deeper ones would draft nothing);
+           layers [l, L) over the N nodes and the N * d pseudo positions together
            (node j's pseudo i at position p_j + i sees the prefix, j's ancestors and j itself,
            and pseudo 1..i of j; no real node sees a pseudo position). Logits are computed for
            the N nodes only;
@@ -30,15 +31,15 @@ so acceptance, commit and the statistics are theirs):
            accepted node (whose own logits gave the bonus token, the next root) are kept: they
            are exactly the pseudo states a fresh forward over the committed context would give,
            since node j's pseudo positions saw exactly the prefix and j's path.
-Since the last accepted node is unknown before acceptance, every node gets its k pseudo
+Since the last accepted node is unknown before acceptance, every node gets its d pseudo
 positions. Pseudo positions write their keys/values to throwaway slots after the tree's N slots
-(`slack = N * k`), past the cursor: never committed, overwritten next round. The committed
+(`slack = N * d`), past the cursor: never committed, overwritten next round. The committed
 cache equals autoregressive decoding's.
 
-Cost: N * k extra positions in layers [l, L) only (e.g. a 26-node tree with k = 4 adds 104
-positions to the upper layers' attention and MLP; a chain of gamma adds (gamma + 1) * k), and
-the vocabulary projection runs for the N nodes plus k pseudo states per row (not N * k): the
-pseudo outputs stay as residual states [B, N, k, D] until the proposer reads the accepted
+Cost: N * d extra positions in layers [l, L) only (e.g. a 26-node tree of depth 4 adds 104
+positions to the upper layers' attention and MLP; a chain of gamma adds (gamma + 1) * gamma),
+and the vocabulary projection runs for the N nodes plus d pseudo states per row (not N * d):
+the pseudo outputs stay as residual states [B, N, d, D] until the proposer reads the accepted
 node's. On a memory-bound accelerator at small batch the extra positions are nearly free; at
 large batch or large trees they are the price of drafting in the same forward.
 
@@ -47,7 +48,8 @@ Choices the paper leaves open, made here:
   output enters layer l as a hidden state; W_i starts at the identity and b_i at zero, so an
   untrained map copies the last state to every pseudo position (it then guesses about what the
   target guesses next, shifted by rope);
-- l in [1, L - 1] (the paper picks a middle layer; `default_layer` = L // 2), k >= 1;
+- l in [1, L - 1] and k >= 1 are settings (`default_layer` = L // 2; the experiment
+  `experiments/hidden_transfer.py` trains several (l, k));
 - the prompt's pseudo states (first round) come from the prefill's layer-l state of the last
   prompt token, run through layers [l, L) in a second small forward over k positions (once per
   generation);
