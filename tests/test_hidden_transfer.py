@@ -285,7 +285,7 @@ def test_training_raises_pseudo_acceptance(tmp_path):
     cfg = ht.config_for(teacher, 2, layer=1)
     recipe = dht.HiddenTransferRecipe(teacher.config, cfg)
     trainable, frozen = recipe.init(teacher.params, frozen_dtype=jnp.float32)
-    tc = distill.TrainConfig(steps=60, batch_size=4, accumulate=1, seq_len=SEQ, learning_rate=1e-1, warmup_steps=5,
+    tc = distill.TrainConfig(steps=40, batch_size=4, accumulate=1, seq_len=SEQ, learning_rate=1e-1, warmup_steps=5,
                              compute_dtype="float32", log_every=10, checkpoint_every=1000)
     batches = D.Batches(teacher_written(), tc.batch_size, tc.accumulate, seed=0)
     prompts = held_out_prompts()[:8]
