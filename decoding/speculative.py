@@ -194,8 +194,9 @@ class _SpecBase(abc.ABC):
         the same logits and cache for the N nodes; its `hidden` entries, [B, N, ...], reach its
         `commit` gathered along the accepted path, like the features)."""
         positions = cache.lengths[:, None] + tree.depth
-        if hasattr(self.drafter, "verify"):  # a drafter that rides on the verify forward (hidden transfer)
-            return self.drafter.verify(ctx, params, cache, tree, positions, self.shape)
+        own = getattr(self.drafter, "verify", None)  # a drafter that rides on the verify forward (hidden transfer)
+        if own is not None:
+            return own(ctx, params, cache, tree, positions, self.shape)
         mask = None if self.is_chain else tree.mask
         return forward(ctx.target, params["target"], tree.tokens, positions, cache, mask=mask,
                        return_hidden=self._hidden_layers(ctx), options=ctx.options)

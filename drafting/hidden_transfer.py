@@ -246,18 +246,40 @@ def load_maps(path: str | os.PathLike, target: Model, dtype=None) -> Model:
 @dataclasses.dataclass(frozen=True)
 class TransferState:
     """pseudo: [B, k, D] the pseudo outputs (last layer, before the final norm) of the last
-    token the target processed (the one before the root): they draft depths 1..k."""
+    token the target processed (the one before the root): they draft depths 1..k. In separate
+    mode: [B, D], that token's layer-l state (the pseudo positions run in `propose`)."""
 
     pseudo: jax.Array
+
+
+PSEUDO_MODES = ("verify", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
 class HiddenTransfer:
     """The hidden-transfer proposer: pass the maps as `draft=` (`as_draft`, `load_maps`), e.g.
     `TreeDecoding(HiddenTransfer(), tree=TreeTopology.from_branching((4, 2, 2)))` or
-    `Speculative(HiddenTransfer(), gamma=3)`."""
+    `Speculative(HiddenTransfer(), gamma=3)`.
+
+    pseudo="verify" (the paper's arrangement): every tree node's pseudo positions ride along in
+    the round's one target forward, N * d extra positions in the upper layers, no draft forward.
+    pseudo="separate": the verify forward is the plain one (it hands over the layer-l states);
+    `propose` runs layers [l, L) over the d pseudo positions of the last accepted node only, at
+    the committed cursor (they see the committed context and each other, causally: the same
+    pseudo states as "verify" mode), one partial forward per round. Fewer FLOPs (d instead of
+    N * d pseudo positions), one more sequential upper-layer pass: for compute-bound settings
+    (large batches, large trees); "verify" is the one to use while the target is memory-bound.
+    Both are lossless and draft the same tokens.
+    """
+
+    pseudo: str = "verify"
 
     name = "hidden_transfer"
+
+    def __post_init__(self):
+        if self.pseudo not in PSEUDO_MODES:
+            raise ValueError(f"HiddenTransfer pseudo={self.pseudo!r} is not one of {PSEUDO_MODES} ('verify': in the "
+                             "verify forward, the paper's; 'separate': a partial forward for the accepted node).")
 
     def target_hidden_layers(self, ctx) -> tuple[int, ...]:
         return (ctx.draft.layer,)  # the prefill hands over the prompt's layer-l states
@@ -283,24 +305,42 @@ class HiddenTransfer:
             raise ValueError(f"DynamicTree top_k={shape.top_k} exceeds the vocabulary ({t.vocab_size}).")
 
     def slack(self, shape) -> int:
-        """Throwaway slots of the pseudo positions: min(k, depth) per node (k >= depth, checked)."""
-        return shape.num_nodes * shape.max_depth
+        """Throwaway slots of the pseudo positions: min(k, depth) per node (k >= depth, checked);
+        separate: none (the d <= N - 1 pseudo slots are the next tree's, overwritten by it)."""
+        return shape.num_nodes * shape.max_depth if self.pseudo == "verify" else 0
 
     def init(self, ctx, params, prompt, lengths, cache, hidden=None):
         """Pseudo outputs of the last prompt token: its layer-l state (from the prefill) through
-        the maps and layers [l, L) at positions lengths - 1 + i (throwaway slots)."""
+        the maps and layers [l, L) at positions lengths - 1 + i (throwaway slots); separate: the
+        layer-l state itself."""
         if hidden is None:
             raise ValueError("HiddenTransfer.init needs the prefill's hidden states (hidden=); run it through "
                              "decoding.Speculative / decoding.TreeDecoding, which pass them.")
-        cfg, maps = ctx.draft, params["draft"]
-        h = jnp.take_along_axis(hidden[cfg.layer], (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-        x = transfer(maps, h[:, 0])  # [B, k, D]
-        pos = pseudo_positions((lengths - 1)[:, None], cfg.num_maps)[:, 0]  # [B, k]
-        y, _, _ = run_layers(ctx.target, params["target"], x, pos, cache, layers=(cfg.layer, ctx.target.num_layers),
-                             options=ctx.options)
-        return TransferState(y), cache  # the cache is returned unchanged (the pseudo entries are stale)
+        cfg = ctx.draft
+        h = jnp.take_along_axis(hidden[cfg.layer], (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+        if self.pseudo == "separate":
+            return TransferState(h), cache
+        y, cache = self._pseudo_forward(ctx, params, h, cache, cfg.num_maps)
+        return TransferState(y), cache  # the cursor is unchanged (the pseudo entries are stale)
 
-    def verify(self, ctx, params, cache, tree, positions, shape):
+    @staticmethod
+    def _pseudo_forward(ctx, params, h, cache, d):
+        """Layer-l states h: [B, D] of the token before the root (at position cache.lengths - 1)
+        -> (its d pseudo outputs [B, d, D], cache with their entries past the cursor)."""
+        cfg, maps = ctx.draft, params["draft"]
+        x = transfer({"w": maps["w"][:d], "b": maps["b"][:d]}, h)  # [B, d, D]
+        pos = pseudo_positions((cache.lengths - 1)[:, None], d)[:, 0]  # [B, d]
+        y, _, cache = run_layers(ctx.target, params["target"], x, pos, cache,
+                                 layers=(cfg.layer, ctx.target.num_layers), options=ctx.options)
+        return y, cache
+
+    @property
+    def verify(self):
+        """The round's target forward (the strategy calls it in place of its own), or None in
+        separate mode."""
+        return self._verify_with_pseudo if self.pseudo == "verify" else None
+
+    def _verify_with_pseudo(self, ctx, params, cache, tree, positions, shape):
         """The round's one target forward: the nodes and their pseudo positions
         (`forward_with_pseudo`). Only the first `shape.max_depth` maps run (deeper pseudo
         positions draft nothing); the state keeps k entries, the unused ones zero."""
@@ -314,12 +354,20 @@ class HiddenTransfer:
         return Output(logits=logits, hidden={"pseudo": pseudo}, cache=cache)
 
     def propose(self, ctx, params, dstate, view, shape, limit, key):
-        logits = pseudo_logits(ctx.target, params["target"], dstate.pseudo)  # [B, k, V]
+        if self.pseudo == "separate":  # the accepted node's pseudo positions, at the committed cursor
+            d = min(ctx.draft.num_maps, shape.max_depth)
+            pseudo, cache = self._pseudo_forward(ctx, params, dstate.pseudo, view.cache, d)
+            n_fwd = jnp.ones((), jnp.int32)
+        else:
+            pseudo, cache, n_fwd = dstate.pseudo, view.cache, jnp.zeros((), jnp.int32)
+        logits = pseudo_logits(ctx.target, params["target"], pseudo)  # [B, k or d, V]
         tree = draft_from_position_logits(ctx, logits, view.root, shape, limit, key, self.name)
-        return tree, dstate, view.cache, jnp.zeros((), jnp.int32)  # no draft forward
+        return tree, dstate, cache, n_fwd
 
     def commit(self, ctx, params, dstate, view, shape, tree, acc, running, hidden=None):
-        """Keep the pseudo outputs of the last accepted node (its logits gave the next root)."""
-        on_path = hidden["pseudo"]  # [B, D + 1, k, D], root first
-        p = jnp.take_along_axis(on_path, acc.n[:, None, None, None], axis=1)[:, 0]
-        return TransferState(jnp.where(running[:, None, None], p.astype(dstate.pseudo.dtype), dstate.pseudo))
+        """Keep the pseudo outputs (separate: the layer-l state) of the last accepted node (its
+        logits gave the next root)."""
+        on_path = hidden["pseudo"] if self.pseudo == "verify" else hidden[ctx.draft.layer]  # root first
+        p = jnp.take_along_axis(on_path, acc.n.reshape((-1,) + (1,) * (on_path.ndim - 1)), axis=1)[:, 0]
+        keep = running.reshape((-1,) + (1,) * (p.ndim - 1))
+        return TransferState(jnp.where(keep, p.astype(dstate.pseudo.dtype), dstate.pseudo))

@@ -54,7 +54,8 @@ class Proposer(Protocol):
     `verify(ctx, params, cache, tree, positions, shape) -> decoding.Output`: the drafter runs the
     round's target forward itself (same node logits and cache as the plain forward; its `hidden`
     entries [B, N, ...] reach `commit` gathered along the accepted path), e.g.
-    `drafting.HiddenTransfer`, whose pseudo positions ride along in that forward.
+    `drafting.HiddenTransfer`, whose pseudo positions ride along in that forward (an attribute
+    `verify` that is None means the strategy's own forward).
     """
 
     name: str

@@ -20,9 +20,10 @@ Acceleration"); the pieces are `drafting.hidden_transfer` (decoding) and
                         length, data; `distill.MedusaRecipe` with soft labels: the same target
                         distributions the maps' KL uses), <row>/heads.safetensors;
      then measures each row on the tuning split for every draft shape of --shapes that fits its
-     depth (a chain `g3` or a static tree `4-2-2`), beside autoregressive decoding in the same
-     process: tau, acceptance per future position, tokens/s, speedup; the fastest shape is
-     the row's shape;
+     depth (a chain `g3` or a static tree `4-2-2`) and, for maps, every --pseudo-modes (pseudo
+     positions in the verify forward, the paper's, or in a separate partial forward), beside
+     autoregressive decoding in the same process: tau, acceptance per future position,
+     tokens/s, speedup; the fastest choice is the row's;
   4. runs Spec-Bench (all of it by default; `experiments.specbench`, which resumes by itself)
      once per --specbench-batch with `ar`, `pld`, every row's method at its shape and, with
      --eagle-head, an EAGLE-3-style head file, all in one process, so every speedup is over our
@@ -101,20 +102,28 @@ def shape_depth(shape) -> int:
     return shape[1] if shape[0] == "chain" else len(shape[1])
 
 
-def strategy_for(row: Row, shape):
+def strategy_for(row: Row, shape, pseudo: str = "verify"):
     import decoding
     from drafting import HiddenTransfer, Medusa, TreeTopology
 
-    drafter = HiddenTransfer() if row.kind == "ht" else Medusa()
+    drafter = HiddenTransfer(pseudo=pseudo) if row.kind == "ht" else Medusa()
     if shape[0] == "chain":
         return decoding.Speculative(drafter, gamma=shape[1])
     return decoding.TreeDecoding(drafter, tree=TreeTopology.from_branching(shape[1]))
 
 
-def method_string(row: Row, shape, path: Path) -> str:
+def method_string(row: Row, shape, path: Path, pseudo: str = "verify") -> str:
     """The Spec-Bench method of a row (`experiments.methods`: ht / medusa)."""
     opt = f"gamma={shape[1]}" if shape[0] == "chain" else "tree=" + "-".join(map(str, shape[1]))
+    if pseudo != "verify":
+        opt += f":pseudo={pseudo}"
     return f"{row.kind}:{'maps' if row.kind == 'ht' else 'heads'}={path}:{opt}"
+
+
+def split_choice(text: str) -> tuple[str, str]:
+    """A tuning-split key 'g3' or 'g3/separate' -> (shape, pseudo mode)."""
+    shape, _, pseudo = text.partition("/")
+    return shape, pseudo or "verify"
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,18 +273,19 @@ def evaluate_heldout(args, row: Row, target, draft, heldout) -> dict:
     ar_tokens, ar_s, _, _ = _generate_all(target, prompts, args.eval_batch, **kw)
     ar_tps = ar_tokens / ar_s
     per_shape = {}
-    for text in args.shapes:
+    choices = [(s, m) for s in args.shapes for m in (args.pseudo_modes if row.kind == "ht" else ["verify"])]
+    for text, pseudo in choices:
         shape = parse_shape(text)
         if shape_depth(shape) > row.k:
             continue
-        strategy = strategy_for(row, shape)
+        strategy = strategy_for(row, shape, pseudo)
         _generate_all(target, prompts[: args.eval_batch], args.eval_batch, strategy, draft, **kw)
         tokens, run_s, forwards, hist = _generate_all(target, prompts, args.eval_batch, strategy, draft, **kw)
         reach = [int(hist[d:].sum()) for d in range(len(hist))] if hist is not None else []
-        per_shape[text] = {"tau": tokens / max(forwards, 1), "tokens_per_s": tokens / run_s,
-                           "speedup": (tokens / run_s) / ar_tps,
-                           "acceptance_per_position": [reach[d] / reach[d - 1] if reach[d - 1] else None
-                                                       for d in range(1, len(reach))]}
+        per_shape[text if pseudo == "verify" else f"{text}/{pseudo}"] = {
+            "tau": tokens / max(forwards, 1), "tokens_per_s": tokens / run_s, "speedup": (tokens / run_s) / ar_tps,
+            "acceptance_per_position": [reach[d] / reach[d - 1] if reach[d - 1] else None
+                                        for d in range(1, len(reach))]}
     if not per_shape:
         raise ValueError(f"no shape of --shapes {args.shapes} fits {row.label} (depth <= {row.k}).")
     best = max(per_shape, key=lambda s: per_shape[s]["speedup"])
@@ -363,6 +373,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
     p.add_argument("--shapes", default="g2,g3,g4,4-2-2,4-3-2-1", help="draft shapes tried on the tuning split")
+    p.add_argument("--pseudo-modes", default="verify,separate",
+                   help="hidden transfer's pseudo positions tried on the tuning split: in the verify forward "
+                        "(the paper's) and/or in a separate partial forward (drafting.HiddenTransfer)")
     p.add_argument("--sources", default="sharegpt,gsm8k")
     p.add_argument("--limit-per-source", type=int, default=None, help="first N conversations of each source")
     p.add_argument("--train-conversations", type=int, default=4000, help="training conversations (0 = all)")
@@ -417,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [Row.parse(r) for r in args.rows.split(",") if r]
         args.sources = [s for s in args.sources.split(",") if s]
         args.shapes = [s for s in args.shapes.split(",") if s]
+        args.pseudo_modes = [m for m in args.pseudo_modes.split(",") if m]
+        bad = [m for m in args.pseudo_modes if m not in ("verify", "separate")]
+        if bad or not args.pseudo_modes:
+            raise ValueError(f"--pseudo-modes takes verify and/or separate, got {args.pseudo_modes}.")
         for s in args.shapes:
             parse_shape(s)
         batches = [int(b) for b in str(args.specbench_batch).split(",") if b]
@@ -445,9 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (row.label, "heldout") not in have:
                 h = evaluate_heldout(args, row, target, load_drafter(row, target, path), heldout)
                 append_result(results_path, {"row": row.label, "kind": "heldout", **h})
-            shape = next(r["shape"] for r in read_results(results_path)
-                         if r["row"] == row.label and r["kind"] == "heldout")
-            methods.append(method_string(row, parse_shape(shape), path.resolve()))
+            shape, pseudo = split_choice(next(r["shape"] for r in read_results(results_path)
+                                              if r["row"] == row.label and r["kind"] == "heldout"))
+            methods.append(method_string(row, parse_shape(shape), path.resolve(), pseudo))
             print(f"{row.label}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         if args.eagle_head:
             methods.append(f"eagle:head={Path(args.eagle_head).resolve()}")

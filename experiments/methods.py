@@ -350,7 +350,9 @@ def _build_feature_strategy(method, drafter, opts, cost):
 def _build_ht(env, opts):
     ht = importlib.import_module("drafting.hidden_transfer")
     maps = ht.load_maps(_file_option(opts, "maps", "ht"), env.target)
-    strategy, cost = _build_feature_strategy("ht", ht.HiddenTransfer(), opts,
+    if opts["pseudo"] not in ht.PSEUDO_MODES:
+        raise MethodSpecError(f"method 'ht': pseudo={opts['pseudo']!r} is not one of {ht.PSEUDO_MODES}.")
+    strategy, cost = _build_feature_strategy("ht", ht.HiddenTransfer(pseudo=opts["pseudo"]), opts,
                                              {"draft": {"layer": maps.config.layer, "k": maps.config.num_maps}})
     return JaxMethod("ht", "ht", opts, env, strategy, draft_model=maps, cost=cost)
 
@@ -406,7 +408,8 @@ for _spec in (
                needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
     MethodSpec("ht", "hidden transfer: the target drafts from pseudo states of its own verify forward "
                      "(maps=PATH from drafting.hidden_transfer.save_maps; tree=4-2-2 static tree, else a chain "
-                     "of gamma)", _build_ht, {"maps": "", "tree": "", "gamma": 3, "graphs": "", "attention": ""},
+                     "of gamma; pseudo=separate: the accepted node's pseudo positions in a partial forward)", _build_ht,
+               {"maps": "", "tree": "", "gamma": 3, "pseudo": "verify", "graphs": "", "attention": ""},
                needs("decoding.TreeDecoding", "drafting.hidden_transfer.HiddenTransfer", method="ht")),
     MethodSpec("medusa", "Medusa heads (heads=PATH from drafting.medusa.save_heads; tree=4-2-2 static tree, "
                          "else a chain of gamma)", _build_medusa,

@@ -15,12 +15,15 @@
 - Training: the recipe's cheaper pseudo forward (target cache + slot mask) equals the
   structured-mask forward per packed sequence; a short run raises the pseudo positions'
   acceptance measured end to end; the maps survive save / load and decode losslessly.
+- pseudo="separate" (a partial forward for the accepted node only) drafts exactly what the
+  one-forward arrangement drafts.
 - Identity maps copy the layer-l state; bad inputs (layer out of range, k < 1, maps for another
   target or size, a missing draft, a too-deep shape) are clear errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -68,6 +71,21 @@ def test_greedy_equals_autoregressive(case, layer):
     hist = np.asarray(state.accept_hist)
     assert hist[1:].sum() > 0 and hist[0] > 0, f"{case}: no round accepted (or none rejected): {hist}"
     assert result.stats.extra["draft_forwards"] == 0  # drafting rides on the verify forward
+
+
+@pytest.mark.parametrize("case", ["chain", "tree-static"])
+def test_separate_pseudo_forward_drafts_the_same_tokens(case):
+    """pseudo="separate" (the accepted node's pseudo positions in a partial forward at propose
+    time) is lossless and proposes what the one-forward arrangement proposes: the same output,
+    the same accepted lengths and sibling ranks every round."""
+    base = GREEDY_CASES[case]
+    separate = dataclasses.replace(base, drafter=ht.HiddenTransfer(pseudo="separate"))
+    res_v, st_v = run_state(target(), PROMPTS, base, draft=greedy_maps(1))
+    res_s, st_s = run_state(target(), PROMPTS, separate, draft=greedy_maps(1))
+    assert [tuple(r) for r in res_s.tokens] == list(greedy_reference())
+    np.testing.assert_array_equal(np.asarray(st_s.accept_hist), np.asarray(st_v.accept_hist))
+    np.testing.assert_array_equal(np.asarray(st_s.rank_hist), np.asarray(st_v.rank_hist))
+    assert res_s.stats.extra["draft_forwards"] == res_s.stats.extra["rounds"]  # one partial forward per round
 
 
 def test_greedy_equals_autoregressive_on_gemma3_with_a_short_window():
@@ -217,6 +235,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         generate(m, PROMPTS, strategy=Speculative(HT, gamma=2), max_new_tokens=4)
     with pytest.raises(ValueError, match="drafts at most 3 tokens deep"):
         generate(m, PROMPTS, strategy=Speculative(HT, gamma=4), draft=maps, max_new_tokens=4)
+    with pytest.raises(ValueError, match="pseudo='later' is not one of"):
+        ht.HiddenTransfer(pseudo="later")
     with pytest.raises(ht.TransferMismatch, match="do not fit the target"):
         dht.HiddenTransferRecipe(small_v_target().config, maps.config)
 

@@ -47,6 +47,10 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert exp.parse_shape("g3") == ("chain", 3) and exp.parse_shape("4-2-2") == ("tree", (4, 2, 2))
     assert exp.method_string(exp.Row.parse("ht:layer=3:k=4"), ("tree", (4, 2)), "/m.safetensors") == \
         "ht:maps=/m.safetensors:tree=4-2"
+    separate = exp.method_string(exp.Row.parse("ht:k=4"), ("chain", 3), "/m", "separate")
+    assert separate == "ht:maps=/m:gamma=3:pseudo=separate"
+    assert exp.split_choice("g3/separate") == ("g3", "separate") and exp.split_choice("4-2") == ("4-2", "verify")
+    assert exp.main(["--toy", "--out", str(tmp_path), "--pseudo-modes", "later"]) == 2
 
 
 def test_spec_bench_methods_load_map_and_head_files_and_decode_losslessly(tmp_path):
@@ -67,7 +71,8 @@ def test_spec_bench_methods_load_map_and_head_files_and_decode_losslessly(tmp_pa
     heads_path = medusa.save_heads(tmp_path / "heads.safetensors", hcfg, medusa.init_heads(hcfg))
     prompt = [list(b"hello there")]
     ar = methods.parse("ar").build(env).generate(prompt, 0).tokens
-    labels = (f"ht:maps={maps_path}:tree=2-2", f"ht:maps={maps_path}:gamma=2", f"medusa:heads={heads_path}:gamma=2")
+    labels = (f"ht:maps={maps_path}:tree=2-2", f"ht:maps={maps_path}:gamma=2:pseudo=separate",
+              f"medusa:heads={heads_path}:gamma=2")
     for label in labels:
         m = methods.parse(label).build(env)
         assert m.generate(prompt, 0).tokens == ar, label
