@@ -41,7 +41,10 @@ positions to the upper layers' attention and MLP; a chain of gamma adds (gamma +
 and the vocabulary projection runs for the N nodes plus d pseudo states per row (not N * d):
 the pseudo outputs stay as residual states [B, N, d, D] until the proposer reads the accepted
 node's. On a memory-bound accelerator at small batch the extra positions are nearly free; at
-large batch or large trees they are the price of drafting in the same forward.
+large batch or large trees they are the price of drafting in the same forward. The cheaper
+alternative `HiddenTransfer(pseudo="separate")` runs only the accepted node's d pseudo positions,
+in a partial forward (layers [l, L)) at the next propose: the same drafts, d instead of N * d
+extra positions, one more sequential upper-layer pass per round.
 
 Choices the paper leaves open, made here:
 - the maps read the raw residual stream after l layers (`hidden[l]`, not normalised) and their
