@@ -21,7 +21,10 @@ A drafter that reads the target's features (Medusa, EAGLE heads) declares
 `target_hidden_layers(ctx) -> tuple[int, ...]`: the prefill and every verify forward then also
 return the residual stream after those layers, handed to `drafter.init(..., hidden=)` (every
 prompt position) and `drafter.commit(..., hidden=)` (the accepted path's nodes: root first), so
-the drafter never runs the target a second time.
+the drafter never runs the target a second time. A drafter that must change the verify forward
+itself (hidden transfer, `drafting.hidden_transfer`: pseudo positions riding along in the upper
+layers) declares `verify(ctx, params, cache, tree, positions, shape)`, which the strategy then calls in
+place of its own forward; it returns the nodes' logits and cache exactly as the plain forward.
 
 Drafters (in `drafting/`) implement `drafting.Proposer`; any of them plugs into `Speculative`
 (chains) or `TreeDecoding` (any draft shape of `drafting.shapes`) where it supports the shape.
@@ -186,8 +189,14 @@ class _SpecBase(abc.ABC):
 
     def verify(self, ctx, params, cache: KVCache, tree: TreeBatch):
         """One target forward over every node: `Output` with logits float32[B, N, V] (and hidden
-        {layer: [B, N, D]} at the drafter's `target_hidden_layers`)."""
+        {layer: [B, N, D]} at the drafter's `target_hidden_layers`). A drafter with its own
+        `verify(ctx, params, cache, tree, positions, shape)` runs this forward instead (it must return
+        the same logits and cache for the N nodes; its `hidden` entries, [B, N, ...], reach its
+        `commit` gathered along the accepted path, like the features)."""
         positions = cache.lengths[:, None] + tree.depth
+        own = getattr(self.drafter, "verify", None)  # a drafter that rides on the verify forward (hidden transfer)
+        if own is not None:
+            return own(ctx, params, cache, tree, positions, self.shape)
         mask = None if self.is_chain else tree.mask
         return forward(ctx.target, params["target"], tree.tokens, positions, cache, mask=mask,
                        return_hidden=self._hidden_layers(ctx), options=ctx.options)
@@ -219,7 +228,8 @@ class _SpecBase(abc.ABC):
                 raise ValueError(f"{self.drafter.name} reads the target's features: pass the verify forward's "
                                  "hidden states to commit(..., hidden=verify(...).hidden).")
             # the accepted path's features, root first: {layer: [B, D + 1, Dm]} (entries past acc.n are padding)
-            on_path = {i: jnp.take_along_axis(h, acc.path[:, :, None], axis=1) for i, h in hidden.items()}
+            on_path = {i: jnp.take_along_axis(h, acc.path.reshape(acc.path.shape + (1,) * (h.ndim - 2)), axis=1)
+                       for i, h in hidden.items()}
             dstate = self.drafter.commit(ctx, params, dstate, view, self.shape, tree, acc, running, hidden=on_path)
         else:
             dstate = self.drafter.commit(ctx, params, dstate, view, self.shape, tree, acc, running)

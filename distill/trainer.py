@@ -1,6 +1,6 @@
 """The trainer every drafter recipe shares: one pure, jitted train step and the loop around it.
 
-A *recipe* (DistillSpec here; feature heads and hidden-transfer maps next) says what trains
+A *recipe* (DistillSpec, Medusa and EAGLE heads, hidden-transfer maps) says what trains
 and what the loss is; the trainer does the rest. A recipe is a frozen, hashable dataclass with
 
     loss(trainable, frozen, batch) -> (loss_sum, (count, metric_sums))

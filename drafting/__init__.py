@@ -11,10 +11,12 @@
   (n-gram lookup in the context), `Medusa` (residual heads on the target's last hidden state,
   `drafting.medusa`: heads as the `draft=` model, `save_heads` / `load_heads`), `Eagle` (an
   EAGLE-3-style head: fused low/mid/high features, one decoder layer, its own KV cache;
-  `drafting.eagle`).
+  `drafting.eagle`), `HiddenTransfer` (the target drafts its own next tokens from pseudo
+  hidden states riding along in the verify forward; `drafting.hidden_transfer`).
 """
 
 from .eagle import Eagle, EagleConfig
+from .hidden_transfer import HiddenTransfer, TransferConfig
 from .medusa import HeadMismatch, Medusa, MedusaConfig
 from .model_drafter import DraftModel, LayerSkip, ModelDrafter
 from .prompt_lookup import PromptLookup, lookup
@@ -22,6 +24,6 @@ from .proposer import Proposer, View
 from .shapes import Chain, DynamicTree, TreeError, TreeTopology, chain_batch, topology_batch
 from .tree_search import Frontier, expand_and_rerank
 
-__all__ = ["Chain", "DraftModel", "DynamicTree", "Eagle", "EagleConfig", "Frontier", "HeadMismatch", "LayerSkip", "Medusa", "MedusaConfig",
-           "ModelDrafter", "PromptLookup", "Proposer", "TreeError", "TreeTopology", "View", "chain_batch",
+__all__ = ["Chain", "DraftModel", "DynamicTree", "Eagle", "EagleConfig", "Frontier", "HeadMismatch", "HiddenTransfer", "LayerSkip", "Medusa", "MedusaConfig",
+           "ModelDrafter", "PromptLookup", "Proposer", "TransferConfig", "TreeError", "TreeTopology", "View", "chain_batch",
            "expand_and_rerank", "lookup", "topology_batch"]

@@ -227,50 +227,8 @@ class Medusa:
     # -- propose -------------------------------------------------------------------------------
     def propose(self, ctx, params, dstate, view, shape, limit, key):
         logits = head_logits(ctx.target, params["target"], params["draft"], dstate.hidden)  # [B, k, V]
-        if shape.is_chain:
-            tree = self._chain(ctx, logits, view.root, shape, limit, key)
-        elif isinstance(shape, TreeTopology):
-            tree = self._static_tree(logits, view.root, shape)
-        elif isinstance(shape, DynamicTree):
-            tree = self._dynamic_tree(logits, view.root, shape)
-        else:
-            raise TypeError(f"{self.name} cannot draft shape {shape!r}")
+        tree = draft_from_position_logits(ctx, logits, view.root, shape, limit, key, self.name)
         return tree, dstate, view.cache, jnp.ones((), jnp.int32)
-
-    @staticmethod
-    def _chain(ctx, logits, root, shape, limit, key):
-        """Head i's top-1 (greedy) or a sample from its processed distribution, for i < gamma."""
-        g = shape.gamma
-        heads = logits[:, :g]  # [B, G, V]
-        if ctx.sampling.is_greedy:
-            drafts, qs = jnp.argmax(heads, axis=-1).astype(jnp.int32), None
-        else:
-            qs = ctx.sampling.logprobs(heads)
-            drafts = jax.random.categorical(key, qs, axis=-1).astype(jnp.int32)
-        keep = jnp.arange(g)[None, :] < limit[:, None]
-        if shape.confidence is not None:
-            top1 = jnp.max(jax.nn.softmax(heads.astype(jnp.float32), axis=-1), axis=-1)
-            keep = keep & (top1 >= shape.confidence)
-        n_prop = jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
-        drafts = jnp.where(jnp.arange(g)[None, :] < n_prop[:, None], drafts, 0)
-        return chain_batch(root, drafts, n_prop, qs)
-
-    @staticmethod
-    def _static_tree(logits, root, topo: TreeTopology):
-        """Node of rank r at depth d: head d - 1's r-th most likely token."""
-        _, top = top_k_logprobs(logits[:, : topo.max_depth], topo.max_rank)  # [B, depth, K]
-        depth, rank = topo.depth[1:] - 1, topo.rank[1:]
-        tokens = jnp.concatenate([root[:, None], top[:, depth, rank]], axis=1)
-        return topology_batch(topo, tokens)
-
-    @staticmethod
-    def _dynamic_tree(logits, root, shape: DynamicTree):
-        def score(carry, frontier: Frontier):
-            head = logits[:, frontier.depth]  # children of depth-d nodes are at depth d + 1
-            return jnp.broadcast_to(head[:, None], (head.shape[0], shape.top_k, head.shape[-1])), carry
-
-        tree, _, _ = expand_and_rerank(score, None, root, logits[:, 0], shape)
-        return tree
 
     # -- commit --------------------------------------------------------------------------------
     def commit(self, ctx, params, dstate, view, shape, tree, acc, running, hidden=None):
@@ -278,3 +236,57 @@ class Medusa:
         on_path = hidden[ctx.target.num_layers]  # [B, D + 1, D], root first
         h = jnp.take_along_axis(on_path, acc.n[:, None, None], axis=1)[:, 0]
         return MedusaState(jnp.where(running[:, None], h.astype(dstate.hidden.dtype), dstate.hidden))
+
+
+# -- drafting from one distribution per future position (Medusa heads, hidden-transfer maps) ----
+
+
+def draft_from_position_logits(ctx, logits, root, shape, limit, key, name: str = "drafter"):
+    """A `TreeBatch` from `logits: float32[B, k, V]`, one draft distribution per future position
+    (position i predicts the token at depth i + 1, whatever its parent): a chain, a static
+    `TreeTopology` or a `DynamicTree` (see the module doc)."""
+    if shape.is_chain:
+        return draft_chain(ctx, logits, root, shape, limit, key)
+    if isinstance(shape, TreeTopology):
+        return draft_static_tree(logits, root, shape)
+    if isinstance(shape, DynamicTree):
+        return draft_dynamic_tree(logits, root, shape)
+    raise TypeError(f"{name} cannot draft shape {shape!r}")
+
+
+def draft_chain(ctx, logits, root, shape, limit, key):
+    """Position i's top-1 (greedy) or a sample from its processed distribution (the verifier's
+    q, exact for lossless sampled acceptance), for i < gamma."""
+    g = shape.gamma
+    heads = logits[:, :g]  # [B, G, V]
+    if ctx.sampling.is_greedy:
+        drafts, qs = jnp.argmax(heads, axis=-1).astype(jnp.int32), None
+    else:
+        qs = ctx.sampling.logprobs(heads)
+        drafts = jax.random.categorical(key, qs, axis=-1).astype(jnp.int32)
+    keep = jnp.arange(g)[None, :] < limit[:, None]
+    if shape.confidence is not None:
+        top1 = jnp.max(jax.nn.softmax(heads.astype(jnp.float32), axis=-1), axis=-1)
+        keep = keep & (top1 >= shape.confidence)
+    n_prop = jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    drafts = jnp.where(jnp.arange(g)[None, :] < n_prop[:, None], drafts, 0)
+    return chain_batch(root, drafts, n_prop, qs)
+
+
+def draft_static_tree(logits, root, topo: TreeTopology):
+    """Node of rank r at depth d: position d - 1's r-th most likely token (deterministic
+    siblings: the verifier's one-hot rule)."""
+    _, top = top_k_logprobs(logits[:, : topo.max_depth], topo.max_rank)  # [B, depth, K]
+    depth, rank = topo.depth[1:] - 1, topo.rank[1:]
+    tokens = jnp.concatenate([root[:, None], top[:, depth, rank]], axis=1)
+    return topology_batch(topo, tokens)
+
+
+def draft_dynamic_tree(logits, root, shape: DynamicTree):
+    """EAGLE-2's search with position d's distribution at every depth-d node."""
+    def score(carry, frontier: Frontier):
+        head = logits[:, frontier.depth]  # children of depth-d nodes are at depth d + 1
+        return jnp.broadcast_to(head[:, None], (head.shape[0], shape.top_k, head.shape[-1])), carry
+
+    tree, _, _ = expand_and_rerank(score, None, root, logits[:, 0], shape)
+    return tree

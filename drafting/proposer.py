@@ -51,6 +51,11 @@ class Proposer(Protocol):
     drafter reads (feature heads); the strategy then passes `hidden=` to `init` ({layer:
     [B, P, D]}, the prefill's) and to `commit` ({layer: [B, D + 1, D]}, the verify forward's at
     the accepted path's nodes, root first), so no second target forward is needed.
+    `verify(ctx, params, cache, tree, positions, shape) -> decoding.Output`: the drafter runs the
+    round's target forward itself (same node logits and cache as the plain forward; its `hidden`
+    entries [B, N, ...] reach `commit` gathered along the accepted path), e.g.
+    `drafting.HiddenTransfer`, whose pseudo positions ride along in that forward (an attribute
+    `verify` that is None means the strategy's own forward).
     """
 
     name: str

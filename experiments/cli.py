@@ -32,10 +32,12 @@ def _dtype(name: str):
 
 
 def build_strategy(name: str, gamma: int = 4, layers: int = 8, depth: int = 6, top_k: int = 10,
-                   total_tokens: int = 60, lenience: float = 1.0):
-    """Strategy objects by CLI name: ar, spec, tree, pld, layerskip, layerskip-tree."""
+                   total_tokens: int = 60, lenience: float = 1.0, branching: tuple[int, ...] = (4, 2, 2),
+                   pseudo: str = "verify"):
+    """Strategy objects by CLI name: ar, spec, tree, pld, layerskip, layerskip-tree, ht (hidden
+    transfer, a chain of gamma), ht-tree (hidden transfer on the static tree of `branching`)."""
     from decoding import Autoregressive, Speculative, TreeDecoding
-    from drafting import DraftModel, DynamicTree, LayerSkip, PromptLookup
+    from drafting import DraftModel, DynamicTree, HiddenTransfer, LayerSkip, PromptLookup, TreeTopology
 
     table = {
         "ar": lambda: Autoregressive(),
@@ -44,6 +46,8 @@ def build_strategy(name: str, gamma: int = 4, layers: int = 8, depth: int = 6, t
         "pld": lambda: Speculative(PromptLookup(), gamma=gamma),
         "layerskip": lambda: Speculative(LayerSkip(layers=layers), gamma=gamma),
         "layerskip-tree": lambda: TreeDecoding(LayerSkip(layers=layers), tree=DynamicTree(depth, top_k, total_tokens)),
+        "ht": lambda: Speculative(HiddenTransfer(pseudo=pseudo), gamma=gamma),
+        "ht-tree": lambda: TreeDecoding(HiddenTransfer(pseudo=pseudo), tree=TreeTopology.from_branching(branching)),
     }
     if name not in table:
         raise SystemExit(f"unknown strategy {name!r}; choose from {', '.join(table)}.")
@@ -92,8 +96,17 @@ def cmd_generate(args) -> None:
     dtype = _dtype(args.dtype)
     model = load(args.model, dtype=dtype)
     draft = load(args.draft, dtype=dtype) if args.draft else None
+    if args.strategy.startswith("ht"):
+        if not args.maps:
+            sys.exit("--strategy ht / ht-tree needs --maps PATH (transfer maps written by "
+                     "drafting.hidden_transfer.save_maps, e.g. by experiments.hidden_transfer).")
+        from drafting.hidden_transfer import load_maps
+
+        draft = load_maps(args.maps, model)
+    branching = tuple(int(b) for b in args.branching.split(","))
     strategy = build_strategy(args.strategy, gamma=args.gamma, layers=args.layers, depth=args.depth,
-                              top_k=args.top_k_tree, total_tokens=args.total_tokens, lenience=args.lenience)
+                              top_k=args.top_k_tree, total_tokens=args.total_tokens, lenience=args.lenience,
+                              branching=branching, pseudo=args.pseudo)
     sampling = make_sampling(args.temperature, args.top_k, args.top_p)
     prompts = args.prompt or [sys.stdin.read()]
     chat = None if args.chat == "auto" else args.chat == "yes"
@@ -140,7 +153,11 @@ def main(argv=None) -> None:
     g.add_argument("--model", required=True)
     g.add_argument("--draft")
     g.add_argument("--prompt", action="append", help="repeatable; reads stdin when absent")
-    g.add_argument("--strategy", default="ar", help="ar, spec, tree, pld, layerskip, layerskip-tree")
+    g.add_argument("--strategy", default="ar", help="ar, spec, tree, pld, layerskip, layerskip-tree, ht, ht-tree")
+    g.add_argument("--maps", help="transfer maps file for --strategy ht / ht-tree")
+    g.add_argument("--branching", default="4,2,2", help="children per depth of the ht-tree static tree")
+    g.add_argument("--pseudo", default="verify", choices=("verify", "separate"),
+                   help="ht: pseudo positions in the verify forward, or in a separate partial forward")
     g.add_argument("--gamma", type=int, default=4)
     g.add_argument("--layers", type=int, default=8, help="layers used by layer-skip drafting")
     g.add_argument("--depth", type=int, default=6)

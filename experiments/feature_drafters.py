@@ -261,12 +261,14 @@ def tune(args, row: Row, target, head, heldout) -> dict:
 
 
 def specbench_methods(row: Row, head_file: Path, tuned: dict) -> list[str]:
+    """`ar`, the tuned chain and the tuned dynamic tree as the harness's head-file methods."""
+    head = f"eagle:head={head_file}" if row.kind == "eagle" else f"medusa:heads={head_file}"
     methods = ["ar"]
     if tuned.get("gamma"):
-        methods.append(f"{row.kind}:file={head_file}:gamma={tuned['gamma']}")
+        methods.append(f"{head}:gamma={tuned['gamma']}:depth=0")
     if tuned.get("tree"):
         depth, top_k, nodes = parse_tree(tuned["tree"])
-        methods.append(f"{row.kind}:file={head_file}:depth={depth}:top_k={top_k}:nodes={nodes}")
+        methods.append(f"{head}:depth={depth}:top_k={top_k}:nodes={nodes}")
     return methods
 
 
@@ -323,7 +325,7 @@ def write_summary(out: Path, results: list[dict], args) -> dict:
                   "|---|---|---|---|---|---|"]
         for label, v in sb:
             for m, d in v["methods"].items():
-                lines.append(f"| {label} | {v['batch']} | {m.split(':file=')[0]}{_settings(m)} | {_fmt(d.get('tau'))} | "
+                lines.append(f"| {label} | {v['batch']} | {m.split(':')[0]}{_settings(m)} | {_fmt(d.get('tau'))} | "
                              f"{_fmt(d.get('tokens_per_s'))} | {_fmt(d.get('speedup'))} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     summary = {"rows": by_row, "command": args.command, "toy": args.toy}
@@ -334,7 +336,7 @@ def write_summary(out: Path, results: list[dict], args) -> dict:
 
 def _settings(method: str) -> str:
     """The options of a head method without its file path."""
-    parts = [p for p in method.split(":")[1:] if not p.startswith("file=")]
+    parts = [p for p in method.split(":")[1:] if not p.startswith(("head=", "heads="))]
     return (":" + ":".join(parts)) if parts else ""
 
 

@@ -12,10 +12,11 @@ missing one gives a clear error before any work starts):
                  tree=drafting.DynamicTree(depth, top_k, total_tokens))  + the --draft model
   pld        decoding.Speculative(drafting.PromptLookup(max_ngram), gamma)
   layerskip  decoding.Speculative(drafting.LayerSkip(layers), gamma)     (0 = half the layers)
-  eagle      an EAGLE-3-style head file (`eagle:file=PATH`, written by `drafting.eagle.save_head`)
-  medusa     a Medusa head file (`medusa:file=PATH`, `drafting.medusa.save_heads`); each drafts a
-             chain of `gamma`, a dynamic tree when `depth` > 0 (`top_k`, `nodes`), or a static
-             tree from `branching` ("4.2.2": children per depth)
+  ht         hidden transfer (drafting.HiddenTransfer, maps=PATH)
+  medusa     Medusa heads (drafting.Medusa, heads=PATH)
+  eagle      the EAGLE-3-style head (drafting.Eagle, head=PATH)
+             each drafts a static tree with tree=4-2-2 (children per depth), else a dynamic tree
+             when depth > 0 (top_k, nodes; eagle's default), else a chain of gamma
   hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
 The draft model's weights reach `decoding.generate` through its `draft=` argument.
 
@@ -318,38 +319,63 @@ def _build_layerskip(env, opts):
                      cost={"kind": "chain", "gamma": opts["gamma"], "draft": {"layers": layers}})
 
 
-def _build_head(kind):
-    """`eagle` / `medusa`: a trained head file beside the target (no --draft model)."""
-    def build(env, opts):
-        from pathlib import Path
+def _feature_shape(opts, method: str):
+    """The draft shape of a head/map method: `tree=4-2-2` (branching per depth, a static
+    `drafting.TreeTopology`; '-' because ',' separates methods) or, when empty, a chain of `gamma`."""
+    if not opts.get("tree"):
+        return None
+    try:
+        branching = tuple(int(b) for b in str(opts["tree"]).split("-"))
+    except ValueError:
+        raise MethodSpecError(f"method {method!r}: tree={opts['tree']!r} is not branching factors joined by '-', "
+                              "e.g. tree=4-2-2.") from None
+    return _attr("drafting", "TreeTopology", method).from_branching(branching)
 
-        import decoding
-        import drafting
-        from drafting import eagle, medusa
 
-        if not opts["file"]:
-            raise MethodUnavailable(f"method {kind!r} needs its head file: {kind}:file=PATH (written by "
-                                    "python -m experiments.feature_drafters, or drafting.eagle.save_head / "
-                                    "drafting.medusa.save_heads).")
-        path = Path(opts["file"]).expanduser()
-        if not path.is_file():
-            raise MethodUnavailable(f"method {kind!r}: no head file at {path}.")
-        loader, proposer = (eagle.load_head, drafting.Eagle) if kind == "eagle" else (medusa.load_heads, drafting.Medusa)
-        draft = loader(path, env.target)
-        if opts["depth"]:
-            tree = drafting.DynamicTree(depth=opts["depth"], top_k=opts["top_k"], total_tokens=opts["nodes"])
-            strategy = decoding.TreeDecoding(proposer(), tree=tree)
-        elif opts["branching"]:
-            try:
-                branching = tuple(int(x) for x in opts["branching"].split("."))
-            except ValueError:
-                raise MethodSpecError(f"{kind}: branching={opts['branching']!r} is children per depth joined by "
-                                      "'.', e.g. 4.2.2.") from None
-            strategy = decoding.TreeDecoding(proposer(), tree=drafting.TreeTopology.from_branching(branching))
-        else:
-            strategy = decoding.Speculative(proposer(), gamma=opts["gamma"])
-        return JaxMethod(kind, kind, opts, env, strategy, draft_model=draft, cost=None)
-    return build
+def _file_option(opts, key: str, method: str) -> str:
+    path = opts.get(key) or ""
+    if not path:
+        raise MethodUnavailable(f"method {method!r} needs {key}=PATH (a file written by its trainer, e.g. "
+                                "experiments.hidden_transfer).")
+    return path
+
+
+def _build_feature_strategy(method, drafter, opts, cost):
+    """A static tree (`tree=`), else a dynamic tree (`depth` > 0, `top_k`, `nodes`), else a chain."""
+    shape = _feature_shape(opts, method)
+    if shape is None and opts.get("depth"):
+        shape = _attr("drafting", "DynamicTree", method)(depth=opts["depth"], top_k=opts["top_k"],
+                                                         total_tokens=opts["nodes"])
+    if shape is None:
+        return _attr("decoding", "Speculative", method)(drafter, gamma=opts["gamma"]), dict(cost, kind="chain-self",
+                                                                                           gamma=opts["gamma"])
+    cost = dict(cost, kind="tree-self", nodes=shape.num_nodes, depth=shape.max_depth)
+    return _attr("decoding", "TreeDecoding", method)(drafter, tree=shape), cost
+
+
+def _build_ht(env, opts):
+    ht = importlib.import_module("drafting.hidden_transfer")
+    maps = ht.load_maps(_file_option(opts, "maps", "ht"), env.target)
+    if opts["pseudo"] not in ht.PSEUDO_MODES:
+        raise MethodSpecError(f"method 'ht': pseudo={opts['pseudo']!r} is not one of {ht.PSEUDO_MODES}.")
+    strategy, cost = _build_feature_strategy("ht", ht.HiddenTransfer(pseudo=opts["pseudo"]), opts,
+                                             {"draft": {"layer": maps.config.layer, "k": maps.config.num_maps}})
+    return JaxMethod("ht", "ht", opts, env, strategy, draft_model=maps, cost=cost)
+
+
+def _build_medusa(env, opts):
+    medusa = importlib.import_module("drafting.medusa")
+    heads = medusa.load_heads(_file_option(opts, "heads", "medusa"), env.target)
+    strategy, cost = _build_feature_strategy("medusa", medusa.Medusa(), opts,
+                                             {"draft": {"heads": heads.config.num_heads}})
+    return JaxMethod("medusa", "medusa", opts, env, strategy, draft_model=heads, cost=cost)
+
+
+def _build_eagle(env, opts):
+    eagle = importlib.import_module("drafting.eagle")
+    head = eagle.load_head(_file_option(opts, "head", "eagle"), env.target)
+    strategy, cost = _build_feature_strategy("eagle", eagle.Eagle(), opts, {"draft": "eagle-head"})
+    return JaxMethod("eagle", "eagle", opts, env, strategy, draft_model=head, cost=cost)
 
 
 def _hf(mode):
@@ -383,16 +409,22 @@ for _spec in (
     MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
                {"gamma": 4, "layers": 0, "graphs": "", "attention": ""},
                needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
-    MethodSpec("eagle", "an EAGLE-3-style head file (file=PATH): chain, dynamic tree (depth > 0) or static tree "
-                        "(branching)", _build_head("eagle"),
-               {"file": "", "gamma": 4, "depth": 0, "top_k": 8, "nodes": 32, "branching": "", "graphs": "",
+    MethodSpec("ht", "hidden transfer: the target drafts from pseudo states of its own verify forward "
+                     "(maps=PATH from drafting.hidden_transfer.save_maps; tree=4-2-2 static tree, depth > 0 a dynamic "
+                     "tree, else a chain of gamma; pseudo=separate: the accepted node's pseudo positions in a partial forward)", _build_ht,
+               {"maps": "", "tree": "", "gamma": 3, "depth": 0, "top_k": 8, "nodes": 32, "pseudo": "verify",
+                 "graphs": "", "attention": ""},
+               needs("decoding.TreeDecoding", "drafting.hidden_transfer.HiddenTransfer", method="ht")),
+    MethodSpec("medusa", "Medusa heads (heads=PATH from drafting.medusa.save_heads; tree=4-2-2 static tree, "
+                         "depth > 0 a dynamic tree, else a chain of gamma)", _build_medusa,
+               {"heads": "", "tree": "", "gamma": 3, "depth": 0, "top_k": 8, "nodes": 32, "graphs": "",
                 "attention": ""},
-               needs("decoding.TreeDecoding", "drafting.Eagle", "drafting.eagle.load_head", method="eagle")),
-    MethodSpec("medusa", "Medusa heads from a head file (file=PATH): chain, dynamic tree (depth > 0) or static "
-                         "tree (branching)", _build_head("medusa"),
-               {"file": "", "gamma": 3, "depth": 0, "top_k": 8, "nodes": 32, "branching": "", "graphs": "",
-                "attention": ""},
-               needs("decoding.TreeDecoding", "drafting.Medusa", "drafting.medusa.load_heads", method="medusa")),
+               needs("decoding.TreeDecoding", "drafting.Medusa", method="medusa")),
+    MethodSpec("eagle", "EAGLE-3-style head (head=PATH from drafting.eagle.save_head): a dynamic tree "
+                        "(depth, top_k, nodes), depth=0 a chain of gamma, tree=4-2-2 a static tree",
+               _build_eagle, {"head": "", "tree": "", "gamma": 4, "depth": 6, "top_k": 10, "nodes": 60, "graphs": "",
+                              "attention": ""},
+               needs("decoding.TreeDecoding", "drafting.Eagle", method="eagle")),
     MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
                uses_torch=True),
     MethodSpec("hf_assisted", "transformers assisted generation (assistant_model = the --draft model)",

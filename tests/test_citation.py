@@ -26,6 +26,7 @@ ALGORITHM_MODULES = (
     "decoding/roofline.py", "decoding/kernels/attention.py", "decoding/rope.py", "decoding/llama.py",
     "decoding/gemma3.py", "drafting/shapes.py", "drafting/tree_search.py", "drafting/prompt_lookup.py",
     "distill/distillspec.py", "distill/losses.py", "distill/lora.py", "alignment/nudging.py",
+    "drafting/hidden_transfer.py", "distill/hidden_transfer.py",
 )
 # Capitalised words followed by a year that are venues or products, not authors.
 NOT_AUTHORS = {"ACL", "EMNLP", "ICLR", "ICML", "NeurIPS", "MLSys", "ASPLOS", "Llama", "Gemma", "Qwen", "Mistral"}

@@ -17,6 +17,10 @@ def test_strategies_by_name():
     tree = cli.build_strategy("layerskip-tree", layers=2, depth=3, top_k=2, total_tokens=5)
     assert tree.tree == drafting.DynamicTree(3, 2, 5) and tree.drafter == drafting.LayerSkip(layers=2)
     assert isinstance(cli.build_strategy("pld").drafter, drafting.PromptLookup)
+    ht = cli.build_strategy("ht", gamma=3)
+    assert isinstance(ht, decoding.Speculative) and isinstance(ht.drafter, drafting.HiddenTransfer) and ht.gamma == 3
+    ht_tree = cli.build_strategy("ht-tree", branching=(3, 2), pseudo="separate")
+    assert ht_tree.tree == drafting.TreeTopology.from_branching((3, 2)) and ht_tree.drafter.pseudo == "separate"
     with pytest.raises(SystemExit, match="unknown strategy 'beam'; choose from ar, spec, tree"):
         cli.build_strategy("beam")
 

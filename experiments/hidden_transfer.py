@@ -1,0 +1,485 @@
+"""Hidden transfer on Qwen2.5-Coder-1.5B-Instruct: train transfer maps, then measure on Spec-Bench.
+
+    python -m experiments.hidden_transfer --out experiments/results/hidden_transfer/h100 --steps 1000
+    python -m experiments.hidden_transfer --toy --out /tmp/ht_toy          # tiny random model, CPU
+
+Wu et al. 2024 ("Parallel Decoding via Hidden Transfer for Lossless Large Language Model
+Acceleration"); the pieces are `drafting.hidden_transfer` (decoding) and
+`distill.hidden_transfer` (training). Structured like `experiments.distillspec`. One run:
+
+  1. loads the target through `decoding.load` (registry name; the toy target with --toy);
+  2. builds the data once (under <out>/data, reused by reruns; `experiments.distillspec.build_data`):
+     ShareGPT conversations and GSM8K train questions, a seeded split into training
+     conversations and a held-out *tuning* split (never reported as a result, never trained
+     on), the training answers written again by the target unless --stored-answers;
+  3. for every row of --rows trains (a `distill.Trainer` under <out>/<row>/: checkpoints,
+     metrics.jsonl, plot.png; a rerun resumes; --steps and --max-minutes bound each row):
+       ht:layer=L:k=K   transfer maps at layer L (0 = the middle) for K pseudo positions
+                        (`distill.HiddenTransferRecipe`), written to <row>/maps.safetensors;
+       medusa:k=K       Medusa heads at the same training budget (same steps, batch, sequence
+                        length, data; `distill.MedusaRecipe` with soft labels: the same target
+                        distributions the maps' KL uses), <row>/heads.safetensors;
+     then measures each row on the tuning split for every draft shape of --shapes that fits its
+     depth (a chain `g3` or a static tree `4-2-2`) and, for maps, every --pseudo-modes (pseudo
+     positions in the verify forward, the paper's, or in a separate partial forward), beside
+     autoregressive decoding in the same process: tau, acceptance per future position,
+     tokens/s, speedup; the fastest choice is the row's;
+  4. runs Spec-Bench (all of it by default; `experiments.specbench`, which resumes by itself)
+     once per --specbench-batch with `ar`, `pld`, every row's method at its shape and, with
+     --eagle-head, an EAGLE-3-style head file, all in one process, so every speedup is over our
+     autoregressive decoding measured beside it;
+  5. writes results.jsonl (present rows are skipped: a rerun only does what is missing),
+     summary.json and summary.md (training cost per row, the tuning-split table, the Spec-Bench
+     table with acceptance per position).
+
+Exit codes: 0 done, 2 bad arguments, 130 interrupted (rerun the same command to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from experiments.distillspec import append_result, build_data, cast, device_name, read_results
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results" / "hidden_transfer"
+DEFAULT_ROWS = ("ht:layer=14:k=4", "ht:layer=20:k=4", "ht:layer=8:k=4", "medusa:k=4")
+TOY_ROWS = ("ht:k=2", "medusa:k=2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One trained drafter: hidden-transfer maps (layer, k) or Medusa heads (k)."""
+
+    label: str
+    kind: str  # "ht" | "medusa"
+    k: int
+    layer: int = 0  # 0: the target's middle layer
+
+    @classmethod
+    def parse(cls, text: str) -> "Row":
+        name, *opts = text.split(":")
+        if name not in ("ht", "medusa"):
+            raise ValueError(f"unknown row {text!r}: use ht:layer=<L>:k=<K> or medusa:k=<K>.")
+        kw = {}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "k" or (key == "layer" and name == "ht"):
+                try:
+                    kw[key] = int(value)
+                except ValueError:
+                    raise ValueError(f"row {text!r}: {key} must be an integer, got {value!r}.") from None
+            else:
+                raise ValueError(f"row {text!r}: unknown option {key!r} ({'layer=, k=' if name == 'ht' else 'k='}).")
+        if kw.get("k", 1) < 1:
+            raise ValueError(f"row {text!r}: k must be >= 1.")
+        return cls(label=text, kind=name, k=kw.get("k", 4), layer=kw.get("layer", 0))
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(":", "_").replace("=", "")
+
+    @property
+    def file(self) -> str:
+        return "maps.safetensors" if self.kind == "ht" else "heads.safetensors"
+
+
+def parse_shape(text: str):
+    """'g3' -> a chain of 3 (`decoding.Speculative`'s gamma); '4-2-2' -> static tree branching."""
+    if text.startswith("g"):
+        return ("chain", int(text[1:]))
+    return ("tree", tuple(int(b) for b in text.split("-")))
+
+
+def shape_depth(shape) -> int:
+    return shape[1] if shape[0] == "chain" else len(shape[1])
+
+
+def strategy_for(row: Row, shape, pseudo: str = "verify"):
+    import decoding
+    from drafting import HiddenTransfer, Medusa, TreeTopology
+
+    drafter = HiddenTransfer(pseudo=pseudo) if row.kind == "ht" else Medusa()
+    if shape[0] == "chain":
+        return decoding.Speculative(drafter, gamma=shape[1])
+    return decoding.TreeDecoding(drafter, tree=TreeTopology.from_branching(shape[1]))
+
+
+def method_string(row: Row, shape, path: Path, pseudo: str = "verify") -> str:
+    """The Spec-Bench method of a row (`experiments.methods`: ht / medusa)."""
+    opt = f"gamma={shape[1]}" if shape[0] == "chain" else "tree=" + "-".join(map(str, shape[1]))
+    if pseudo != "verify":
+        opt += f":pseudo={pseudo}"
+    return f"{row.kind}:{'maps' if row.kind == 'ht' else 'heads'}={path}:{opt}"
+
+
+def split_choice(text: str) -> tuple[str, str]:
+    """A tuning-split key 'g3' or 'g3/separate' -> (shape, pseudo mode)."""
+    shape, _, pseudo = text.partition("/")
+    return shape, pseudo or "verify"
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def load_target(args):
+    import jax.numpy as jnp
+
+    import decoding
+
+    if args.toy:
+        from experiments.toy import load_toy
+
+        return load_toy("toy")
+    return decoding.load(args.target, dtype=jnp.dtype(args.dtype))
+
+
+def recipe_for(row: Row, target):
+    import decoding
+    import distill
+    from drafting import hidden_transfer as ht
+    from drafting import medusa
+
+    options = decoding.Options.from_env()
+    if row.kind == "ht":
+        cfg = ht.config_for(target, row.k, layer=row.layer or None)
+        return distill.HiddenTransferRecipe(target.config, cfg, options=options), cfg
+    cfg = medusa.config_for(target, row.k)
+    return distill.MedusaRecipe(target.config, cfg, soft=True, options=options), cfg
+
+
+def load_drafter(row: Row, target, path: Path):
+    from drafting import hidden_transfer as ht
+    from drafting import medusa
+
+    return ht.load_maps(path, target) if row.kind == "ht" else medusa.load_heads(path, target)
+
+
+def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
+    """Train (or resume) the row's maps / heads; writes the file and returns the training record."""
+    import jax
+    import jax.numpy as jnp
+
+    import distill
+    from distill import hidden_transfer as dht
+    from distill import medusa as dmedusa
+    from distill.checkpoint import config_dict
+    from drafting import HiddenTransfer, Medusa
+    from drafting import hidden_transfer as ht
+    from drafting import medusa
+
+    row_dir = out / row.slug
+    done_file = row_dir / "trained.json"
+    if done_file.is_file():
+        return json.loads(done_file.read_text())
+    cfg = distill.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
+                              seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup,
+                              compute_dtype="float32" if args.toy else "bfloat16", seed=args.seed,
+                              log_every=args.log_every, eval_every=args.eval_every,
+                              checkpoint_every=args.checkpoint_every)
+    recipe, dcfg = recipe_for(row, target)
+    trainable, frozen = recipe.init(target.params, frozen_dtype=jnp.float32 if args.toy else jnp.bfloat16)
+    batches = distill.Batches(packed, cfg.batch_size, cfg.accumulate, seed=args.seed)
+    eval_prompts = heldout[: args.eval_prompts]
+    gamma = min(args.eval_gamma, row.k)
+
+    def to_draft(params):
+        if row.kind == "ht":
+            return dht.drafter(target, recipe, params)
+        return dmedusa.drafter(target, recipe, params)
+
+    proposer = HiddenTransfer() if row.kind == "ht" else Medusa()
+
+    def evaluate(params):
+        return distill.acceptance(target, to_draft(params), eval_prompts, gamma=gamma, max_new_tokens=args.eval_tokens,
+                                  batch_size=args.eval_batch, drafter=proposer)
+
+    identity = {"target": config_dict(target.config), "row": row.label, "train": dataclasses.asdict(cfg),
+                "drafter": dataclasses.asdict(dcfg)}
+    trainer = distill.Trainer(recipe, cfg, trainable, frozen, lambda s, p: batches.batch(s), out_dir=row_dir,
+                              evaluate=evaluate, identity=identity, progress=not args.no_progress)
+    summary = trainer.run(max_minutes=args.max_minutes)
+    with (row_dir / "sessions.jsonl").open("a") as f:  # training cost over resumed sessions
+        f.write(json.dumps({"session_s": summary["session_s"], "steps": summary["session_steps"]}) + "\n")
+    sessions = distill.trainer.read_jsonl(row_dir / "sessions.jsonl")
+    params = jax.device_get(trainer.params)
+    if row.kind == "ht":
+        ht.save_maps(row_dir / row.file, dcfg, cast(recipe.map_params(params), jnp.float32))
+    else:
+        medusa.save_heads(row_dir / row.file, dcfg, cast(recipe.head_params(params), jnp.float32))
+    train_rows = [m for m in distill.trainer.read_jsonl(row_dir / "metrics.jsonl") if m.get("kind") == "train"]
+    record = {"row": row.label, "steps": summary["step"], "stopped": summary["stopped"],
+              "tokens_seen": summary["step"] * cfg.batch_size * cfg.accumulate * cfg.seq_len,
+              "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
+              "train_minutes": sum(m["session_s"] for m in sessions) / 60.0,
+              "final_loss": train_rows[-1]["loss"] if train_rows else None,
+              "final_train_top1": {k: v for k, v in (train_rows[-1] if train_rows else {}).items()
+                                   if k.startswith("top1_")},
+              "trainable_params": int(dcfg.param_count()), "device": device_name(),
+              "layer": getattr(dcfg, "layer", None), "k": row.k}
+    if summary["step"] >= cfg.steps or summary["stopped"] == "time budget":
+        done_file.write_text(json.dumps(record, indent=1))
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _generate_all(target, prompts, batch, strategy=None, draft=None, max_new_tokens=128, bucket=None):
+    """(new tokens, seconds, target forwards per row summed, accept histogram) over `prompts`
+    in batches of `batch` (the last one filled by repeating a prompt; repeats do not count)."""
+    import numpy as np
+
+    import decoding
+
+    tokens = forwards = 0
+    run_s = 0.0
+    hist = None
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch - n)
+        res = decoding.generate(target, chunk, strategy=strategy, draft=draft, max_new_tokens=max_new_tokens,
+                                prompt_bucket=bucket)
+        st = res.stats
+        tokens += sum(st.tokens_per_row[:n])
+        forwards += sum(st.forwards_per_row[:n])
+        run_s += st.run_s
+        if "accept_histogram" in st.extra and n == batch:
+            h = np.asarray(st.extra["accept_histogram"], np.int64)
+            hist = h if hist is None else hist + h
+    return tokens, run_s, forwards, hist
+
+
+def evaluate_heldout(args, row: Row, target, draft, heldout) -> dict:
+    """Tau, acceptance per position, tokens/s and speedup over `ar` on the tuning split, per shape."""
+    from decoding import shapes as dshapes
+
+    prompts = heldout[: args.tune_prompts]
+    bucket = dshapes.prompt_bucket(max(len(p) for p in prompts))
+    kw = dict(max_new_tokens=args.eval_tokens, bucket=bucket)
+    _generate_all(target, prompts[: args.eval_batch], args.eval_batch, **kw)  # compile outside the timing
+    ar_tokens, ar_s, _, _ = _generate_all(target, prompts, args.eval_batch, **kw)
+    ar_tps = ar_tokens / ar_s
+    per_shape = {}
+    choices = [(s, m) for s in args.shapes for m in (args.pseudo_modes if row.kind == "ht" else ["verify"])]
+    for text, pseudo in choices:
+        shape = parse_shape(text)
+        if shape_depth(shape) > row.k:
+            continue
+        strategy = strategy_for(row, shape, pseudo)
+        _generate_all(target, prompts[: args.eval_batch], args.eval_batch, strategy, draft, **kw)
+        tokens, run_s, forwards, hist = _generate_all(target, prompts, args.eval_batch, strategy, draft, **kw)
+        reach = [int(hist[d:].sum()) for d in range(len(hist))] if hist is not None else []
+        per_shape[text if pseudo == "verify" else f"{text}/{pseudo}"] = {
+            "tau": tokens / max(forwards, 1), "tokens_per_s": tokens / run_s, "speedup": (tokens / run_s) / ar_tps,
+            "acceptance_per_position": [reach[d] / reach[d - 1] if reach[d - 1] else None
+                                        for d in range(1, len(reach))]}
+    if not per_shape:
+        raise ValueError(f"no shape of --shapes {args.shapes} fits {row.label} (depth <= {row.k}).")
+    best = max(per_shape, key=lambda s: per_shape[s]["speedup"])
+    return {"ar_tokens_per_s": ar_tps, "per_shape": per_shape, "shape": best, **per_shape[best]}
+
+
+def run_specbench(args, methods: list[str], batch: int, out: Path) -> dict:
+    """Spec-Bench through the harness's command line; returns its overall figures per method."""
+    run_dir = out / f"specbench_b{batch}"
+    cmd = [sys.executable, "-m", "experiments.specbench", "--target", args.target, "--dtype", args.dtype,
+           "--methods", ",".join(methods), "--batch-size", str(batch), "--subset", args.specbench_subset,
+           "--max-new-tokens", str(args.specbench_tokens), "--out", str(run_dir), "--no-progress"]
+    print("$ " + " ".join(cmd), file=sys.stderr)
+    rc = subprocess.call(cmd, cwd=REPO)
+    if rc != 0:
+        raise RuntimeError(f"Spec-Bench at batch {batch} exited with {rc}; rerun to resume it.")
+    summary = json.loads((run_dir / "summary.json").read_text())["summary"]["methods"]
+    return {"batch": batch, "command": " ".join(cmd), "methods": {m: d.get("overall", {}) for m, d in summary.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _pos(values) -> str:
+    return ", ".join("-" if v is None else f"{v:.2f}" for v in values or [])
+
+
+def write_summary(out: Path, results: list[dict], args) -> dict:
+    by_row: dict[str, dict] = {}
+    for r in results:
+        by_row.setdefault(r["row"], {})[r["kind"]] = r
+    title = ("# Hidden transfer on Qwen2.5-Coder-1.5B-Instruct" if not args.toy
+             else "# Hidden transfer (toy model: noise, not a result)")
+    lines = [title, "", f"Command: `{args.command}`", "",
+             "Training cost (each row at the same budget: steps x batch x sequence length):", "",
+             "| row | steps | tokens seen | train minutes | train tok/s | trainable params | final loss | device |",
+             "|" + "---|" * 8]
+    for label, kinds in by_row.items():
+        t = kinds.get("train")
+        if t:
+            lines.append(f"| {label} | {t['steps']} | {t['tokens_seen']} | {_fmt(t.get('train_minutes'))} | "
+                         f"{_fmt(t.get('train_tokens_per_s'))} | {t.get('trainable_params', '-')} | "
+                         f"{_fmt(t.get('final_loss'))} | {t.get('device', '-')} |")
+    lines += ["", "Tuning split (held out from training; picks each row's shape), beside `ar` in the same process:",
+              "", "| row | shape | tau | tok/s | speedup | acceptance per position |", "|---|---|---|---|---|---|"]
+    for label, kinds in by_row.items():
+        h = kinds.get("heldout")
+        for shape, d in (h or {}).get("per_shape", {}).items():
+            mark = " (picked)" if shape == h["shape"] else ""
+            lines.append(f"| {label} | {shape}{mark} | {_fmt(d['tau'])} | {_fmt(d['tokens_per_s'])} | "
+                         f"{_fmt(d['speedup'])} | {_pos(d['acceptance_per_position'])} |")
+    for label, kinds in by_row.items():
+        for kind, v in kinds.items():
+            if not kind.startswith("specbench"):
+                continue
+            lines += ["", f"Spec-Bench ({args.specbench_subset}, never trained or tuned on), batch {v['batch']}, "
+                      "every speedup over `ar` of the same process:", "",
+                      "| method | tau | tok/s | speedup | acceptance per position |", "|---|---|---|---|---|"]
+            for m, o in v["methods"].items():
+                lines.append(f"| {m} | {_fmt(o.get('tau'))} | {_fmt(o.get('tokens_per_s'))} | "
+                             f"{_fmt(o.get('speedup'))} | {_pos(o.get('acceptance_per_position'))} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    summary = {"rows": by_row, "command": args.command, "toy": args.toy}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.hidden_transfer", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--toy", action="store_true", help="the tiny random toy target and a few GSM8K questions (CPU)")
+    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}/<run>)")
+    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    p.add_argument("--shapes", default="g2,g3,g4,4-2-2,4-3-2-1", help="draft shapes tried on the tuning split")
+    p.add_argument("--pseudo-modes", default="verify,separate",
+                   help="hidden transfer's pseudo positions tried on the tuning split: in the verify forward "
+                        "(the paper's) and/or in a separate partial forward (drafting.HiddenTransfer)")
+    p.add_argument("--sources", default="sharegpt,gsm8k")
+    p.add_argument("--limit-per-source", type=int, default=None, help="first N conversations of each source")
+    p.add_argument("--train-conversations", type=int, default=4000, help="training conversations (0 = all)")
+    p.add_argument("--stored-answers", action="store_true", help="train on the answers as stored (no target rewrite)")
+    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per target-written answer")
+    p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--max-prompt-len", type=int, default=512)
+    p.add_argument("--heldout", type=int, default=64, help="conversations held out as the tuning split")
+    p.add_argument("--seq-len", type=int, default=512, help="training sequence length (the pseudo forward costs "
+                                                            "T k (T + T k) attention per upper layer)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per row")
+    p.add_argument("--max-minutes", type=float, default=None, help="training time budget per row")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=250, help="acceptance on held-out prompts every N steps (0: end)")
+    p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--eval-gamma", type=int, default=4)
+    p.add_argument("--eval-tokens", type=int, default=128)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--tune-prompts", type=int, default=32)
+    p.add_argument("--eagle-head", default=None, help="an EAGLE-3-style head file to run beside (drafting.eagle)")
+    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
+    p.add_argument("--specbench-subset", default="all")
+    p.add_argument("--specbench-tokens", type=int, default=256)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def toy_defaults(args) -> None:
+    """Small settings for --toy (each only where the flag was left at its default)."""
+    defaults = parser().parse_args([])
+    small = dict(rows=",".join(TOY_ROWS), shapes="g1,g2,2-2", sources="gsm8k", limit_per_source=48,
+                 train_conversations=40, gen_tokens=16, gen_batch=8, max_prompt_len=448, heldout=8, seq_len=512,
+                 batch_size=2, accumulate=2, steps=6, lr=3e-3, warmup=1, log_every=2, eval_every=0, eval_prompts=4,
+                 eval_tokens=12, eval_batch=4, checkpoint_every=3, tune_prompts=4, specbench_batch="")
+    for k, v in small.items():
+        if getattr(args, k) == getattr(defaults, k):
+            setattr(args, k, v)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.command = "python -m experiments.hidden_transfer " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.toy:
+        toy_defaults(args)
+    try:
+        rows = [Row.parse(r) for r in args.rows.split(",") if r]
+        args.sources = [s for s in args.sources.split(",") if s]
+        args.shapes = [s for s in args.shapes.split(",") if s]
+        args.pseudo_modes = [m for m in args.pseudo_modes.split(",") if m]
+        bad = [m for m in args.pseudo_modes if m not in ("verify", "separate")]
+        if bad or not args.pseudo_modes:
+            raise ValueError(f"--pseudo-modes takes verify and/or separate, got {args.pseudo_modes}.")
+        for s in args.shapes:
+            parse_shape(s)
+        batches = [int(b) for b in str(args.specbench_batch).split(",") if b]
+        if args.toy and batches:
+            raise ValueError("Spec-Bench needs the real target: drop --specbench-batch with --toy.")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else RESULTS / ("toy" if args.toy else "run")
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    try:
+        target = load_target(args)
+        packed, heldout = build_data(args, target, out)
+        methods = ["ar", "pld"]
+        for row in rows:
+            have = {(r["row"], r["kind"]) for r in read_results(results_path)}
+            t0 = time.perf_counter()
+            if (row.label, "train") not in have:
+                record = train_row(args, row, target, packed, heldout, out)
+                if not (out / row.slug / "trained.json").is_file():
+                    print(f"{row.label}: stopped at step {record['steps']}; rerun to continue.", file=sys.stderr)
+                    return 130
+                append_result(results_path, {**record, "kind": "train"})
+            path = out / row.slug / row.file
+            if (row.label, "heldout") not in have:
+                h = evaluate_heldout(args, row, target, load_drafter(row, target, path), heldout)
+                append_result(results_path, {"row": row.label, "kind": "heldout", **h})
+            shape, pseudo = split_choice(next(r["shape"] for r in read_results(results_path)
+                                              if r["row"] == row.label and r["kind"] == "heldout"))
+            methods.append(method_string(row, parse_shape(shape), path.resolve(), pseudo))
+            print(f"{row.label}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        if args.eagle_head:
+            methods.append(f"eagle:head={Path(args.eagle_head).resolve()}")
+        for b in batches:
+            have = {(r["row"], r["kind"]) for r in read_results(results_path)}
+            if ("specbench", f"specbench_b{b}") not in have:
+                sb = run_specbench(args, methods, b, out)
+                append_result(results_path, {"row": "specbench", "kind": f"specbench_b{b}", **sb})
+        write_summary(out, read_results(results_path), args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue.", file=sys.stderr)
+        return 130
+    print(out / "summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
