@@ -1,0 +1,237 @@
+"""Sharded decoding on 8 simulated CPU devices (run by tests/test_sharding.py in a subprocess
+with XLA_FLAGS=--xla_force_host_platform_device_count=8; runs directly when 8 devices exist).
+
+- For meshes 1x8, 2x4 and 8x1 ("data" x "model"), greedy outputs of every strategy (the
+  `STRATEGIES` list: autoregressive, chains with a draft model, prompt lookup, Medusa and
+  EAGLE heads, static and dynamic trees, entropy-adaptive) on a ragged batch of 8 equal the
+  single-device outputs token for token; sampled outputs are identical for the same seed.
+- Parameters and the KV cache of a finished run are sharded as the rules say (`.sharding`).
+- The compiled decode program has the tensor-parallel all-reduces and no all-gather whose
+  result is a whole weight matrix.
+- `decoding.load(dir, mesh=...)` places each parameter straight in its layout and generates
+  the same tokens as a single-device load.
+
+Legend: B batch (8), V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import decoding
+from decoding import EntropyAdaptive, Model, ModelConfig, Sampling, Speculative, TreeDecoding, generation, sharding
+from drafting import DraftModel, DynamicTree, PromptLookup, TreeTopology, eagle, medusa
+
+if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices: run through tests/test_sharding.py (sets "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=8 in a subprocess)", allow_module_level=True)
+
+# Every divisible by 8: heads 16, kv heads 8, D 32, F 64, V 96.
+TARGET_CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=16,
+                         num_kv_heads=8, head_dim=8, max_position_embeddings=256)
+DRAFT_CFG = ModelConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=8, max_position_embeddings=256)
+PROMPTS = [[14] * 9, [7], [4, 5, 6, 7], [9, 30, 30, 30, 30, 30, 59, 63, 44, 61, 59, 3, 3], [1, 2, 3, 1, 2, 3],
+           [80, 81], [5] * 5, [60, 61, 62, 63, 64, 65, 66]]
+MAX_NEW = 13
+MESHES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
+
+
+@functools.cache
+def target() -> Model:
+    return Model(TARGET_CFG, decoding.init_params(TARGET_CFG, jax.random.PRNGKey(0), scale=0.5), source="tiny")
+
+
+@functools.cache
+def small_draft() -> Model:
+    return Model(DRAFT_CFG, decoding.init_params(DRAFT_CFG, jax.random.PRNGKey(1), scale=0.5), source="draft")
+
+
+@functools.cache
+def self_draft() -> Model:
+    """The target's own weights plus noise: accepts part of the time."""
+    leaves, treedef = jax.tree_util.tree_flatten(target().params)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    noisy = [w + 0.015 * jax.random.normal(k, w.shape, w.dtype) for w, k in zip(leaves, keys)]
+    return Model(TARGET_CFG, jax.tree_util.tree_unflatten(treedef, noisy), source="noisy")
+
+
+@functools.cache
+def medusa_heads() -> Model:
+    cfg = medusa.config_for(target(), 3)
+    return medusa.as_draft(target(), cfg, medusa.init_heads(cfg, jax.random.PRNGKey(5), scale=0.5))
+
+
+@functools.cache
+def eagle_head() -> Model:
+    model = target()
+    c = model.config
+    d, nl = c.hidden_size, c.num_layers
+    cfg = eagle.config_for(model, (1, max(nl // 2, 1), nl))
+    head = eagle.init_head(c, jax.random.PRNGKey(0), scale=0.05)
+    head["fc"] = head["fc"].at[2 * d:].add(jnp.eye(d))
+    head["w_in"] = head["w_in"].at[d:].add(jnp.eye(d))
+    head["final_norm"] = model.params["final_norm"]
+    return eagle.as_draft(model, cfg, head)
+
+
+# name -> (strategy, draft factory or None). A new strategy is one line here.
+STRATEGIES = {
+    "autoregressive": (decoding.Autoregressive(), None),
+    "chain-draftmodel": (Speculative(DraftModel(), gamma=3), small_draft),
+    "chain-selfnoisy": (Speculative(DraftModel(), gamma=3), self_draft),
+    "chain-promptlookup": (Speculative(PromptLookup(), gamma=3), None),
+    "chain-medusa": (Speculative(medusa.Medusa(), gamma=2), medusa_heads),
+    "chain-eagle": (Speculative(eagle.Eagle(), gamma=2), eagle_head),
+    "tree-static": (TreeDecoding(DraftModel(), tree=TreeTopology.from_branching((2, 2))), self_draft),
+    "tree-dynamic": (TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)), self_draft),
+    "tree-dynamic-eagle": (TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)),
+                           eagle_head),
+    "entropy-adaptive": (EntropyAdaptive(threshold=5.0, window=3, min_dwell=2, catchup_width=4), small_draft),
+}
+# The full cross product runs on 2x4 (both axes); 1x8 and 8x1 run a representative subset by
+# default and everything under -m slow.
+QUICK = {"1x8": ("autoregressive", "chain-draftmodel", "tree-dynamic", "chain-eagle"),
+         "8x1": ("autoregressive", "chain-promptlookup", "tree-static", "entropy-adaptive")}
+SAMPLED = ("autoregressive", "chain-draftmodel", "tree-static", "chain-medusa")
+
+
+def cases():
+    for mesh in MESHES:
+        for name in STRATEGIES:
+            quick = mesh == "2x4" or name in QUICK.get(mesh, ())
+            yield pytest.param(mesh, name, id=f"{mesh}-{name}", marks=() if quick else pytest.mark.slow)
+
+
+@functools.cache
+def mesh_of(name: str):
+    return sharding.make_mesh(*MESHES[name])
+
+
+@functools.cache
+def sharded(model_fn, mesh_name: str) -> Model:
+    return decoding.shard(model_fn(), mesh_of(mesh_name))
+
+
+def run(model: Model, name: str, sampling=None, seed: int = 0, draft=None):
+    """(Result, final state) through `generate`'s own compiled program."""
+    strategy, _ = STRATEGIES[name]
+    prep = generation.prepare(model, PROMPTS, strategy=strategy, sampling=sampling, max_new_tokens=MAX_NEW,
+                              seed=seed, eos_token_id=(), chat=False, draft=draft)
+    exe, compile_s = generation.compiled(prep)
+    state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
+    return generation.finish(prep, state, compile_s, 0.0), state, exe
+
+
+@functools.cache
+def single(name: str, sampled: bool = False):
+    _, draft = STRATEGIES[name]
+    s = Sampling(temperature=1.0) if sampled else None
+    result, _, _ = run(target(), name, s, seed=3, draft=draft() if draft else None)
+    return result.tokens
+
+
+@pytest.mark.parametrize("mesh,name", list(cases()))
+def test_greedy_equals_single_device(mesh, name):
+    _, draft = STRATEGIES[name]
+    result, state, _ = run(sharded(target, mesh), name, draft=draft() if draft else None)
+    assert result.tokens == single(name), f"{name} on {mesh} differs from one device"
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_sampled_identical_for_the_same_seed(name):
+    _, draft = STRATEGIES[name]
+    result, _, _ = run(sharded(target, "2x4"), name, Sampling(temperature=1.0), seed=3,
+                       draft=draft() if draft else None)
+    assert result.tokens == single(name, True)
+
+
+def test_params_and_cache_sharded_as_the_rules_say():
+    model = sharded(target, "2x4")
+    p = model.params
+    assert p["embed"].sharding.spec == P("model")
+    assert p["lm_head"].sharding.spec == P(None, "model")
+    assert p["layers"]["wo"].sharding.spec == P(None, "model")
+    assert p["layers"]["w_down"].sharding.spec == P(None, "model")
+    assert p["layers"]["wqkv"].sharding.spec == P(None, "model")  # the input axis D
+    assert p["layers"]["attn_norm"].sharding.spec == P()
+    # each device holds 1/4 of wo's rows and the whole of a norm
+    assert p["layers"]["wo"].addressable_shards[0].data.shape == (2, 16 * 8 // 4, 32)
+    assert p["layers"]["attn_norm"].addressable_shards[0].data.shape == (2, 32)
+    _, state, _ = run(model, "autoregressive")
+    for kv in state.cache.layers:
+        assert kv.sharding.spec == P(None, "data", "model")
+        assert kv.addressable_shards[0].data.shape == (2, 4, 2, kv.shape[3], 8)
+    assert state.cache.lengths.sharding.spec == P("data")
+    # Custom rules: pure data parallel leaves every weight whole.
+    dp = decoding.shard(target(), mesh_of("2x4"), sharding.Rules.of({"batch": "data"}))
+    assert all(x.sharding.spec == P() for x in jax.tree.leaves(dp.params))
+    assert decoding.generate(dp, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=()).tokens == single("autoregressive")
+
+
+def _weight_shapes(config) -> set:
+    out = set()
+    for shape in jax.tree.leaves(decoding.model.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)):
+        out.add(tuple(shape))
+        out.add(tuple(shape[1:]))  # one layer's slice of a stacked weight
+    return {s for s in out if len(s) >= 2}
+
+
+@pytest.mark.parametrize("name", ["autoregressive", "chain-draftmodel"])
+def test_compiled_program_has_collectives_and_gathers_no_weight(name):
+    _, draft = STRATEGIES[name]
+    _, _, exe = run(sharded(target, "1x8"), name, draft=draft() if draft else None)
+    hlo = exe.as_text()
+    assert "all-reduce" in hlo  # tensor parallel: partial sums of the row-sharded matmuls
+    gathered = {tuple(int(d) for d in m.group(1).split(",") if d)
+                for m in re.finditer(r"= \w+\[([\d,]*)\]\S* all-gather", hlo)}
+    whole = gathered & _weight_shapes(TARGET_CFG)
+    assert not whole, f"the program all-gathers whole weight matrices: {sorted(whole)}"
+
+
+def test_load_places_parameters_straight_into_their_layout(tmp_path):
+    from safetensors.numpy import save_file
+    import json
+
+    model = target()
+    c = model.config
+    hf = {"model.embed_tokens.weight": model.params["embed"], "model.norm.weight": model.params["final_norm"],
+          "lm_head.weight": model.params["lm_head"].T}
+    layers = model.params["layers"]
+    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
+    for i in range(c.num_layers):
+        pre = f"model.layers.{i}."
+        q, k, v = np.split(np.asarray(layers["wqkv"][i]), [c.num_heads * c.head_dim,
+                                                            (c.num_heads + c.num_kv_heads) * c.head_dim], axis=-1)
+        for part, w in zip("qkv", (q, k, v)):
+            hf[pre + f"self_attn.{names[part]}.weight"] = w.T
+        gate, up = np.split(np.asarray(layers["w_gate_up"][i]), 2, axis=-1)
+        hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"] = gate.T, up.T
+        hf[pre + "self_attn.o_proj.weight"] = np.asarray(layers["wo"][i]).T
+        hf[pre + "mlp.down_proj.weight"] = np.asarray(layers["w_down"][i]).T
+        hf[pre + "input_layernorm.weight"] = layers["attn_norm"][i]
+        hf[pre + "post_attention_layernorm.weight"] = layers["mlp_norm"][i]
+    save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in hf.items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "tie_word_embeddings": False}))
+    mesh = mesh_of("2x4")
+    loaded = decoding.load(tmp_path, dtype=jnp.float32, tokenizer=False, mesh=mesh)
+    assert loaded.layout == sharding.Layout(mesh, sharding.DEFAULT_RULES)
+    want = sharding.param_specs(loaded.config, mesh)
+    got = jax.tree.map(lambda x: x.sharding.spec, loaded.params)
+    assert got == want
+    np.testing.assert_array_equal(np.asarray(loaded.params["layers"]["wqkv"]), np.asarray(layers["wqkv"]))
+    out = decoding.generate(loaded, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=())
+    assert out.tokens == single("autoregressive")
