@@ -245,8 +245,11 @@ def prepare(model: Model, prompts, *, strategy=None, sampling=None, max_new_toke
         check_same_tokenizer(model, draft)
         draft_cfg = draft.config
         params["draft"] = sharded_draft_params(layout, draft)
+    options = (options or Options()).resolved()
+    if layout is not None:
+        options = dataclasses.replace(options, layout=layout)
     ctx = Context(target=model.config, sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
-                  capacity=capacity, draft=draft_cfg, options=(options or Options()).resolved())
+                  capacity=capacity, draft=draft_cfg, options=options)
     if hasattr(strategy, "validate"):
         strategy.validate(ctx, draft)
     if hasattr(strategy, "split_runtime"):

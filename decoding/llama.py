@@ -153,7 +153,15 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
     v = v.reshape(b, t, kh, dh)
     kv = write(kv, k, v, cursor)
     if use_kernel(options, i, dh):  # reads kv[0], kv[1] where they lie
-        attn = attention_pallas(q, kv, kv, setup.visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
+        def attend(q, kv, visible):
+            return attention_pallas(q, kv, kv, visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
+
+        if options.layout is None:
+            attn = attend(q, kv, setup.visible)
+        else:  # on a mesh: the kernel sees each device's rows and heads (decoding.sharding)
+            from .sharding import per_device_attention
+
+            attn = per_device_attention(attend, options.layout, q, kv, setup.visible)
     else:
         attn = attention_reference(q, kv[0], kv[1], setup.visible)
     x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])

@@ -324,3 +324,20 @@ def replicated_out(state, layout: Layout):
     whole = NamedSharding(layout.mesh, PartitionSpec())
     out = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), state.out)
     return dataclasses.replace(state, out=out)
+
+
+def per_device_attention(attend, layout: Layout, q: jax.Array, kv: jax.Array, visible: jax.Array) -> jax.Array:
+    """`attend(q[B, T, H, Dh], kv[2, B, K, S, Dh], visible[B, T, S]) -> [B, T, H, Dh]` (a Pallas
+    kernel, which needs per-device shapes) run under `jax.shard_map`: each device attends its
+    own batch rows and heads. Heads are split only where the query heads and the kv heads split
+    over the same mesh axis (then each device's query heads read exactly its kv heads: the
+    groups are contiguous); otherwise the heads stay whole on every device."""
+    mesh, rules = layout.mesh, layout.rules
+    q_spec = tuple(spec(("batch", None, "heads", None), q.shape, mesh, rules, strict=False)) + (None,) * 4
+    kv_spec = tuple(spec(CACHE_AXES, kv.shape, mesh, rules, strict=False)) + (None,) * 5
+    rows = q_spec[0] if q_spec[0] == kv_spec[1] else None
+    heads = q_spec[2] if q_spec[2] == kv_spec[2] else None
+    fn = jax.shard_map(attend, mesh=mesh, in_specs=(PartitionSpec(rows, None, heads), PartitionSpec(None, rows, heads),
+                                                    PartitionSpec(rows)),
+                       out_specs=PartitionSpec(rows, None, heads), check_vma=False)
+    return fn(q, kv, visible)
