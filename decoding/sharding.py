@@ -341,3 +341,54 @@ def per_device_attention(attend, layout: Layout, q: jax.Array, kv: jax.Array, vi
                                                     PartitionSpec(rows)),
                        out_specs=PartitionSpec(rows, None, heads), check_vma=False)
     return fn(q, kv, visible)
+
+
+# --------------------------------------------------------------------------------------------
+# Training (distill.Trainer): data parallel batches, optimizer state laid out like its params
+# --------------------------------------------------------------------------------------------
+
+
+def on_mesh(tree, mesh: Mesh):
+    """`tree` on `mesh`: leaves already laid out on it (`decoding.shard(...).params`) keep their
+    layout, every other leaf is replicated."""
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
+            return x
+        return jax.device_put(x, whole)
+
+    return jax.tree.map(one, tree)
+
+
+def like_params(tree, params):
+    """NamedShardings for `tree` (e.g. an optimizer state, abstract or concrete) where every leaf
+    whose path ends with a parameter's path and has its shape takes that parameter's sharding
+    (Adam's moments are sharded like their weights); other leaves are replicated."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    mesh = next(x.sharding.mesh for _, x in flat if isinstance(getattr(x, "sharding", None), NamedSharding))
+    by_path = sorted(((jax.tree_util.keystr(p), x) for p, x in flat), key=lambda kv: -len(kv[0]))  # longest first
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for pkey, p in by_path:
+            if key.endswith(pkey) and tuple(np.shape(leaf)) == tuple(p.shape):
+                return p.sharding
+        return whole
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def put_batch(batch: dict, mesh: Mesh, rules: Rules = DEFAULT_RULES, axis: int = 1) -> dict:
+    """Training batches {key: [A, B, T]} with B (dimension `axis`) over the rules' batch axis
+    (data parallel); each device receives only its rows."""
+    out = {}
+    for k, x in batch.items():
+        x = np.asarray(x)
+        axes = [None] * x.ndim
+        axes[axis] = "batch"
+        s = NamedSharding(mesh, spec(tuple(axes), x.shape, mesh, rules, where=f"training batch {k!r}"))
+        out[k] = jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])
+    return out
