@@ -172,6 +172,9 @@ def test_params_and_cache_sharded_as_the_rules_say():
         assert kv.sharding.spec == P(None, "data", "model")
         assert kv.addressable_shards[0].data.shape == (2, 4, 2, kv.shape[3], 8)
     assert state.cache.lengths.sharding.spec == P("data")
+    fresh = sharding.init_cache(TARGET_CFG, 8, 128, mesh_of("2x4"))
+    assert all(kv.sharding.spec == P(None, "data", "model") for kv in fresh.layers)
+    assert fresh.layers[0].addressable_shards[0].data.shape == (2, 4, 2, 128, 8)
     # Custom rules: pure data parallel leaves every weight whole.
     dp = decoding.shard(target(), mesh_of("2x4"), sharding.Rules.of({"batch": "data"}))
     assert all(x.sharding.spec == P() for x in jax.tree.leaves(dp.params))
@@ -191,7 +194,10 @@ def test_compiled_program_has_collectives_and_gathers_no_weight(name):
     _, draft = STRATEGIES[name]
     _, _, exe = run(sharded(target, "1x8"), name, draft=draft() if draft else None)
     hlo = exe.as_text()
-    assert "all-reduce" in hlo  # tensor parallel: partial sums of the row-sharded matmuls
+    # tensor parallel: the partial sums of the fused projections (sharded on their input axis D)
+    # over q/k/v ((H + 2K) Dh = 256) and gate/up (2F = 128), and of wo and w_down (D = 32)
+    reduced = {m.group(1).split(",")[-1] for m in re.finditer(r"= f32\[([\d,]*)\]\S* all-reduce", hlo)}
+    assert {"256", "128", "32"} <= reduced, reduced
     gathered = {tuple(int(d) for d in m.group(1).split(",") if d)
                 for m in re.finditer(r"= \w+\[([\d,]*)\]\S* all-gather", hlo)}
     whole = gathered & _weight_shapes(TARGET_CFG)
