@@ -432,6 +432,10 @@ def generate(
     state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
     jax.block_until_ready(state.out.tokens)
     run_s = time.perf_counter() - t0
+    if prep.layout is not None:  # each process reads its own copy of the replicated results
+        from .sharding import local_view
+
+        state = local_view(state)
     return finish(prep, state, compile_s, run_s)
 
 

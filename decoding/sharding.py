@@ -319,11 +319,33 @@ def describe(tree) -> dict:
 
 
 def replicated_out(state, layout: Layout):
-    """`state` with its `out` (the committed tokens and counters) whole on every device, so that
-    the host of any process reads the results without a gather of its own."""
+    """`state` with everything but its KV caches (the committed tokens, counters and the small
+    per-row buffers a strategy's `stats` reads) whole on every device, so that the host of any
+    process reads the results without a gather of its own; the caches keep their layout."""
     whole = NamedSharding(layout.mesh, PartitionSpec())
-    out = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), state.out)
-    return dataclasses.replace(state, out=out)
+
+    def one(node):
+        if isinstance(node, KVCache):
+            return node
+        return jax.lax.with_sharding_constraint(node, whole)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+def local_view(state):
+    """`state`'s replicated arrays as this process's own copy (a one-device array), so host code
+    (`np.asarray`) reads them in a multi-process run, where a global array is not fully
+    addressable; KV caches and arrays this process holds whole are returned as they are."""
+
+    def one(node):
+        if isinstance(node, KVCache) or not isinstance(node, jax.Array) or node.is_fully_addressable:
+            return node
+        if not node.is_fully_replicated:
+            raise ShardingError(f"an output of shape {node.shape} is split over processes; it must be replicated "
+                                "to be read on the host (decoding.sharding.replicated_out).")
+        return node.addressable_data(0)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 def per_device_attention(attend, layout: Layout, q: jax.Array, kv: jax.Array, visible: jax.Array) -> jax.Array:

@@ -172,6 +172,9 @@ def test_params_and_cache_sharded_as_the_rules_say():
         assert kv.sharding.spec == P(None, "data", "model")
         assert kv.addressable_shards[0].data.shape == (2, 4, 2, kv.shape[3], 8)
     assert state.cache.lengths.sharding.spec == P("data")
+    # the results come back whole on every device (any process reads them); the caches do not
+    assert state.out.tokens.sharding.is_fully_replicated and not state.cache.layers[0].sharding.is_fully_replicated
+    assert sharding.local_view(state).out.tokens is state.out.tokens  # one process holds it all
     fresh = sharding.init_cache(TARGET_CFG, 8, 128, mesh_of("2x4"))
     assert all(kv.sharding.spec == P(None, "data", "model") for kv in fresh.layers)
     assert fresh.layers[0].addressable_shards[0].data.shape == (2, 4, 2, 128, 8)
