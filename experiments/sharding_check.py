@@ -72,7 +72,8 @@ def measure(target, draft, prompts, method: str, args) -> dict:
     def run(models, timed: bool):
         tokens, run_s, compile_s, outs = 0, 0.0, 0.0, []
         for b in batches:
-            res = decoding.generate(models["target"], b, strategy=strategy, draft=models["draft"] if use_draft else None,
+            res = decoding.generate(models["target"], b, strategy=strategy,
+                                    draft=models["draft"] if use_draft else None,
                                     max_new_tokens=args.max_new_tokens, prompt_bucket=bucket,
                                     eos_token_id=() if args.tiny else None)
             if timed and res.stats.compile_s:
@@ -111,7 +112,8 @@ def markdown(report: dict) -> str:
              f"Device: {dev.get('device_kind')} ({dev.get('platform')}); commit {rev.get('commit', rev)}; "
              f"target {s['target']}, draft {s['draft']}; prompts: {report['prompts']} x {report['n_prompts']}; "
              f"greedy; batch {s['batch']}; max_new_tokens {s['max_new_tokens']}; best of {s['repeats']}.", "",
-             "| method | no mesh tok/s | 1-device mesh tok/s | mesh / no mesh | identical outputs | compile s (no mesh / mesh) |",
+             "| method | no mesh tok/s | 1-device mesh tok/s | mesh / no mesh | identical outputs "
+             "| compile s (no mesh / mesh) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for method, r in report["methods"].items():
         lines.append(f"| {method} | {r['no_mesh']['tokens_per_s']:.1f} | {r['mesh_1_device']['tokens_per_s']:.1f} | "
