@@ -41,6 +41,13 @@ Choices the references leave open, as made here:
     are replicated over the mesh when they run beside a sharded target.
   * Random numbers follow `jax_threefry_partitionable` (on by default), so sampled outputs
     do not depend on the mesh.
+  * The Pallas attention kernel needs per-device shapes: on a mesh it runs under
+    `jax.shard_map` (`per_device_attention`), each device attending its own rows and heads.
+  * Results: `generate`'s program returns everything but the caches replicated
+    (`replicated_out`), and each process reads its own copy (`local_view`); tokenization,
+    stop strings and texts are host work every process repeats identically.
+  * Training (`distill.Trainer(mesh=)`): batches over "batch" (`put_batch`), optimizer state
+    laid out like its parameters (`like_params`), leaves not on the mesh replicated (`on_mesh`).
 
 Multi-host: call `jax.distributed.initialize()` first; the same mesh over `jax.devices()`
 (every host's) and the same calls follow (docs/sharding.md).
