@@ -25,15 +25,23 @@ from .tree import Accepted, TreeBatch
 
 
 def load(source, **kwargs):
-    """Load a model by registry name, local HF directory, GGUF file or hub id (see decoding.loading)."""
+    """Load a model by registry name, local HF directory, GGUF file or hub id (see decoding.loading);
+    `mesh=` (and `rules=`) load it straight into a sharded layout (decoding.sharding)."""
     from .loading import load as _load
 
     return _load(source, **kwargs)
+
+
+def shard(model, mesh, rules=None):
+    """`model` with its parameters laid out on `mesh` under `rules` (decoding.sharding.shard)."""
+    from .sharding import shard as _shard
+
+    return _shard(model, mesh, rules)
 
 
 __all__ = [
     "Accepted", "Autoregressive", "ConfigError", "DynamicGamma", "EntropyAdaptive", "Gemma3Config", "Speculative",
     "Strategy", "TreeBatch", "TreeDecoding", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Options",
     "Output", "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
-    "init_params", "lm_head", "load", "make_sampling", "run_layers", "stream", "unembed",
+    "init_params", "lm_head", "load", "shard", "make_sampling", "run_layers", "stream", "unembed",
 ]

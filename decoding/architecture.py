@@ -32,6 +32,8 @@ class Architecture:
         `config.json` dict into a `config_type`, refusing fields it does not model).
     param_shapes(config) -> {name: shape, "layers": {name: (L, ...)}}: the one declaration of
         weights; param_parts(config) -> {fused layer parameter: ((part, width), ...)}.
+    param_axes(config) -> the same tree with a tuple of logical axis names per dimension
+        (`decoding.sharding.LOGICAL_AXES`), declared beside the shapes; None: not shardable.
     norm_unit: the norm weight that is the identity scale (1 for `x * w`, 0 for `x * (1 + w)`):
         random initialisation fills every parameter named "*norm" with it.
     embed(config, params, tokens[B, T]) -> x[B, T, D]; final_norm(config, params, x) -> [.., D];
@@ -67,6 +69,7 @@ class Architecture:
     gguf_names: Callable[[str], Any] | None = None
     gguf_keys: frozenset = frozenset()
     gguf_fields: Callable[[str, dict, Callable], dict] = lambda arch, cfg, get: {}
+    param_axes: Callable[[Any], dict] | None = None
 
 
 _BY_CONFIG: dict[type, Architecture] = {}

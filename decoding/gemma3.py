@@ -322,6 +322,13 @@ LAYER_PARAM_SHAPES = {  # projections fused as in `decoding.llama` (see `LAYER_P
 }
 # fused name -> its blocks along the last axis, in order: ((part, width), ...); no biases
 LAYER_PARAM_PARTS = {"wqkv": qkv_parts, "w_gate_up": gate_up_parts}
+# logical axes (`decoding.sharding`), per-layer ones without the leading "layers" axis
+PARAM_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
+LAYER_PARAM_AXES = {
+    "attn_norm": ("embed",), "wqkv": ("fused_in", None), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "wo": ("heads", "embed"), "post_attn_norm": ("embed",), "mlp_norm": ("embed",),
+    "w_gate_up": ("fused_in", None), "w_down": ("mlp", "embed"), "post_mlp_norm": ("embed",),
+}
 
 
 def param_shapes(config: Gemma3Config) -> dict:
@@ -331,6 +338,13 @@ def param_shapes(config: Gemma3Config) -> dict:
     if config.tie_embeddings:
         del top["lm_head"]
     return {**top, "layers": layer}
+
+
+def param_axes(config: Gemma3Config) -> dict:
+    """The logical axes of `param_shapes(config)`'s tree (`decoding.sharding`)."""
+    shapes = param_shapes(config)
+    layer = {name: ("layers", *LAYER_PARAM_AXES[name]) for name in shapes["layers"]}
+    return {**{name: PARAM_AXES[name] for name in shapes if name != "layers"}, "layers": layer}
 
 
 def param_parts(config: Gemma3Config) -> dict:
@@ -534,6 +548,7 @@ GEMMA3 = register(Architecture(
     config_from_hf=Gemma3Config.from_hf,
     param_shapes=param_shapes,
     param_parts=param_parts,
+    param_axes=param_axes,
     norm_unit=0.0,
     embed=embed,
     final_norm=final_norm,

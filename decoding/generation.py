@@ -185,6 +185,7 @@ class Prepared:
     ids: list  # each row's prompt token ids
     stop: tuple  # stop strings
     tokenizer: object
+    layout: object = None  # decoding.sharding.Layout of a sharded target, else None
 
 
 def prepare(model: Model, prompts, *, strategy=None, sampling=None, max_new_tokens: int = 128, seed: int = 0,
@@ -238,13 +239,17 @@ def prepare(model: Model, prompts, *, strategy=None, sampling=None, max_new_toke
         prompt[i, : len(p)] = p
     lengths = np.array([len(p) for p in ids], np.int32)
     params = {"target": model.params}
+    layout = getattr(model, "layout", None)
     draft_cfg = None
     if draft is not None:
         check_same_tokenizer(model, draft)
-        params["draft"] = draft.params
         draft_cfg = draft.config
+        params["draft"] = sharded_draft_params(layout, draft)
+    options = (options or Options()).resolved()
+    if layout is not None:
+        options = dataclasses.replace(options, layout=layout)
     ctx = Context(target=model.config, sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
-                  capacity=capacity, draft=draft_cfg, options=(options or Options()).resolved())
+                  capacity=capacity, draft=draft_cfg, options=options)
     if hasattr(strategy, "validate"):
         strategy.validate(ctx, draft)
     if hasattr(strategy, "split_runtime"):
@@ -253,7 +258,26 @@ def prepare(model: Model, prompts, *, strategy=None, sampling=None, max_new_toke
         # sweep over such a setting reuses one compiled program.
         strategy, runtime = strategy.split_runtime()
         params["runtime"] = {k: jnp.asarray(v, jnp.float32) for k, v in runtime.items()}
-    return Prepared(strategy, ctx, params, prompt, lengths, jax.random.PRNGKey(seed), ids, stop, tok)
+    return Prepared(strategy, ctx, params, prompt, lengths, jax.random.PRNGKey(seed), ids, stop, tok, layout)
+
+
+def sharded_draft_params(layout, draft: Model):
+    """The draft's parameters as the compiled program takes them: as they are on one device; on
+    the target's mesh when the target is sharded (replicated there unless the draft was
+    sharded on that mesh itself, `decoding.shard(draft, mesh, rules)`)."""
+    draft_layout = getattr(draft, "layout", None)
+    if layout is None:
+        if draft_layout is not None:
+            raise ValueError("the draft is sharded (draft.layout is set) but the target is not: shard the target "
+                             "on the same mesh too (decoding.shard(model, mesh)).")
+        return draft.params
+    if draft_layout is not None:
+        if draft_layout.mesh != layout.mesh:
+            raise ValueError("the draft is sharded on another mesh than the target's: shard both on one mesh.")
+        return draft.params
+    from .sharding import replicate
+
+    return replicate(draft.params, layout.mesh)
 
 
 def check_same_tokenizer(target: Model, draft: Model) -> None:
@@ -285,8 +309,26 @@ def _whole(strategy, ctx, params, prompt, lengths, key):
 
 _whole_jit = jax.jit(_whole, static_argnums=(0, 1))
 
+
+def _whole_sharded(strategy, ctx, layout, params, prompt, lengths, key):
+    """`_whole` on a mesh: every KV cache in the state is held to the cache layout
+    (`decoding.sharding.constrain_caches`), and the tokens come back replicated so that any
+    process (process 0 in a multi-host run) can read the results."""
+    from .sharding import constrain_caches, replicated_out
+
+    state = constrain_caches(strategy.init(ctx, params, prompt, lengths, key), layout)
+    state = driver.run(lambda s: constrain_caches(strategy.step(ctx, params, s), layout), state)
+    return replicated_out(state, layout)
+
+
+_whole_sharded_jit = jax.jit(_whole_sharded, static_argnums=(0, 1, 2))
+
 def _signature(tree) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _shardings(tree) -> tuple:
+    return tuple(str(getattr(x, "sharding", None)) for x in jax.tree_util.tree_leaves(tree))
 
 
 def compiled(prep: Prepared):
@@ -295,10 +337,16 @@ def compiled(prep: Prepared):
     options = prep.ctx.options.compiler_options()
     key = (prep.strategy, prep.ctx, prep.prompt.shape, _signature(prep.params),
            jax.tree_util.tree_structure(prep.params), tuple(sorted((options or {}).items())))
+    if prep.layout is not None:
+        key += (prep.layout, _shardings(prep.params))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    lowered = _whole_jit.lower(prep.strategy, prep.ctx, prep.params, prep.prompt, prep.lengths, prep.key)
+    if prep.layout is None:
+        lowered = _whole_jit.lower(prep.strategy, prep.ctx, prep.params, prep.prompt, prep.lengths, prep.key)
+    else:
+        lowered = _whole_sharded_jit.lower(prep.strategy, prep.ctx, prep.layout, prep.params, prep.prompt,
+                                           prep.lengths, prep.key)
     try:
         exe = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as err:  # XLA's message for a bad value is terse: say where it came from
@@ -384,6 +432,10 @@ def generate(
     state = exe(prep.params, prep.prompt, prep.lengths, prep.key)
     jax.block_until_ready(state.out.tokens)
     run_s = time.perf_counter() - t0
+    if prep.layout is not None:  # each process reads its own copy of the replicated results
+        from .sharding import local_view
+
+        state = local_view(state)
     return finish(prep, state, compile_s, run_s)
 
 

@@ -32,12 +32,14 @@ from .numerics import attention_mask, f32_einsum, rms_norm, split_parts
 from .options import Options
 from .rope import apply_rope, inv_frequencies, rope_tables
 
-# name -> shape as a function of the config (the one declaration of weights)
+# name -> shape as a function of the config (the one declaration of weights), and its logical
+# axes (`decoding.sharding`; fused projections shard on their input axis, "fused_in")
 PARAM_SHAPES = {
     "embed": lambda c: (c.vocab_size, c.hidden_size),
     "final_norm": lambda c: (c.hidden_size,),
     "lm_head": lambda c: (c.hidden_size, c.vocab_size),
 }
+PARAM_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 # Per-layer weights, stacked on a leading L axis by `param_shapes` (fused blocks: LAYER_PARAM_PARTS).
 LAYER_PARAM_SHAPES = {
     "attn_norm": lambda c: (c.hidden_size,),
@@ -47,6 +49,10 @@ LAYER_PARAM_SHAPES = {
     "mlp_norm": lambda c: (c.hidden_size,),
     "w_gate_up": lambda c: (c.hidden_size, 2 * c.intermediate_size),
     "w_down": lambda c: (c.intermediate_size, c.hidden_size),
+}
+LAYER_PARAM_AXES = {  # without the leading "layers" axis
+    "attn_norm": ("embed",), "wqkv": ("fused_in", None), "bqkv": (None,), "wo": ("heads", "embed"),
+    "mlp_norm": ("embed",), "w_gate_up": ("fused_in", None), "w_down": ("mlp", "embed"),
 }
 
 
@@ -73,6 +79,13 @@ def param_shapes(config: ModelConfig) -> dict:
     if config.tie_embeddings:
         del top["lm_head"]
     return {**top, "layers": layer}
+
+
+def param_axes(config: ModelConfig) -> dict:
+    """The logical axes of `param_shapes(config)`'s tree (`decoding.sharding`)."""
+    shapes = param_shapes(config)
+    layer = {name: ("layers", *LAYER_PARAM_AXES[name]) for name in shapes["layers"]}
+    return {**{name: PARAM_AXES[name] for name in shapes if name != "layers"}, "layers": layer}
 
 
 def param_parts(config: ModelConfig) -> dict:
@@ -140,7 +153,15 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
     v = v.reshape(b, t, kh, dh)
     kv = write(kv, k, v, cursor)
     if use_kernel(options, i, dh):  # reads kv[0], kv[1] where they lie
-        attn = attention_pallas(q, kv, kv, setup.visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
+        def attend(q, kv, visible):
+            return attention_pallas(q, kv, kv, visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
+
+        if options.layout is None:
+            attn = attend(q, kv, setup.visible)
+        else:  # on a mesh: the kernel sees each device's rows and heads (decoding.sharding)
+            from .sharding import per_device_attention
+
+            attn = per_device_attention(attend, options.layout, q, kv, setup.visible)
     else:
         attn = attention_reference(q, kv[0], kv[1], setup.visible)
     x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
@@ -222,6 +243,7 @@ LLAMA = register(Architecture(
     config_from_hf=ModelConfig.from_hf,
     param_shapes=param_shapes,
     param_parts=param_parts,
+    param_axes=param_axes,
     norm_unit=1.0,
     embed=embed,
     final_norm=final_norm,

@@ -259,12 +259,15 @@ class Model:
 
     Not a pytree itself: algorithms take `model.config` (static) and `model.params` (traced)
     separately. `source` records where the weights came from (path, registry name, hub id).
+    `layout` (a `decoding.sharding.Layout`: mesh + rules) is set when the parameters are
+    sharded (`decoding.shard`, `decoding.load(..., mesh=...)`); None: one device.
     """
 
     config: ModelConfig
     params: dict
     tokenizer: object = None
     source: str = ""
+    layout: object = None
 
     @property
     def dtype(self):

@@ -20,6 +20,9 @@ Fields:
       keeps XLA's default; "while" adds WHILE and CONDITIONAL to the default kinds (the decode
       loop stays on the device); any other value is XLA's `xla_gpu_enable_command_buffer`
       list. Other backends ignore it.
+  layout: a `decoding.sharding.Layout` (mesh + rules) when the program runs on a mesh; set by
+      `decoding.generate` from a sharded model (`model.layout`), None on one device. The Pallas
+      attention then runs per device under `jax.shard_map` (a kernel needs per-device shapes).
 
 `Options.from_env()` reads DECODING_ATTENTION, DECODING_UNROLL_LAYERS and
 DECODING_COMMAND_BUFFERS once, for command lines; library code never reads the environment.
@@ -47,6 +50,7 @@ class Options:
     attention: str = "xla"
     unroll_layers: bool | None = None
     command_buffers: str = ""
+    layout: object = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:

@@ -86,7 +86,8 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_latest(self, like):
-        """The latest state restored into the structure of `like` (None when there is none).
+        """The latest state restored into the structure and layout of `like` (None when there is
+        none): each array is read onto `like`'s sharding, whatever mesh saved it.
 
         Raises CheckpointMismatch when the checkpoint's identity differs from this run's.
         """
@@ -101,7 +102,9 @@ class Checkpoints:
                 f"the checkpoint in {self.directory} (step {step}) was written for another model, shape or recipe: "
                 + "; ".join(diffs[:8]) + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "")
                 + ". Resume it with the settings it was trained with, or train into another output directory.")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+        # each leaf restored in `like`'s layout: a checkpoint saved on one mesh restores onto another
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                               sharding=getattr(x, "sharding", None)), like)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 

@@ -20,6 +20,14 @@ sums gradients, divides by the kept positions of all of them and applies one opt
 (AdamW, linear warmup then cosine decay, global-norm clipping). Master weights and optimizer
 state stay float32; the loss runs in `cfg.compute_dtype` (bf16 by default).
 
+Data parallel: `Trainer(..., mesh=mesh)` puts each batch's B rows over the mesh's "data"
+axis (`decoding.sharding.put_batch`), keeps trainable and frozen trees laid out as they come
+(`decoding.shard(student, mesh).params` for tensor-parallel weights; anything else is
+replicated), lays the optimizer state out like its parameters (`decoding.sharding.like_params`)
+and restores a checkpoint saved on any mesh onto this one (orbax reads each shard where the
+current state's layout puts it). The step is the same pure function; GSPMD inserts the gradient
+all-reduce.
+
 `Trainer` is the driver (the only place that calls `jax.jit`): it restores the latest
 checkpoint (`distill.checkpoint`), runs steps with a tqdm bar (loss, tokens/s), appends metrics
 as JSON lines, evaluates every `eval_every` steps, checkpoints every `checkpoint_every` steps
@@ -224,11 +232,21 @@ class Trainer:
       settings (all but the logging/evaluation/checkpoint periods) and the trainable shapes are
       always part of it; a mismatch is an error.
     out_dir: checkpoints under ckpt/, metrics.jsonl, plot.png.
+    mesh, rules: run data parallel on a `jax.sharding.Mesh` (batch rows over the rules' batch
+      axis, "data" by default; see the module doc). None: one device.
     """
 
     def __init__(self, recipe: Recipe, cfg: TrainConfig, trainable, frozen, batches: Callable[[int, Any], dict], *,
                  out_dir: str | Path, evaluate: Callable[[Any], dict] | None = None, identity: dict | None = None,
-                 progress: bool = True, keep: int = 2):
+                 progress: bool = True, keep: int = 2, mesh=None, rules=None):
+        self.mesh, self.rules = mesh, rules
+        if mesh is not None:
+            from decoding import sharding
+
+            self.rules = sharding.DEFAULT_RULES if rules is None else rules
+            trainable, frozen = sharding.on_mesh(trainable, mesh), sharding.on_mesh(frozen, mesh)
+            raw = batches
+            batches = lambda step, params: sharding.put_batch(raw(step, params), mesh, self.rules)  # noqa: E731
         self.recipe, self.cfg, self.frozen, self.batches, self.evaluate = recipe, cfg, frozen, batches, evaluate
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,11 +257,19 @@ class Trainer:
         self.identity = dict(identity or {}, recipe=repr(recipe), train=settings,
                              trainable=ckpt.shape_signature(trainable))
         self.checkpoints = ckpt.Checkpoints(self.out_dir / "ckpt", identity=self.identity, keep=keep)
-        fresh = init_state(cfg, trainable)
+        self._step = _jitted_step
+        if mesh is None:
+            fresh = init_state(cfg, trainable)
+        else:
+            from decoding import sharding
+
+            layout = sharding.like_params(jax.eval_shape(lambda t: init_state(cfg, t), trainable), trainable)
+            fresh = jax.jit(init_state, static_argnums=0, out_shardings=layout)(cfg, trainable)
+            self._step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2,),
+                                 out_shardings=(layout, sharding.NamedSharding(mesh, sharding.PartitionSpec())))
         restored = self.checkpoints.restore_latest(fresh)
         self.state = restored if restored is not None else fresh
         self._trim_metrics(int(self.state.step))
-        self._step = _jitted_step
 
     @property
     def step(self) -> int:

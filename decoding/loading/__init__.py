@@ -36,7 +36,8 @@ from .hub import HUB_ID, hub_snapshot
 from .tokenizer import TokenizerMismatch, check_tokenizer
 
 
-def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | str | os.PathLike | Any" = True) -> Model:
+def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | str | os.PathLike | Any" = True,
+         mesh=None, rules=None) -> Model:
     """Load a checkpoint as a `Model` (see the module docstring for accepted sources).
 
     dtype: parameter dtype on the device (weights are converted in float32 first).
@@ -45,7 +46,18 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | st
     For registry files the tokenizer is checked against the token ids the registry records
     (`TokenizerMismatch` when it tokenizes differently).
     `model.source` records what was loaded (a registry name, path or hub id).
+    mesh: a `jax.sharding.Mesh` to load the parameters straight into their sharded layout
+    (each device receives only its slice), laid out by `rules` (`decoding.sharding.Rules`,
+    default `DEFAULT_RULES`: tensor parallel over "model", batch over "data"); `model.layout`
+    records both and `decoding.generate` runs sharded. None: one device, as before.
     """
+    layout = None
+    if mesh is not None:
+        from ..sharding import DEFAULT_RULES, Layout
+
+        layout = Layout(mesh, DEFAULT_RULES if rules is None else rules)
+    elif rules is not None:
+        raise ValueError("rules= lays parameters out on a mesh: pass mesh= too (decoding.sharding.make_mesh).")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load takes a registry name, a path or a hub id (str or os.PathLike), got "
                         f"{type(source).__name__}: {source!r}.")
@@ -55,13 +67,13 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | st
         if arch not in gguf_arches():  # refuse before downloading and parsing the file
             raise ConfigError(f"registry model {text!r} has GGUF architecture {arch!r}, which is not "
                               f"supported yet; supported: {', '.join(gguf_arches())}.")
-        return load_gguf(registry.fetch(text), dtype=dtype, tokenizer=tokenizer, source=text)
+        return load_gguf(registry.fetch(text), dtype=dtype, tokenizer=tokenizer, source=text, layout=layout)
     path = Path(text).expanduser()
     if path.is_dir():
-        return load_hf_dir(path, dtype=dtype, tokenizer=tokenizer)
+        return load_hf_dir(path, dtype=dtype, tokenizer=tokenizer, layout=layout)
     if path.is_file():
         if path.suffix == ".gguf":
-            return load_gguf(path, dtype=dtype, tokenizer=tokenizer)
+            return load_gguf(path, dtype=dtype, tokenizer=tokenizer, layout=layout)
         raise LoadError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging Face "
                         "checkpoint directory (config.json + *.safetensors).")
     if not HUB_ID.fullmatch(text) or text.startswith((".", "~")) or path.suffix == ".gguf":
@@ -70,7 +82,7 @@ def load(source: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | st
             f"file, a hub id like 'Qwen/Qwen2.5-0.5B', or a registry name ({', '.join(registry.REGISTRY)})."
         )
     directory = hub_snapshot(text)
-    return load_hf_dir(directory, dtype=dtype, tokenizer=tokenizer, source=text)
+    return load_hf_dir(directory, dtype=dtype, tokenizer=tokenizer, source=text, layout=layout)
 
 
 __all__ = [

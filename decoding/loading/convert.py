@@ -220,8 +220,14 @@ class ParamBuilder:
         return {**self.top, "layers": self.layers}
 
 
-def to_device(host: dict) -> dict:
-    """Move a host parameter tree to the default device, freeing each host buffer as it goes."""
+def to_device(host: dict, config=None, layout=None) -> dict:
+    """Move a host parameter tree to the default device, freeing each host buffer as it goes;
+    with a `layout` (`decoding.sharding.Layout`), straight into its sharded layout (each device
+    receives only its slice: `decoding.sharding.put_params`)."""
+    if layout is not None:
+        from ..sharding import put_params
+
+        return put_params(host, config, layout.mesh, layout.rules, consume=True)
     out = {"layers": {}}
     for name in list(host["layers"]):
         out["layers"][name] = jnp.asarray(host["layers"].pop(name))

@@ -146,8 +146,9 @@ def load_gguf_params(reader, config, dtype=jnp.bfloat16, where: str = "GGUF file
 
 
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | str | os.PathLike | Any" = True,
-              source: str | None = None, cache: bool | None = None) -> Model:
-    """Load a GGUF file of a registered family (llama / mistral / qwen2 / gemma3), dequantized to `dtype`.
+              source: str | None = None, cache: bool | None = None, layout=None) -> Model:
+    """Load a GGUF file of a registered family (llama / mistral / qwen2 / gemma3), dequantized to `dtype`
+    (with a `layout`, `decoding.sharding.Layout`, straight into its sharded layout).
 
     cache: keep what is slow to rebuild under `<registry cache dir>/converted/`, keyed by the
     file's sha256: the converted parameters (as safetensors, with the config in its metadata)
@@ -179,7 +180,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool |
         del reader
         if converted is not None:
             save_converted(host, hf_config, converted)
-    params = to_device(host)
+    params = to_device(host, config, layout)
     check_params(config, params)
     if tokenizer is True:
         tok = gguf_tokenizer(path, cache_root, sha if sha is not None else gguf_sha256(path))
@@ -187,4 +188,4 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool |
         tok = None
     else:
         tok = explicit_tokenizer(tokenizer, sha if sha is not None else gguf_sha256(path))
-    return Model(config=config, params=params, tokenizer=tok, source=source or str(path))
+    return Model(config=config, params=params, tokenizer=tok, source=source or str(path), layout=layout)

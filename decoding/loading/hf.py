@@ -63,11 +63,12 @@ def load_hf_params(directory: str | os.PathLike, config, dtype=jnp.bfloat16) -> 
 
 
 def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: "bool | str | os.PathLike | Any" = True,
-                source: str | None = None) -> Model:
-    """Load a Hugging Face checkpoint directory (config.json + safetensors)."""
+                source: str | None = None, layout=None) -> Model:
+    """Load a Hugging Face checkpoint directory (config.json + safetensors); with a `layout`
+    (`decoding.sharding.Layout`) straight into its sharded layout."""
     directory = Path(directory)
     config = load_config(directory)
-    params = to_device(load_hf_params(directory, config, dtype))
+    params = to_device(load_hf_params(directory, config, dtype), config, layout)
     check_params(config, params)
     if tokenizer is True:
         tok = hf_tokenizer(directory)
@@ -75,4 +76,4 @@ def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.bfloat16, tokenizer: 
         tok = None
     else:
         tok = explicit_tokenizer(tokenizer)
-    return Model(config=config, params=params, tokenizer=tok, source=source or str(directory))
+    return Model(config=config, params=params, tokenizer=tok, source=source or str(directory), layout=layout)
