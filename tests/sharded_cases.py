@@ -3,7 +3,7 @@ with XLA_FLAGS=--xla_force_host_platform_device_count=8; runs directly when 8 de
 
 - For meshes 1x8, 2x4 and 8x1 ("data" x "model"), greedy outputs of every strategy (the
   `STRATEGIES` list: autoregressive, chains with a draft model, prompt lookup, Medusa and
-  EAGLE heads, static and dynamic trees, entropy-adaptive) on a ragged batch of 8 equal the
+  EAGLE heads, static and dynamic trees, entropy-adaptive, hidden transfer) on a ragged batch of 8 equal the
   single-device outputs token for token; sampled outputs are identical for the same seed.
 - Parameters and the KV cache of a finished run are sharded as the rules say (`.sharding`).
 - The compiled decode program has the tensor-parallel all-reduces and no all-gather whose
@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import decoding
 from decoding import EntropyAdaptive, Model, ModelConfig, Sampling, Speculative, TreeDecoding, generation, sharding
-from drafting import DraftModel, DynamicTree, PromptLookup, TreeTopology, eagle, medusa
+from drafting import DraftModel, DynamicTree, PromptLookup, TreeTopology, eagle, hidden_transfer, medusa
 
 if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices: run through tests/test_sharding.py (sets "
@@ -82,6 +82,12 @@ def eagle_head() -> Model:
     return eagle.as_draft(model, cfg, head)
 
 
+@functools.cache
+def transfer_maps() -> Model:
+    cfg = hidden_transfer.config_for(target(), 2, layer=1)
+    return hidden_transfer.as_draft(target(), cfg, hidden_transfer.init_maps(cfg, jax.random.PRNGKey(6), scale=0.3))
+
+
 # name -> (strategy, draft factory or None). A new strategy is one line here.
 STRATEGIES = {
     "autoregressive": (decoding.Autoregressive(), None),
@@ -95,11 +101,13 @@ STRATEGIES = {
     "tree-dynamic-eagle": (TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)),
                            eagle_head),
     "entropy-adaptive": (EntropyAdaptive(threshold=5.0, window=3, min_dwell=2, catchup_width=4), small_draft),
+    "tree-static-hidden-transfer": (TreeDecoding(hidden_transfer.HiddenTransfer(),
+                                                 tree=TreeTopology.from_branching((2, 2))), transfer_maps),
 }
 # Each strategy runs on one mesh by default (each compile of a sharded program costs seconds on
 # CPU); the full cross product of meshes and strategies runs under -m slow.
 QUICK = {"2x4": ("autoregressive", "chain-draftmodel", "tree-dynamic-eagle", "entropy-adaptive"),
-         "1x8": ("chain-medusa",),
+         "1x8": ("chain-medusa", "tree-static-hidden-transfer"),
          "8x1": ("chain-promptlookup", "tree-static")}
 SAMPLED = {"chain-draftmodel": (), "autoregressive": pytest.mark.slow, "tree-static": pytest.mark.slow,
            "chain-medusa": pytest.mark.slow}
