@@ -18,6 +18,8 @@
 #              transformers eager beside                                       (~12, two runs)
 #   peer       autoregressive speed of the 1.5B model, batch 1 and 8, beside transformers' compiled
 #              static-cache generate (the fair peer), same process                   (~6)
+#   sharding   no mesh vs a 1-device mesh (decoding.sharding), ar and the 0.5B chain, reference16,
+#              batch 1, one process (experiments.sharding_check)                  (~4)
 #   heads      feature drafters (experiments.feature_drafters; rows $HEAD_ROWS, default eagle) trained
 #              $HEAD_MINUTES (default 5) minutes each on stored ShareGPT + GSM8K-train answers, tuned
 #              on the held-out tuning split, then Spec-Bench reference16 at batch 1; resumable:
@@ -116,6 +118,8 @@ case $stage in
     [ -f "$dir/qwen2.5-coder-1.5b-instruct.json" ] || timeout "$limit" python3 -m experiments.bench_autoregressive \
       --models qwen2.5-coder-1.5b-instruct --batch-sizes 1,8 --hf --hf-modes static --hf-batch-sizes 1,8 \
       --questions "$Q" --out "$dir/qwen2.5-coder-1.5b-instruct" ;;
+  sharding)
+    timeout "$limit" python3 -m experiments.sharding_check --questions "$Q" --out "$dir/sharding_check" ;;
   heads)
     timeout "$limit" python3 -m experiments.feature_drafters --out "$dir" --rows "${HEAD_ROWS:-eagle}" \
       --stored-answers --limit-per-source 3000 --train-conversations 0 --seq-len 1024 --batch-size 4 \
