@@ -93,3 +93,23 @@ def choose_draft_token(ctx: Context, shape, key: jax.Array, i, logits: jax.Array
         top1 = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
         active = active & (top1 >= shape.confidence)
     return tok, lp, active
+
+
+def choose_siblings(ctx: Context, key: jax.Array, i, logits: jax.Array, k: int, sampled_siblings: bool):
+    """The `k` children of tree nodes from the drafter's `logits: float32[..., V]` at draft step `i`.
+
+    Deterministic (greedy decoding, or `sampled_siblings` off): the k most likely tokens, best
+    first, `lp` None (one-hot proposals). Sampled siblings (temperature > 0 and
+    `sampled_siblings`): k distinct tokens drawn without replacement from the processed
+    distribution `lp = ctx.sampling.logprobs(logits)` by Gumbel-top-k (Kool et al. 2019), in
+    draw order, which is the order `decoding.tree.accept_sampled` tries them in. Returns
+    `(tokens: int32[..., k], lp: float32[..., V] or None, ok: bool[..., k])`; `ok` is False for
+    a draw the processed distribution forbids (fewer than k tokens left by top-k / top-p).
+    """
+    if ctx.sampling.is_greedy or not sampled_siblings:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        _, tok = jax.lax.top_k(logp, k)
+        return tok.astype(jnp.int32), None, jnp.ones(tok.shape, bool)
+    lp = ctx.sampling.logprobs(logits)
+    vals, tok = jax.lax.top_k(lp + jax.random.gumbel(jax.random.fold_in(key, i), lp.shape, lp.dtype), k)
+    return tok.astype(jnp.int32), lp, vals > -jnp.inf
