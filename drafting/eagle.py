@@ -31,14 +31,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decoding.architecture import for_config
 from decoding.cache import KVCache
 from decoding.model import Model, embed, final_norm, lm_head, param_shapes, random_params, run_layers
 
 from .medusa import HeadMismatch, read_head_file, target_identity, write_head_file
-from .proposer import choose_draft_token
-from .shapes import DynamicTree, chain_batch
+from .proposer import choose_draft_token, choose_siblings
+from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
 from .tree_search import Frontier, expand_and_rerank
 
 
@@ -144,7 +145,13 @@ class EagleState:
 
 @dataclasses.dataclass(frozen=True)
 class Eagle:
-    """The EAGLE-3-style proposer: pass the head as `draft=` (`as_draft`)."""
+    """The EAGLE-3-style proposer: pass the head as `draft=` (`as_draft`).
+
+    sampled_siblings: in a static `TreeTopology` at temperature > 0, draw each node's children
+    without replacement from the head's processed distribution (verified by recursive
+    rejection, `decoding.tree`) instead of taking its top-k (one-hot proposals)."""
+
+    sampled_siblings: bool = False
 
     name = "eagle3"
 
@@ -158,8 +165,9 @@ class Eagle:
         if (ctx.draft.hidden_size, ctx.draft.vocab_size) != (ctx.target.hidden_size, ctx.target.vocab_size):
             raise HeadMismatch(f"an EAGLE head for hidden size {ctx.draft.hidden_size} cannot read this target "
                                f"(hidden size {ctx.target.hidden_size}).")
-        if not (shape.is_chain or isinstance(shape, DynamicTree)):
-            raise TypeError(f"Eagle drafts chains and drafting.DynamicTree (EAGLE-2's search), not {shape!r}.")
+        if not (shape.is_chain or isinstance(shape, (TreeTopology, DynamicTree))):
+            raise TypeError(f"Eagle drafts chains, drafting.TreeTopology and drafting.DynamicTree (EAGLE-2's "
+                            f"search), not {shape!r}.")
 
     @staticmethod
     def _width(shape) -> int:
@@ -209,6 +217,8 @@ class Eagle:
         base = hcache.lengths  # = view.cache.lengths: the root pair sits at base - 1
         if shape.is_chain:
             tree, n_fwd = self._chain(ctx, params, hcache, base, root_logits, root_h, view.root, shape, limit, key)
+        elif isinstance(shape, TreeTopology):
+            tree, n_fwd = self._static_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape, key)
         elif isinstance(shape, DynamicTree):
             tree, n_fwd = self._dynamic_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape)
         else:
@@ -236,6 +246,35 @@ class Eagle:
                                                tok[:, None], (base + i)[:, None], options=ctx.options)
                 logits, h = lg[:, 0], out[:, 0]
         return chain_batch(root, drafts, n_prop, qs), g
+
+    def _static_tree(self, ctx, params, hcache, base, root_logits, root_h, root, topo: TreeTopology, key):
+        """Level by level: the nodes of one depth are the pairs (parent's output state, token) at
+        position base - 1 + depth, node i written at slot base + i - 1 and seeing the prefix and
+        its ancestors (a slot mask); node of rank r is its parent's r-th sibling."""
+        b = root_logits.shape[0]
+        n, k = topo.num_nodes, topo.max_rank
+        tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(root)
+        valid = jnp.ones((b, n), bool)
+        states = jnp.zeros((b, n, root_h.shape[-1]), root_h.dtype).at[:, 0].set(root_h)
+        top, lp, ok = choose_siblings(ctx, key, 0, root_logits[:, None], k, self.sampled_siblings)
+        tokens, valid, qs = place_siblings(topo, 0, np.array([0]), top, ok, lp, tokens, valid, None)
+        s = jnp.arange(hcache.capacity, dtype=jnp.int32)[None, None, :]
+        rel = s - base[:, None, None]
+        in_region = (rel >= 0) & (rel < n - 1)
+        for level, (first, count) in enumerate(topo.levels[:-1]):
+            ids = np.arange(first, first + count)
+            vis = jnp.asarray(topo.mask[ids, 1:])  # [count, N - 1]: node j at region slot j - 1
+            anc = vis[:, jnp.clip(rel[:, 0], 0, n - 2)].transpose(1, 0, 2)  # [B, count, S]
+            slot_mask = (s < base[:, None, None]) | (in_region & anc)
+            positions = base[:, None] - 1 + jnp.asarray(topo.depth[ids])[None, :]
+            hc = hcache.truncate(base + first - 1)
+            logits, out, hcache = head_forward(ctx.target, params["target"], params["draft"], hc,
+                                               states[:, topo.parents[ids]], tokens[:, ids], positions,
+                                               slot_mask=slot_mask, options=ctx.options)
+            states = states.at[:, ids].set(out)
+            top, lp, ok = choose_siblings(ctx, key, level + 1, logits, k, self.sampled_siblings)
+            tokens, valid, qs = place_siblings(topo, level + 1, ids, top, ok, lp, tokens, valid, qs)
+        return topology_batch(topo, tokens, valid, qs), len(topo.levels)
 
     def _dynamic_tree(self, ctx, params, hcache, base, root_logits, root_h, root, shape: DynamicTree):
         k = shape.top_k
