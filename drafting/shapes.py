@@ -274,15 +274,21 @@ def place_siblings(topology: TreeTopology, level: int, parent_ids: np.ndarray, s
 
     parent_ids: the node ids of depth `level` (contiguous, sorted); siblings: int32[B, P, K]
     and ok: bool[B, P, K] each parent's ranked children (`drafting.proposer.choose_siblings`);
-    lp: float32[B, P, V] the law they were drawn from, or None (one-hot siblings). The node of
-    rank r gets its parent's r-th sibling; it is valid where its draw and its parent are.
+    lp: float32[B, P, V] the law they were drawn from, or None (one-hot siblings). One-hot: the
+    node of rank r gets its parent's r-th sibling (Medusa's ranks). Sampled: the j-th present
+    child gets the j-th draw, so the tried siblings are exactly the first draws even where the
+    topology skips a rank (the verifier's q removes every earlier draw). A node is valid where
+    its draw and its parent are.
     Returns (tokens int32[B, N], valid bool[B, N], q_logprobs float32[B, N, V] or None).
     """
     first, count = topology.levels[level]
     child = np.arange(first, first + count)
     par = topology.parents[child]
     local = np.searchsorted(parent_ids, par)
-    rank = topology.rank[child]
+    if lp is None:
+        rank = topology.rank[child]
+    else:
+        rank = np.array([list(topology.children[p]).index(c) for p, c in zip(par, child)], np.int32)
     tokens = tokens.at[:, child].set(siblings[:, local, rank])
     valid = valid.at[:, child].set(ok[:, local, rank] & valid[:, par])
     if lp is not None:

@@ -166,8 +166,9 @@ SAMPLED_CASES = {
     "ar": (Autoregressive(), False),
     "chain-draftmodel": (Speculative(DraftModel(), gamma=2), True),
     "tree-static": (TreeDecoding(DraftModel(), tree=TreeTopology.from_branching((2, 2))), True),
-    "tree-static-sampled-siblings": (TreeDecoding(DraftModel(sampled_siblings=True),
-                                                  tree=TreeTopology.from_branching((3, 2))), True),
+    # ranks with gaps: the j-th present sibling must get the j-th draw
+    "tree-static-sampled-siblings": (TreeDecoding(DraftModel(sampled_siblings=True), tree=TreeTopology(
+        ((0,), (1,), (3,), (0, 0), (0, 2), (1, 0)))), True),
     "tree-dynamic": (TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)), True),
     "chain-promptlookup": (Speculative(PromptLookup(), gamma=3), False),
 }
