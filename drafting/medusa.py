@@ -132,21 +132,26 @@ def check_heads(target: Model, config: MedusaConfig, heads: dict) -> None:
 
 def write_head_file(path: str | os.PathLike, fmt: str, config, params: dict) -> Path:
     """One small safetensors file: every leaf of `params` (nested dicts, keys joined by "/") in
-    bf16, with `fmt` and the config (a dataclass) in the metadata."""
+    bf16 (integer leaves, e.g. token maps, as int32), with `fmt` and the config (a dataclass) in
+    the metadata."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    tensors = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(jax.device_get(v), np.float32)
-               .astype(ml_dtypes.bfloat16) for keys, v in flat}
+    def stored(v):
+        v = np.asarray(jax.device_get(v))
+        return v.astype(np.int32) if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32).astype(ml_dtypes.bfloat16)
+
+    tensors = {"/".join(str(getattr(k, "key", k)) for k in keys): stored(v) for keys, v in flat}
     save_file(tensors, str(path), metadata={"format": fmt, "config": json.dumps(dataclasses.asdict(config))})
     return path
 
 
 def read_head_file(path: str | os.PathLike, fmt: str, dtype) -> tuple[dict, dict]:
-    """(config fields, nested params in `dtype`) of a file written by `write_head_file` as `fmt`."""
+    """(config fields, nested params in `dtype`, integer leaves as stored) of a file written by
+    `write_head_file` as `fmt`."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -162,7 +167,8 @@ def read_head_file(path: str | os.PathLike, fmt: str, dtype) -> tuple[dict, dict
             node = params
             for k in outer:
                 node = node.setdefault(k, {})
-            node[leaf] = jnp.asarray(np.asarray(f.get_tensor(name), np.float32), dtype)
+            t = f.get_tensor(name)
+            node[leaf] = jnp.asarray(t) if np.issubdtype(t.dtype, np.integer) else jnp.asarray(np.asarray(t, np.float32), dtype)
     return json.loads(meta["config"]), params
 
 

@@ -12,6 +12,10 @@ set; a `decoding.Speculative` strategy is its own chain shape), a static
 `drafting.TreeTopology`, or a `drafting.DynamicTree` (the EAGLE-2 search of
 `drafting.tree_search`). It refuses, in `validate`, a shape it cannot draft.
 
+Shared draft choices: `choose_draft_token` (one chain step: argmax or a sample, with its q) and
+`choose_siblings` (a tree node's children: top-k, or k draws without replacement by
+Gumbel-top-k, Kool et al. 2019, for the recursive rejection of `decoding.tree`).
+
 Legend: B batch, C context slots, N tree nodes.
 """
 

@@ -218,3 +218,109 @@ def test_save_load_round_trip(tmp_path):
 
         eagle.load_head(medusa.save_heads(tmp_path / "m.safetensors", medusa.config_for(target(), 2),
                                           medusa.init_heads(medusa.config_for(target(), 2))), target())
+
+
+# ------------------------------------------------------------------------------------------
+# Reduced draft vocabulary (EAGLE-3's d2t map)
+# ------------------------------------------------------------------------------------------
+
+
+def reduced_head(model: Model, d2t, seed: int = 0, noise: float = 0.05) -> Model:
+    """`agreeing_head` with its own lm_head over the draft vocabulary `d2t` (the target's columns)."""
+    base = agreeing_head(model, seed, noise)
+    cfg = eagle.config_for(model, base.config.layers, draft_vocab=len(d2t))
+    params = dict(base.params, lm_head=eagle.target_head_columns(model.config, model.params, d2t),
+                  d2t=jnp.asarray(d2t, jnp.int32))
+    return eagle.as_draft(model, cfg, params)
+
+
+@functools.cache
+def greedy_d2t() -> np.ndarray:
+    """The 24 tokens the greedy reference emits most: some tokens it emits fall outside, so the
+    head cannot propose them and those rounds must reject."""
+    counts = np.bincount(np.concatenate([np.asarray(r) for r in greedy_reference()]), minlength=64)
+    d2t = eagle.reduced_vocab(counts, 24)
+    assert counts[np.setdiff1d(np.arange(64), d2t)].sum() > 0
+    return d2t
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reduced_vocabulary_greedy_equals_autoregressive(case):
+    head = reduced_head(target(), greedy_d2t())
+    result, state = run_state(target(), PROMPTS, CASES[case], draft=head)
+    assert [tuple(r) for r in result.tokens] == list(greedy_reference())
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, f"{case}: {hist}"
+
+
+SMALL_V_D2T = np.array([0, 2, 3, 5], np.int32)
+
+
+@pytest.mark.parametrize("case", ["chain", "tree-static-sampled-siblings"])
+def test_reduced_vocabulary_sampled_follows_the_target(case):
+    model = small_v_target()
+    sampling = Sampling(temperature=0.8, top_k=4)
+    strategy = {"chain": Speculative(eagle.Eagle(), gamma=2),
+                "tree-static-sampled-siblings": TreeDecoding(eagle.Eagle(sampled_siblings=True),
+                                                             tree=TreeTopology.from_branching((3, 2)))}[case]
+    head = reduced_head(model, SMALL_V_D2T, 3, noise=0.1)
+    result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, strategy, draft=head, sampling=sampling,
+                              max_new_tokens=SAMPLE_K, eos=(), seed=SAMPLE_SEED)
+    law = exact_continuations(model, SMALL_V_PROMPT, SAMPLE_K, sampling)
+    res = chi_square(continuation_index(result.tokens, model.config.vocab_size, SAMPLE_K), law)
+    assert res["impossible"] == 0, res
+    assert res["p"] > 1e-3, res
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_reduced_vocabulary_proposes_draft_tokens_with_q_zero_outside():
+    model = small_v_target()
+    head = reduced_head(model, SMALL_V_D2T, 3, noise=0.1)
+    strategy = TreeDecoding(eagle.Eagle(sampled_siblings=True), tree=TreeTopology.from_branching((3, 2)))
+    prep = generation.prepare(model, [SMALL_V_PROMPT] * 64, strategy=strategy, sampling=Sampling(temperature=1.0),
+                              max_new_tokens=8, eos_token_id=(), draft=head, chat=False)
+    s, ctx, params = prep.strategy, prep.ctx, prep.params
+    state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k))(params, prep.prompt, prep.lengths, prep.key)
+    _, tree, _, _, _ = jax.jit(lambda p, st: s.propose(ctx, p, st, jax.random.PRNGKey(0)))(params, state)
+    tokens, valid = np.asarray(tree.tokens)[:, 1:], np.asarray(tree.valid)[:, 1:]
+    assert np.isin(tokens[valid], SMALL_V_D2T).all()
+    assert valid[:, :3].all()  # three distinct draws among four draft tokens
+    assert len(np.unique(tokens[:, :3], axis=0)) > 1
+    outside = np.setdiff1d(np.arange(6), SMALL_V_D2T)
+    q = np.exp(np.asarray(tree.q_logprobs))
+    assert np.all(q[:, :4][..., outside] == 0.0)  # the root and the depth-1 nodes drew children
+    np.testing.assert_allclose(q[:, :4].sum(-1), 1.0, atol=1e-5)
+
+
+def test_reduced_vocabulary_save_load_round_trip(tmp_path):
+    head = reduced_head(target(), greedy_d2t())
+    path = eagle.save_head(tmp_path / "head.safetensors", head.config, head.params)
+    loaded = eagle.load_head(path, target())
+    assert loaded.config == head.config and loaded.config.draft_vocab == 24
+    np.testing.assert_array_equal(np.asarray(loaded.params["d2t"]), greedy_d2t())
+    assert np.asarray(loaded.params["d2t"]).dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(loaded.params["lm_head"], np.float32),
+                                  np.asarray(jnp.asarray(head.params["lm_head"], jnp.bfloat16), np.float32))
+    out = generate(target(), PROMPTS, strategy=CASES["tree-static"], draft=loaded, max_new_tokens=MAX_NEW,
+                   eos_token_id=())
+    assert [tuple(r) for r in out.tokens] == list(greedy_reference())
+
+
+def test_reduced_vocabulary_refusals():
+    m = target()
+    d2t = greedy_d2t()
+    head = reduced_head(m, d2t)
+    with pytest.raises(eagle.HeadMismatch, match="lack 'd2t'"):
+        eagle.as_draft(m, head.config, {k: v for k, v in head.params.items() if k != "d2t"})
+    with pytest.raises(eagle.HeadMismatch, match="distinct target ids"):
+        eagle.as_draft(m, head.config, dict(head.params, d2t=jnp.asarray(d2t).at[0].set(99)))
+    with pytest.raises(eagle.HeadMismatch, match="config has draft_vocab=0"):
+        eagle.as_draft(m, greedy_head().config, head.params)
+    with pytest.raises(ValueError, match="draft_vocab must be in"):
+        eagle.config_for(m, draft_vocab=65)
+    small = reduced_head(m, d2t[:2])
+    with pytest.raises(ValueError, match="needs a draft vocabulary of at least"):
+        generate(m, PROMPTS, strategy=CASES["tree-static"], draft=small, max_new_tokens=4)
+    counts = np.array([5, 1, 5, 0, 9])
+    np.testing.assert_array_equal(eagle.reduced_vocab(counts, 3), [0, 2, 4])  # ties to the lower id
