@@ -14,7 +14,10 @@ target's verify forward hands it h at the accepted path's last node
 Draft shapes (`drafting.Proposer`): a chain of gamma <= k tokens (head i's top-1, or a sample
 from its processed distribution, the verifier's q), a static `TreeTopology` of depth <= k
 (node of rank r at depth d gets head d - 1's r-th most likely token, the same for every
-parent: Medusa's Cartesian candidates), or an EAGLE-2 `DynamicTree` of depth <= k searched by
+parent: Medusa's Cartesian candidates; with `Medusa(sampled_siblings=True)` at temperature > 0,
+head d - 1's r-th draw without replacement, one draw tuple per depth shared by every parent,
+which stays lossless because the path reaching a parent does not depend on the later draws),
+or an EAGLE-2 `DynamicTree` of depth <= k searched by
 `expand_and_rerank` with head d's distribution at every depth-d node.
 
 Choices the paper leaves open: heads read the final-normalised state (what the target's head
@@ -39,8 +42,9 @@ import numpy as np
 
 from decoding.model import Model, final_norm, lm_head
 
-from .shapes import DynamicTree, TreeTopology, chain_batch, topology_batch
-from .tree_search import Frontier, expand_and_rerank, top_k_logprobs
+from .proposer import choose_siblings
+from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
+from .tree_search import Frontier, expand_and_rerank
 
 FORMAT = "decoding-medusa-heads/1"
 
@@ -195,7 +199,14 @@ class MedusaState:
 
 @dataclasses.dataclass(frozen=True)
 class Medusa:
-    """The Medusa proposer: pass the heads as `draft=` (`as_draft`, `load_heads`)."""
+    """The Medusa proposer: pass the heads as `draft=` (`as_draft`, `load_heads`).
+
+    sampled_siblings: in a static `TreeTopology` at temperature > 0, the children of every
+    depth-d node are k draws without replacement from head d's processed distribution (one draw
+    tuple per depth, shared by every parent, as Medusa shares its top-k), verified by recursive
+    rejection (`decoding.tree`), instead of head d's top-k."""
+
+    sampled_siblings: bool = False
 
     name = "medusa"
 
@@ -236,7 +247,7 @@ class Medusa:
         if shape.is_chain:
             tree = self._chain(ctx, logits, view.root, shape, limit, key)
         elif isinstance(shape, TreeTopology):
-            tree = self._static_tree(logits, view.root, shape)
+            tree = self._static_tree(ctx, logits, view.root, shape, key)
         elif isinstance(shape, DynamicTree):
             tree = self._dynamic_tree(logits, view.root, shape)
         else:
@@ -261,13 +272,23 @@ class Medusa:
         drafts = jnp.where(jnp.arange(g)[None, :] < n_prop[:, None], drafts, 0)
         return chain_batch(root, drafts, n_prop, qs)
 
-    @staticmethod
-    def _static_tree(logits, root, topo: TreeTopology):
-        """Node of rank r at depth d: head d - 1's r-th most likely token."""
-        _, top = top_k_logprobs(logits[:, : topo.max_depth], topo.max_rank)  # [B, depth, K]
-        depth, rank = topo.depth[1:] - 1, topo.rank[1:]
-        tokens = jnp.concatenate([root[:, None], top[:, depth, rank]], axis=1)
-        return topology_batch(topo, tokens)
+    def _static_tree(self, ctx, logits, root, topo: TreeTopology, key):
+        """Node of rank r at depth d: head d - 1's r-th most likely token (or its r-th draw
+        without replacement with `sampled_siblings`; `drafting.shapes.place_siblings`)."""
+        b = root.shape[0]
+        top, lp, ok = choose_siblings(ctx, key, 0, logits[:, : topo.max_depth], topo.max_rank,
+                                      self.sampled_siblings)  # [B, depth, K], [B, depth, V]
+        tokens = jnp.zeros((b, topo.num_nodes), jnp.int32).at[:, 0].set(root)
+        valid, qs = jnp.ones((b, topo.num_nodes), bool), None
+        parents = np.array([0])
+        for level, (first, count) in enumerate(topo.levels):
+            p = len(parents)
+            sib = jnp.broadcast_to(top[:, level, None], (b, p, top.shape[-1]))
+            sib_ok = jnp.broadcast_to(ok[:, level, None], (b, p, ok.shape[-1]))
+            law = None if lp is None else jnp.broadcast_to(lp[:, level, None], (b, p, lp.shape[-1]))
+            tokens, valid, qs = place_siblings(topo, level, parents, sib, sib_ok, law, tokens, valid, qs)
+            parents = np.arange(first, first + count)
+        return topology_batch(topo, tokens, valid, qs)
 
     @staticmethod
     def _dynamic_tree(logits, root, shape: DynamicTree):
