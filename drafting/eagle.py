@@ -49,7 +49,7 @@ from decoding.cache import KVCache
 from decoding.model import Model, embed, final_norm, lm_head, param_shapes, random_params, run_layers
 
 from .medusa import HeadMismatch, read_head_file, target_identity, write_head_file
-from .proposer import choose_draft_token, choose_siblings
+from .proposer import choose_draft_token, choose_siblings, sibling_sampler
 from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
 from .tree_search import Frontier, expand_and_rerank
 
@@ -217,9 +217,9 @@ class EagleState:
 class Eagle:
     """The EAGLE-3-style proposer: pass the head as `draft=` (`as_draft`).
 
-    sampled_siblings: in a static `TreeTopology` at temperature > 0, draw each node's children
-    without replacement from the head's processed distribution (verified by recursive
-    rejection, `decoding.tree`) instead of taking its top-k (one-hot proposals)."""
+    sampled_siblings: in a static `TreeTopology` or a `DynamicTree` at temperature > 0, draw each
+    node's children without replacement from the head's processed distribution (verified by
+    recursive rejection, `decoding.tree`) instead of taking its top-k (one-hot proposals)."""
 
     sampled_siblings: bool = False
 
@@ -293,7 +293,7 @@ class Eagle:
         elif isinstance(shape, TreeTopology):
             tree, n_fwd = self._static_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape, key)
         elif isinstance(shape, DynamicTree):
-            tree, n_fwd = self._dynamic_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape)
+            tree, n_fwd = self._dynamic_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape, key)
         else:
             raise TypeError(f"{self.name} cannot draft shape {shape!r}")
         return tree, EagleState(hcache, dstate.feats, dstate.n_pending), view.cache, jnp.asarray(n_fwd, jnp.int32)
@@ -349,7 +349,7 @@ class Eagle:
             tokens, valid, qs = place_siblings(topo, level + 1, ids, top, ok, lp, tokens, valid, qs)
         return topology_batch(topo, tokens, valid, qs), len(topo.levels)
 
-    def _dynamic_tree(self, ctx, params, hcache, base, root_logits, root_h, root, shape: DynamicTree):
+    def _dynamic_tree(self, ctx, params, hcache, base, root_logits, root_h, root, shape: DynamicTree, key):
         k = shape.top_k
         b = root_logits.shape[0]
 
@@ -372,7 +372,8 @@ class Eagle:
             return logits, (hc, out)
 
         init_h = jnp.zeros((b, k, root_h.shape[-1]), root_h.dtype)
-        tree, _, n_scored = expand_and_rerank(score, (hcache, init_h), root, root_logits, shape)
+        tree, _, n_scored = expand_and_rerank(score, (hcache, init_h), root, root_logits, shape,
+                                              sibling_sampler(ctx, key, shape, self.sampled_siblings))
         return tree, 1 + n_scored
 
     # -- commit --------------------------------------------------------------------------------

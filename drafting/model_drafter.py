@@ -19,7 +19,9 @@ function (`_forward`) and a notion of how far the drafter's cache has caught up
   the option changes nothing.
 - `DynamicTree` (EAGLE-2): `drafting.tree_search.expand_and_rerank`, each frontier scored by
   one forward of its K nodes, written at their tree-region slots right after the root and
-  seeing the prefix and their ancestors (a slot mask). Siblings are deterministic.
+  seeing the prefix and their ancestors (a slot mask). Siblings are the top-k, or with
+  `sampled_siblings` at temperature > 0 draws without replacement (each node keeps a prefix
+  of its draws).
 
 Legend: B batch, N nodes, W catch-up width, K top-k, V vocab, S cache slots.
 """
@@ -37,7 +39,7 @@ from decoding.cache import KVCache
 from decoding.model import forward
 from decoding.strategy import prefill
 
-from .proposer import View, choose_draft_token, choose_siblings
+from .proposer import View, choose_draft_token, choose_siblings, sibling_sampler
 from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
 from .tree_search import Frontier, expand_and_rerank
 
@@ -103,7 +105,7 @@ class ModelDrafter(abc.ABC):
         elif isinstance(shape, TreeTopology):
             out = self._static_tree(ctx, params, dstate, cache, view, shape, root_logits, key)
         elif isinstance(shape, DynamicTree):
-            out = self._dynamic_tree(ctx, params, dstate, cache, view, shape, root_logits)
+            out = self._dynamic_tree(ctx, params, dstate, cache, view, shape, root_logits, key)
         else:
             raise TypeError(f"{self.name} cannot draft shape {shape!r}")
         tree, dstate, cache, n_fwd = out
@@ -198,7 +200,7 @@ class ModelDrafter(abc.ABC):
             n_fwd += 1
         return topology_batch(topo, tokens, valid, qs), dstate, cache, jnp.asarray(n_fwd, jnp.int32)
 
-    def _dynamic_tree(self, ctx, params, dstate, cache, view, shape: DynamicTree, root_logits):
+    def _dynamic_tree(self, ctx, params, dstate, cache, view, shape: DynamicTree, root_logits, key):
         def score(carry, frontier: Frontier):
             dstate, cache = carry
             depth = jnp.full((1, shape.top_k), frontier.depth, jnp.int32)
@@ -206,7 +208,8 @@ class ModelDrafter(abc.ABC):
                                                         frontier.slot, frontier.visible)
             return logits, (dstate, cache)
 
-        tree, (dstate, cache), n_scored = expand_and_rerank(score, (dstate, cache), view.root, root_logits, shape)
+        tree, (dstate, cache), n_scored = expand_and_rerank(score, (dstate, cache), view.root, root_logits, shape,
+                                                            sibling_sampler(ctx, key, shape, self.sampled_siblings))
         return tree, dstate, cache, jnp.asarray(1 + n_scored, jnp.int32)
 
 

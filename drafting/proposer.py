@@ -117,3 +117,11 @@ def choose_siblings(ctx: Context, key: jax.Array, i, logits: jax.Array, k: int, 
     lp = ctx.sampling.logprobs(logits)
     vals, tok = jax.lax.top_k(lp + jax.random.gumbel(jax.random.fold_in(key, i), lp.shape, lp.dtype), k)
     return tok.astype(jnp.int32), lp, vals > -jnp.inf
+
+
+def sibling_sampler(ctx: Context, key: jax.Array, shape, sampled_siblings: bool):
+    """The `choose` of `drafting.tree_search.expand_and_rerank`: None (top-k children) unless
+    siblings are sampled (`sampled_siblings` at temperature > 0); then `choose_siblings`' draws."""
+    if ctx.sampling.is_greedy or not sampled_siblings:
+        return None
+    return lambda step, logits: choose_siblings(ctx, key, step, logits, shape.top_k, True)

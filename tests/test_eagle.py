@@ -114,6 +114,8 @@ SAMPLED = {
     "tree-static-sampled-siblings": TreeDecoding(eagle.Eagle(sampled_siblings=True),
                                                  tree=TreeTopology.from_branching((3, 2))),
     "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)),
+    "tree-dynamic-sampled-siblings": TreeDecoding(eagle.Eagle(sampled_siblings=True),
+                                                  tree=DynamicTree(depth=3, top_k=3, total_tokens=7)),
 }
 
 

@@ -161,7 +161,8 @@ SAMPLINGS = {
 
 # Chains draft by sampling the draft's processed distribution (stochastic q); trees use the
 # draft's top-k (one-hot siblings) or, with sampled_siblings, distinct siblings drawn without
-# replacement (recursive rejection); prompt lookup proposes copies (one-hot).
+# replacement (recursive rejection); prompt lookup proposes copies (one-hot). The dynamic case
+# fails (p ~ 1e-17) if the search lets a draw's own q(x) decide whether it is kept.
 SAMPLED_CASES = {
     "ar": (Autoregressive(), False),
     "chain-draftmodel": (Speculative(DraftModel(), gamma=2), True),
@@ -170,6 +171,8 @@ SAMPLED_CASES = {
     "tree-static-sampled-siblings": (TreeDecoding(DraftModel(sampled_siblings=True), tree=TreeTopology(
         ((0,), (1,), (3,), (0, 0), (0, 2), (1, 0)))), True),
     "tree-dynamic": (TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)), True),
+    "tree-dynamic-sampled-siblings": (TreeDecoding(DraftModel(sampled_siblings=True),
+                                                   tree=DynamicTree(depth=3, top_k=3, total_tokens=7)), True),
     "chain-promptlookup": (Speculative(PromptLookup(), gamma=3), False),
 }
 
