@@ -42,7 +42,7 @@ import numpy as np
 
 from decoding.model import Model, final_norm, lm_head
 
-from .proposer import choose_siblings
+from .proposer import choose_siblings, sibling_sampler
 from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
 from .tree_search import Frontier, expand_and_rerank
 
@@ -201,10 +201,11 @@ class MedusaState:
 class Medusa:
     """The Medusa proposer: pass the heads as `draft=` (`as_draft`, `load_heads`).
 
-    sampled_siblings: in a static `TreeTopology` at temperature > 0, the children of every
-    depth-d node are k draws without replacement from head d's processed distribution (one draw
-    tuple per depth, shared by every parent, as Medusa shares its top-k), verified by recursive
-    rejection (`decoding.tree`), instead of head d's top-k."""
+    sampled_siblings: at temperature > 0, the children of every depth-d node are draws without
+    replacement from head d's processed distribution, verified by recursive rejection
+    (`decoding.tree`), instead of head d's top-k: in a static `TreeTopology` one draw tuple per
+    depth, shared by every parent (as Medusa shares its top-k); in a `DynamicTree` one per
+    frontier node (`expand_and_rerank`'s sampler)."""
 
     sampled_siblings: bool = False
 
@@ -249,7 +250,7 @@ class Medusa:
         elif isinstance(shape, TreeTopology):
             tree = self._static_tree(ctx, logits, view.root, shape, key)
         elif isinstance(shape, DynamicTree):
-            tree = self._dynamic_tree(logits, view.root, shape)
+            tree = self._dynamic_tree(logits, view.root, shape, sibling_sampler(ctx, key, shape, self.sampled_siblings))
         else:
             raise TypeError(f"{self.name} cannot draft shape {shape!r}")
         return tree, dstate, view.cache, jnp.ones((), jnp.int32)
@@ -291,12 +292,12 @@ class Medusa:
         return topology_batch(topo, tokens, valid, qs)
 
     @staticmethod
-    def _dynamic_tree(logits, root, shape: DynamicTree):
+    def _dynamic_tree(logits, root, shape: DynamicTree, choose):
         def score(carry, frontier: Frontier):
             head = logits[:, frontier.depth]  # children of depth-d nodes are at depth d + 1
             return jnp.broadcast_to(head[:, None], (head.shape[0], shape.top_k, head.shape[-1])), carry
 
-        tree, _, _ = expand_and_rerank(score, None, root, logits[:, 0], shape)
+        tree, _, _ = expand_and_rerank(score, None, root, logits[:, 0], shape, choose)
         return tree
 
     # -- commit --------------------------------------------------------------------------------
