@@ -246,7 +246,7 @@ def greedy_d2t() -> np.ndarray:
     return d2t
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["tree-static", "tree-dynamic"])  # the chain: the round trip below
 def test_reduced_vocabulary_greedy_equals_autoregressive(case):
     head = reduced_head(target(), greedy_d2t())
     result, state = run_state(target(), PROMPTS, CASES[case], draft=head)
@@ -304,9 +304,10 @@ def test_reduced_vocabulary_save_load_round_trip(tmp_path):
     assert np.asarray(loaded.params["d2t"]).dtype == np.int32
     np.testing.assert_array_equal(np.asarray(loaded.params["lm_head"], np.float32),
                                   np.asarray(jnp.asarray(head.params["lm_head"], jnp.bfloat16), np.float32))
-    out = generate(target(), PROMPTS, strategy=CASES["tree-static"], draft=loaded, max_new_tokens=MAX_NEW,
-                   eos_token_id=())
-    assert [tuple(r) for r in out.tokens] == list(greedy_reference())
+    result, state = run_state(target(), PROMPTS, CASES["chain"], draft=loaded)
+    assert [tuple(r) for r in result.tokens] == list(greedy_reference())
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, hist
 
 
 def test_reduced_vocabulary_refusals():
