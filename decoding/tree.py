@@ -4,11 +4,19 @@ The verification side of tree-based speculative decoding (the draft shapes and t
 a `TreeBatch` live in `drafting.shapes`):
 - SpecInfer (Miao et al. 2024): a token tree verified in one target forward with a tree
   attention mask (each node sees the prefix and its ancestors; position = prefix + depth), and
-  *multi-round* speculative sampling over siblings, which is exactly lossless.
+  multi-round speculative sampling over siblings.
+- Sampled siblings are distinct: drawn *without replacement* from the drafter's q (in the
+  order of `children`, e.g. Gumbel-top-k). The rule is the recursive rejection sampling of
+  Sequoia (Chen et al. 2024) and Jeon et al. 2024 ("Recursive Speculative Decoding"): with P
+  and q the current target and draft distributions, accept sibling x w.p. min(1, P(x) / q(x));
+  on rejection P <- norm(max(P - q, 0)) AND q <- q with x removed, renormalised (the law the
+  next sibling was drawn from). By induction the emitted token follows P: the rejection
+  residual does not depend on which x was rejected, and x has no mass left in it.
+  (SpecInfer's multi-round rule keeps q fixed, which is exact for i.i.d. siblings only.)
 - Medusa (Cai et al. 2024) static trees and EAGLE-2 (Li et al. 2024) dynamic trees: siblings
-  are the draft's deterministic top-k, so the proposal of each sibling is one-hot and the
-  multi-round rule becomes: accept child x with probability P(x); on rejection set P(x) = 0,
-  renormalise, try the next sibling.
+  are the draft's deterministic top-k, each proposal one-hot; the same rule with q = delta(x)
+  becomes: accept child x with probability P(x); on rejection set P(x) = 0, renormalise, try
+  the next sibling.
 A chain (plain speculative decoding, Leviathan et al. 2023) is the tree with one child per node,
 and the rules above reduce to the standard accept/reject/residual rule.
 
@@ -26,6 +34,8 @@ Choices recorded here where the papers leave them open:
   standard residual normalize(max(0, P - q)) (the residual of the accepted mass min(q, P/l) is
   the same wherever it is positive). lenience = 1 is the lossless rule. It applies to
   stochastic (sampled-draft) nodes; one-hot siblings keep the exact rule.
+- A sibling a drafter declined (`valid` False) but listed in `children` is skipped, and its
+  token is still removed from q: the later siblings were drawn without it.
 """
 
 from __future__ import annotations
@@ -45,8 +55,9 @@ class TreeBatch:
     children: int32[B, N, K] (-1 padded, in the order siblings are tried);
     valid: bool[B, N] (nodes a drafter declined to propose are invalid and never accepted);
     q_logprobs: float32[B, N, V] or None — for *stochastic* trees, the draft distribution at
-    each node from which its children were sampled; None means siblings are deterministic
-    (one-hot proposals: top-k, n-gram lookup, greedy drafts).
+    each node from which its children were sampled, in `children` order and without
+    replacement (distinct siblings); None means siblings are deterministic (one-hot proposals:
+    top-k, n-gram lookup, greedy drafts).
     """
 
     tokens: jax.Array
@@ -113,13 +124,43 @@ def accept_greedy(tree: TreeBatch, target_logits: jax.Array, max_depth: int) -> 
     return Accepted(path=jnp.stack(path, axis=1), n=n, bonus=bonus)
 
 
+def sibling_round(probs: jax.Array, q: jax.Array | None, x: jax.Array, lenience: float = 1.0):
+    """One sibling of the recursive rejection rule (see the module doc), for every row.
+
+    probs: float32[B, V] the current target distribution; q: float32[B, V] the distribution the
+    sibling `x: int32[B]` was drawn from (None: a one-hot proposal). Returns (accept probability
+    float32[B], target distribution after a rejection [B, V], draft distribution of the next
+    sibling [B, V] or None).
+    """
+    rows = jnp.arange(x.shape[0])
+    px = probs[rows, x]
+    if q is None:
+        accept = px
+        resid = probs.at[rows, x].set(0.0)
+        q_next = None
+    else:
+        qx = q[rows, x]
+        accept = jnp.minimum(1.0, px / jnp.maximum(lenience * qx, 1e-30))  # px = 0: never accepted
+        resid = jnp.maximum(probs - q, 0.0)
+        q_next = _normalise(q.at[rows, x].set(0.0), q)
+    # A rejection with zero residual mass has probability zero; keep P there.
+    return accept, _normalise(resid, probs), q_next
+
+
+def _normalise(p: jax.Array, fallback: jax.Array) -> jax.Array:
+    z = jnp.sum(p, axis=-1, keepdims=True)
+    return jnp.where(z > 0, p / jnp.where(z > 0, z, 1.0), fallback)
+
+
 def accept_sampled(tree: TreeBatch, target_logprobs: jax.Array, key: jax.Array, max_depth: int,
                    lenience: float = 1.0) -> Accepted:
-    """Multi-round speculative sampling over the tree (lossless for lenience = 1).
+    """Recursive rejection sampling over the tree (lossless for lenience = 1).
 
     target_logprobs: float32[B, N, V], the target's *processed* distribution at every node.
-    At the current node with target distribution P, siblings are tried in order:
-      stochastic (q given): accept x w.p. min(1, P(x) / (lenience q(x))); else P <- norm(max(0, P - q));
+    At the current node with target distribution P, siblings are tried in order
+    (`sibling_round`):
+      stochastic (q given): accept x w.p. min(1, P(x) / (lenience q(x))); else
+        P <- norm(max(0, P - q)) and q <- norm(q with x removed) (siblings drawn without replacement);
       one-hot: accept x w.p. P(x); else P(x) <- 0, renormalise.
     The first accepted child becomes the current node (P <- its target distribution); if every
     child is rejected, or the node is a leaf, the bonus token is sampled from P.
@@ -141,22 +182,16 @@ def accept_sampled(tree: TreeBatch, target_logprobs: jax.Array, key: jax.Array, 
         new_cur = cur
         for k in range(k_max):
             kid = kids[:, k]
-            ok = alive & ~moved & (kid >= 0) & tree.valid[rows, jnp.maximum(kid, 0)]
+            listed = alive & ~moved & (kid >= 0)
+            ok = listed & tree.valid[rows, jnp.maximum(kid, 0)]
             x = tree.tokens[rows, jnp.maximum(kid, 0)]
-            px = probs[rows, x]
             u = jax.random.uniform(keys[d * k_max + k], (b,))
-            if stochastic:
-                qx = q[rows, x]
-                accept = ok & (u * lenience * qx < px)  # u < min(1, p / (l q)) without dividing by 0
-                resid = jnp.maximum(probs - q, 0.0)
-            else:
-                accept = ok & (u < px)
-                resid = probs.at[rows, x].set(0.0)
-            z = jnp.sum(resid, axis=-1, keepdims=True)
-            # A rejection with zero residual mass has probability zero; guard the division.
-            resid = jnp.where(z > 0, resid / jnp.where(z > 0, z, 1.0), probs)
+            p_acc, resid, q_next = sibling_round(probs, q, x, lenience)
+            accept = ok & (u < p_acc)
             rejected = ok & ~accept
             probs = jnp.where(rejected[:, None], resid, probs)
+            if stochastic:
+                q = jnp.where((listed & ~accept)[:, None], q_next, q)
             new_cur = jnp.where(accept, kid, new_cur)
             moved = moved | accept
         cur = new_cur

@@ -9,6 +9,7 @@ The pipeline (Hugging Face `datasets` throughout: map, seeded shuffle, save/load
                                              student's own for on-policy distillation)
   pack(ds, seq_len)                          {"tokens", "positions", "segments", "loss_mask": [T]}
   Batches(packed, batch_size, accumulate, seed).batch(step)   numpy [A, B, T] for step `step`
+  token_counts(packed, V)                    label counts (a reduced draft vocabulary, EAGLE-3)
 
 Loss mask: `assistant_mask[i] = 1` for the tokens of assistant turns as the chat template
 renders them (content and the end-of-turn token; what follows the end-of-turn token, e.g.
@@ -325,3 +326,19 @@ class Batches:
         rows = self.packed[self.indices(step)]
         shape = (self.accumulate, self.batch_size, -1)
         return {k: np.asarray(rows[k]).reshape(shape) for k in BATCH_KEYS}
+
+
+def token_counts(packed, vocab_size: int, chunk: int = 1024) -> np.ndarray:
+    """int64[V]: how often each token is a training label of a packed dataset (token t + 1
+    where `loss_mask[t]` is set: the tokens a drafter learns to propose). EAGLE-3 cuts its
+    draft vocabulary from such counts (`drafting.eagle.reduced_vocab`)."""
+    counts = np.zeros(vocab_size, np.int64)
+    for start in range(0, len(packed), chunk):
+        rows = packed[start:start + chunk]
+        tokens, keep = np.asarray(rows["tokens"]), np.asarray(rows["loss_mask"]) > 0
+        labels = tokens[:, 1:][keep[:, :-1]]
+        if labels.size and (labels.min() < 0 or labels.max() >= vocab_size):
+            raise DataError(f"token ids outside [0, {vocab_size}) in the packed data: is it rendered with this "
+                            "target's tokenizer?")
+        counts += np.bincount(labels, minlength=vocab_size)
+    return counts

@@ -17,6 +17,12 @@ p + 1, over positions whose label is an assistant token and whose chain start p 
 the same packed sequence, weighted by `weights[s]`; the loss is divided by the kept positions
 of step 0. Metrics: `top1_step{s}` (the head's argmax equals the target's).
 
+Reduced draft vocabulary (EAGLE-3, `draft_vocab=`): the head's own `lm_head: [D, Vd]` over the
+most frequent label tokens of the training data; its target is the target's distribution
+restricted to those Vd tokens and renormalised, and positions whose target argmax falls outside
+them are dropped from the loss (EAGLE-3's rule); `top1_step{s}` maps the head's argmax back
+through d2t.
+
 Choices the paper leaves open: the chain uses the data's tokens (teacher forcing of tokens, the
 head's own features), and the keys of all steps live in one buffer of `len(weights) * T` slots
 read through a slot mask, so each step is one call of the family's decoder layer.
@@ -30,6 +36,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import decoding
 from drafting import eagle as head_mod
@@ -52,7 +59,8 @@ def ttt_slot_mask(segments: jax.Array, step: int, steps: int) -> jax.Array:
 
 
 def unroll(target_config, target_params: dict, head: dict, layers, batch: dict, steps: int, options=None):
-    """Training-time test: (target logits f32[B, T, V], [head logits f32[B, T, V]] * steps)."""
+    """Training-time test: (target logits f32[B, T, V], [head logits f32[B, T, V or Vd]] * steps);
+    a head with a draft vocabulary (`head["d2t"]`) gives its Vd logits in draft ids."""
     feat_layers = tuple(sorted(set(layers)))
     logits, hidden = model_logits(target_config, target_params, batch, options, return_hidden=feat_layers)
     logits = jax.lax.stop_gradient(logits)
@@ -68,10 +76,11 @@ def unroll(target_config, target_params: dict, head: dict, layers, batch: dict, 
         cache = cache.truncate(jnp.full((b,), s * t, jnp.int32))
         if s == 0:
             lg, out, cache = head_mod.head_forward(target_config, target_params, head, cache, feats, nxt, positions,
-                                                   mask=segment_mask(segments), options=options)
+                                                   mask=segment_mask(segments), options=options, draft_ids=True)
         else:
             lg, out, cache = head_mod.head_forward(target_config, target_params, head, cache, feats, nxt, positions,
-                                                   slot_mask=ttt_slot_mask(segments, s, steps), options=options)
+                                                   slot_mask=ttt_slot_mask(segments, s, steps), options=options,
+                                                   draft_ids=True)
         outs.append(lg)
         feats = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)  # own output at p - 1
     return logits, outs
@@ -82,17 +91,32 @@ class EagleRecipe:
     """The EAGLE-3-style head for a frozen target (static, hashable).
 
     trainable: {"head": params}; frozen: {"target": params}. `weights`: the loss weight of each
-    unrolled step (its length is the training-time-test depth).
+    unrolled step (its length is the training-time-test depth). `draft_vocab`: None (the
+    target's head) or the reduced draft vocabulary d2t (`drafting.eagle.reduced_vocab` of
+    `distill.data.token_counts`), target ids ascending; the head then trains its own
+    `lm_head: [D, Vd]` (initialised from the target's head columns) and `head.draft_vocab` is
+    set to its size.
     """
 
     target: object
     head: head_mod.EagleConfig
     weights: tuple[float, ...] = (1.0, 1.0, 1.0)
     options: decoding.Options | None = None
+    draft_vocab: tuple[int, ...] | None = None
 
     name = "eagle3"
 
     def __post_init__(self):
+        if self.draft_vocab is not None:
+            d2t = tuple(int(i) for i in np.asarray(self.draft_vocab).reshape(-1))
+            if not d2t or len(set(d2t)) != len(d2t) or min(d2t) < 0 or max(d2t) >= self.target.vocab_size:
+                raise ValueError(f"draft_vocab must be distinct target ids in [0, {self.target.vocab_size}) "
+                                 "(drafting.eagle.reduced_vocab(distill.data.token_counts(packed, V), size)).")
+            object.__setattr__(self, "draft_vocab", tuple(sorted(d2t)))
+            object.__setattr__(self, "head", dataclasses.replace(self.head, draft_vocab=len(d2t)))
+        elif self.head.draft_vocab:
+            raise ValueError(f"the head config names a draft vocabulary of {self.head.draft_vocab} tokens: pass the "
+                             "map itself as EagleRecipe(..., draft_vocab=drafting.eagle.reduced_vocab(counts, size)).")
         if (self.head.hidden_size, self.head.vocab_size) != (self.target.hidden_size, self.target.vocab_size):
             raise HeadMismatch(f"an EAGLE head of hidden size {self.head.hidden_size} does not fit the target "
                                f"(hidden size {self.target.hidden_size}): build its config with "
@@ -102,21 +126,36 @@ class EagleRecipe:
 
     def init(self, target_params: dict, key: jax.Array, *, frozen_dtype=jnp.bfloat16, scale: float = 0.02):
         frozen = {"target": jax.tree.map(lambda x: jnp.asarray(x, frozen_dtype), target_params)}
-        return {"head": head_mod.init_head(self.target, key, scale)}, frozen
+        head = head_mod.init_head(self.target, key, scale, d2t=self.draft_vocab)
+        if self.draft_vocab is not None:
+            del head["d2t"]  # a constant of the recipe, not a trained parameter
+            head["lm_head"] = head_mod.target_head_columns(self.target, target_params, self.draft_vocab).astype(jnp.float32)
+        return {"head": head}, frozen
 
     def head_params(self, trainable) -> dict:
-        return trainable["head"]
+        """The head's parameters as decoding reads them (with `d2t` for a draft vocabulary)."""
+        if self.draft_vocab is None:
+            return trainable["head"]
+        return {**trainable["head"], "d2t": jnp.asarray(self.draft_vocab, jnp.int32)}
 
     def loss(self, trainable, frozen, batch: dict):
         """(weighted CE sum over the unrolled steps, (kept positions of step 0, {"top1_step{s}": sums}))."""
         target = jax.lax.stop_gradient(frozen["target"])
-        head = trainable["head"]
+        head = self.head_params(trainable)
         steps = len(self.weights)
         t_logits, outs = unroll(self.target, target, head, self.head.layers, batch, steps, self.options)
         segments, mask = batch["segments"], batch["loss_mask"].astype(jnp.float32)
         t = segments.shape[1]
-        p_next = jax.nn.softmax(t_logits[:, 1:], axis=-1)  # the target's distribution at p + 1
+        t_top = jnp.argmax(t_logits[:, 1:], axis=-1)  # the target's next-token argmax at p + 1
         label_ok = mask[:, 1:] * (segments[:, 1:] == segments[:, :-1])  # token p + 2 is an assistant token
+        if self.draft_vocab is None:
+            p_next = jax.nn.softmax(t_logits[:, 1:], axis=-1)  # the target's distribution at p + 1
+            to_target = None
+        else:  # EAGLE-3: the target's law restricted to the draft vocabulary; positions whose argmax is outside are dropped
+            to_target = jnp.asarray(self.draft_vocab, jnp.int32)
+            p_next = jax.nn.softmax(jnp.take(t_logits[:, 1:], to_target, axis=-1), axis=-1)
+            in_vocab = jnp.zeros((self.target.vocab_size,), bool).at[to_target].set(True)
+            label_ok = label_ok * in_vocab[t_top].astype(jnp.float32)
         total, count, metrics = jnp.zeros((), jnp.float32), None, {}
         for s, w in enumerate(self.weights):
             start = jnp.concatenate([jnp.zeros_like(segments[:, :s]), segments[:, : t - s]], axis=1)[:, :-1]
@@ -126,7 +165,9 @@ class EagleRecipe:
             loss_s, count_s = masked_sum(ce, keep)
             total = total + w * loss_s
             count = count_s if count is None else count
-            hit = (jnp.argmax(outs[s][:, :-1], axis=-1) == jnp.argmax(t_logits[:, 1:], axis=-1)).astype(jnp.float32)
+            top = jnp.argmax(outs[s][:, :-1], axis=-1)
+            top = top if to_target is None else to_target[top]
+            hit = (top == t_top).astype(jnp.float32)
             metrics[f"top1_step{s}"] = masked_sum(jax.lax.stop_gradient(hit), keep)[0]
         metrics["acceptance"] = metrics["top1_step0"]
         return total, (count, metrics)
@@ -135,5 +176,6 @@ class EagleRecipe:
 def drafter(target: decoding.Model, recipe: EagleRecipe, trainable) -> decoding.Model:
     """The trained head as the `draft=` model of `decoding.generate` (cast to the target's dtype)."""
     dtype = target.params["embed"].dtype
-    head = jax.tree.map(lambda x: jnp.asarray(x, dtype), recipe.head_params(trainable))
+    head = {k: v if k == "d2t" else jax.tree.map(lambda x: jnp.asarray(x, dtype), v)
+            for k, v in recipe.head_params(trainable).items()}
     return head_mod.as_draft(target, recipe.head, head)

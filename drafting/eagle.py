@@ -12,15 +12,26 @@ cache of the pairs whose target features are known, across draft steps and round
 Per round (the target's verify forward hands over the accepted path's features, see
 `decoding.speculative`): the pending pairs (features of the last round's accepted path and
 root, with the tokens that followed them) are fed in one catch-up forward, then draft steps
-extend a chain or an EAGLE-2 dynamic tree (`drafting.tree_search.expand_and_rerank`, each
-frontier node fed with its parent's output state, seeing its ancestors through a slot mask).
+extend a chain, a static `TreeTopology` (level by level; siblings are the top-k, or, with
+`Eagle(sampled_siblings=True)` at temperature > 0, draws without replacement verified by
+recursive rejection) or an EAGLE-2 dynamic tree (`drafting.tree_search.expand_and_rerank`);
+each tree node is fed with its parent's output state and sees its ancestors through a slot mask.
 Entries written for draft nodes are always overwritten: the target's features of accepted
 tokens replace the head's own.
 
+Reduced draft vocabulary (EAGLE-3): `config_for(target, draft_vocab=Vd)` gives the head its own
+`lm_head: [D, Vd]` over the Vd most frequent tokens of the training data (`reduced_vocab`), with
+the map `d2t: int32[Vd]` (draft id -> target id) among its parameters. The drafter places the
+Vd logits at their target ids (-inf elsewhere), so every proposal is a target id and the q the
+verifier uses is a law over the target vocabulary, zero outside the draft vocabulary: sampled
+verification stays exactly lossless.
+
 Choices left open or simplified here: the pair (feature, next token) is fused by a second
 linear map `w_in: [2D, D]` (EAGLE-1's fusion) so the decoder layer is the family's own
-(`decoding.model.run_layers` on a one-layer config); the full vocabulary (no reduced draft
-vocabulary); default feature layers (2, L // 2, L - 3) clamped to [1, L].
+(`decoding.model.run_layers` on a one-layer config); default feature layers (2, L // 2, L - 3)
+clamped to [1, L]; the reduced vocabulary is kept sorted by target id; the draft logits are
+scattered to the target vocabulary before choosing (one code path for chains and trees, at the
+cost of a [V] scatter per draft step; the [D, Vd] head product is what shrinks).
 
 Legend: B batch, P prompt, W catch-up width (max depth + 1), K top-k, D hidden, V vocab, S slots.
 """
@@ -31,14 +42,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decoding.architecture import for_config
 from decoding.cache import KVCache
 from decoding.model import Model, embed, final_norm, lm_head, param_shapes, random_params, run_layers
 
 from .medusa import HeadMismatch, read_head_file, target_identity, write_head_file
-from .proposer import choose_draft_token
-from .shapes import DynamicTree, chain_batch
+from .proposer import choose_draft_token, choose_siblings, sibling_sampler
+from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
 from .tree_search import Frontier, expand_and_rerank
 
 
@@ -57,19 +69,40 @@ class EagleConfig:
     vocab_size: int
     target: str = ""
     model_type: str = "eagle3"
+    draft_vocab: int = 0  # Vd > 0: the head's own lm_head over Vd target tokens (params "d2t"); 0: the target's head
 
     def param_count(self) -> int:
         d = self.hidden_size
-        return 5 * d * d  # fc + w_in; the decoder layer is counted by the family
+        return 5 * d * d + d * self.draft_vocab  # fc + w_in (+ lm_head); the decoder layer is counted by the family
 
 
-def config_for(target: Model, layers: tuple[int, int, int] | None = None) -> EagleConfig:
+def config_for(target: Model, layers: tuple[int, int, int] | None = None, draft_vocab: int = 0) -> EagleConfig:
     c = target.config
     layers = tuple(layers) if layers is not None else default_layers(c.num_layers)
     if len(layers) != 3 or not all(1 <= i <= c.num_layers for i in layers):
         raise ValueError(f"EAGLE feature layers must be three layers in [1, {c.num_layers}], got {layers}.")
+    if not 0 <= draft_vocab <= c.vocab_size:
+        raise ValueError(f"draft_vocab must be in [0, {c.vocab_size}] (0: the target's whole head), got {draft_vocab}.")
     return EagleConfig(layers=layers, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
-                       target=target_identity(c, target.params))
+                       target=target_identity(c, target.params), draft_vocab=int(draft_vocab))
+
+
+def reduced_vocab(counts, size: int) -> np.ndarray:
+    """EAGLE-3's draft vocabulary: the `size` most frequent target tokens of `counts: int[V]`
+    (token counts of the training data, `distill.data.token_counts`), ties to the lower id ->
+    d2t: int32[size], ascending (draft id i is target token d2t[i])."""
+    counts = np.asarray(counts)
+    if not 1 <= size <= counts.shape[0]:
+        raise ValueError(f"a draft vocabulary of {size} tokens cannot be cut from a vocabulary of {counts.shape[0]}.")
+    order = np.lexsort((np.arange(counts.shape[0]), -counts))  # by count desc, then id asc
+    return np.sort(order[:size]).astype(np.int32)
+
+
+def target_head_columns(target_config, target_params: dict, d2t) -> jax.Array:
+    """[D, Vd]: the target's output embedding restricted to the draft vocabulary (a head's
+    `lm_head` initialisation)."""
+    w = target_params["embed"].T if target_config.tie_embeddings else target_params["lm_head"]
+    return jnp.take(w, jnp.asarray(d2t), axis=1)
 
 
 def layer_config(target_config):
@@ -77,12 +110,38 @@ def layer_config(target_config):
     return dataclasses.replace(target_config, num_layers=1)
 
 
-def init_head(target_config, key: jax.Array, scale: float = 0.02, dtype=jnp.float32) -> dict:
-    """{"fc": [3D, D], "w_in": [2D, D], "layers": one stacked layer, "final_norm": [D]}."""
+def init_head(target_config, key: jax.Array, scale: float = 0.02, dtype=jnp.float32, d2t=None) -> dict:
+    """{"fc": [3D, D], "w_in": [2D, D], "layers": one stacked layer, "final_norm": [D]}, and with
+    a draft vocabulary `d2t: int[Vd]` also {"lm_head": [D, Vd] (random), "d2t": int32[Vd]}."""
     d = target_config.hidden_size
     lc = layer_config(target_config)
     shapes = {"fc": (3 * d, d), "w_in": (2 * d, d), "layers": param_shapes(lc)["layers"], "final_norm": (d,)}
-    return random_params(shapes, key, dtype, scale, norm_value=for_config(lc).norm_unit)
+    if d2t is not None:
+        shapes["lm_head"] = (d, len(d2t))
+    head = random_params(shapes, key, dtype, scale, norm_value=for_config(lc).norm_unit)
+    if d2t is not None:
+        head["d2t"] = jnp.asarray(d2t, jnp.int32)
+    return head
+
+
+def check_head(config: EagleConfig, head: dict, vocab_size: int):
+    """Refuse a head whose draft vocabulary disagrees with its config or the target's vocabulary."""
+    if config.draft_vocab:
+        d2t = head.get("d2t")
+        if d2t is None or "lm_head" not in head:
+            raise HeadMismatch(f"the head's config names a draft vocabulary of {config.draft_vocab} tokens but its "
+                               "parameters lack 'd2t' / 'lm_head': build it with init_head(..., d2t=reduced_vocab(...)).")
+        if d2t.shape != (config.draft_vocab,) or head["lm_head"].shape[-1] != config.draft_vocab:
+            raise HeadMismatch(f"the head's d2t {tuple(d2t.shape)} / lm_head {tuple(head['lm_head'].shape)} do not "
+                               f"match its draft vocabulary of {config.draft_vocab} tokens.")
+        if not jnp.issubdtype(d2t.dtype, jnp.integer):
+            raise HeadMismatch(f"d2t must hold integer token ids, got {d2t.dtype}.")
+        ids = np.asarray(jax.device_get(d2t))
+        if ids.min() < 0 or ids.max() >= vocab_size or len(np.unique(ids)) != len(ids):
+            raise HeadMismatch(f"d2t must hold {config.draft_vocab} distinct target ids in [0, {vocab_size}).")
+    elif "d2t" in head or "lm_head" in head:
+        raise HeadMismatch("the head has its own 'd2t' / 'lm_head' but its config has draft_vocab=0: build the "
+                           "config with config_for(target, draft_vocab=len(d2t)).")
 
 
 def as_draft(target: Model, config: EagleConfig, head: dict) -> Model:
@@ -94,6 +153,7 @@ def as_draft(target: Model, config: EagleConfig, head: dict) -> Model:
     want = target_identity(c, target.params)
     if config.target and config.target != want:
         raise HeadMismatch(f"this EAGLE head was trained for target {config.target!r}, not {want!r}.")
+    check_head(config, head, c.vocab_size)
     return Model(config=config, params=head, tokenizer=target.tokenizer, source="eagle3")
 
 
@@ -119,15 +179,26 @@ def fuse(head: dict, hidden: dict, layers) -> jax.Array:
 
 
 def head_forward(target_config, target_params: dict, head: dict, cache: KVCache, feats: jax.Array,
-                 tokens: jax.Array, positions: jax.Array, *, mask=None, slot_mask=None, options=None):
+                 tokens: jax.Array, positions: jax.Array, *, mask=None, slot_mask=None, options=None,
+                 draft_ids: bool = False):
     """Pairs (feats[B, T, D], tokens[B, T]) at `positions` written at the head cache's cursor
-    (not moved) -> (logits float32[B, T, V], output states [B, T, D], cache)."""
+    (not moved) -> (logits float32[B, T, V], output states [B, T, D], cache).
+
+    With a draft vocabulary (`head["d2t"]`), the head's own `lm_head` scores the Vd draft tokens;
+    their logits are placed at their target ids and every other token gets -inf (the draft law
+    is zero outside the draft vocabulary), or, with `draft_ids`, returned as [B, T, Vd]."""
     e = embed(target_config, target_params, tokens)
     x = jnp.concatenate([e, feats.astype(e.dtype)], axis=-1) @ head["w_in"].astype(e.dtype)
     lc = layer_config(target_config)
     x, _, cache = run_layers(lc, head, x, positions, cache, mask=mask, slot_mask=slot_mask, options=options)
-    logits = lm_head(target_config, target_params, final_norm(lc, head, x))
-    return logits, x, cache
+    normed = final_norm(lc, head, x)
+    if "d2t" not in head:
+        return lm_head(target_config, target_params, normed), x, cache
+    own = lm_head(dataclasses.replace(lc, tie_embeddings=False), {"lm_head": head["lm_head"]}, normed)
+    if draft_ids:
+        return own, x, cache
+    full = jnp.full((*own.shape[:-1], target_config.vocab_size), -jnp.inf, own.dtype)
+    return full.at[..., head["d2t"]].set(own), x, cache
 
 
 @jax.tree_util.register_dataclass
@@ -144,7 +215,13 @@ class EagleState:
 
 @dataclasses.dataclass(frozen=True)
 class Eagle:
-    """The EAGLE-3-style proposer: pass the head as `draft=` (`as_draft`)."""
+    """The EAGLE-3-style proposer: pass the head as `draft=` (`as_draft`).
+
+    sampled_siblings: in a static `TreeTopology` or a `DynamicTree` at temperature > 0, draw each
+    node's children without replacement from the head's processed distribution (verified by
+    recursive rejection, `decoding.tree`) instead of taking its top-k (one-hot proposals)."""
+
+    sampled_siblings: bool = False
 
     name = "eagle3"
 
@@ -158,8 +235,12 @@ class Eagle:
         if (ctx.draft.hidden_size, ctx.draft.vocab_size) != (ctx.target.hidden_size, ctx.target.vocab_size):
             raise HeadMismatch(f"an EAGLE head for hidden size {ctx.draft.hidden_size} cannot read this target "
                                f"(hidden size {ctx.target.hidden_size}).")
-        if not (shape.is_chain or isinstance(shape, DynamicTree)):
-            raise TypeError(f"Eagle drafts chains and drafting.DynamicTree (EAGLE-2's search), not {shape!r}.")
+        if not (shape.is_chain or isinstance(shape, (TreeTopology, DynamicTree))):
+            raise TypeError(f"Eagle drafts chains, drafting.TreeTopology and drafting.DynamicTree (EAGLE-2's "
+                            f"search), not {shape!r}.")
+        if ctx.draft.draft_vocab and not shape.is_chain and shape.max_children > ctx.draft.draft_vocab:
+            raise ValueError(f"a tree with {shape.max_children} children per node needs a draft vocabulary of at least "
+                             f"that many tokens, not {ctx.draft.draft_vocab}.")
 
     @staticmethod
     def _width(shape) -> int:
@@ -209,8 +290,10 @@ class Eagle:
         base = hcache.lengths  # = view.cache.lengths: the root pair sits at base - 1
         if shape.is_chain:
             tree, n_fwd = self._chain(ctx, params, hcache, base, root_logits, root_h, view.root, shape, limit, key)
+        elif isinstance(shape, TreeTopology):
+            tree, n_fwd = self._static_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape, key)
         elif isinstance(shape, DynamicTree):
-            tree, n_fwd = self._dynamic_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape)
+            tree, n_fwd = self._dynamic_tree(ctx, params, hcache, base, root_logits, root_h, view.root, shape, key)
         else:
             raise TypeError(f"{self.name} cannot draft shape {shape!r}")
         return tree, EagleState(hcache, dstate.feats, dstate.n_pending), view.cache, jnp.asarray(n_fwd, jnp.int32)
@@ -237,7 +320,36 @@ class Eagle:
                 logits, h = lg[:, 0], out[:, 0]
         return chain_batch(root, drafts, n_prop, qs), g
 
-    def _dynamic_tree(self, ctx, params, hcache, base, root_logits, root_h, root, shape: DynamicTree):
+    def _static_tree(self, ctx, params, hcache, base, root_logits, root_h, root, topo: TreeTopology, key):
+        """Level by level: the nodes of one depth are the pairs (parent's output state, token) at
+        position base - 1 + depth, node i written at slot base + i - 1 and seeing the prefix and
+        its ancestors (a slot mask); node of rank r is its parent's r-th sibling."""
+        b = root_logits.shape[0]
+        n, k = topo.num_nodes, topo.max_rank
+        tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(root)
+        valid = jnp.ones((b, n), bool)
+        states = jnp.zeros((b, n, root_h.shape[-1]), root_h.dtype).at[:, 0].set(root_h)
+        top, lp, ok = choose_siblings(ctx, key, 0, root_logits[:, None], k, self.sampled_siblings)
+        tokens, valid, qs = place_siblings(topo, 0, np.array([0]), top, ok, lp, tokens, valid, None)
+        s = jnp.arange(hcache.capacity, dtype=jnp.int32)[None, None, :]
+        rel = s - base[:, None, None]
+        in_region = (rel >= 0) & (rel < n - 1)
+        for level, (first, count) in enumerate(topo.levels[:-1]):
+            ids = np.arange(first, first + count)
+            vis = jnp.asarray(topo.mask[ids, 1:])  # [count, N - 1]: node j at region slot j - 1
+            anc = vis[:, jnp.clip(rel[:, 0], 0, n - 2)].transpose(1, 0, 2)  # [B, count, S]
+            slot_mask = (s < base[:, None, None]) | (in_region & anc)
+            positions = base[:, None] - 1 + jnp.asarray(topo.depth[ids])[None, :]
+            hc = hcache.truncate(base + first - 1)
+            logits, out, hcache = head_forward(ctx.target, params["target"], params["draft"], hc,
+                                               states[:, topo.parents[ids]], tokens[:, ids], positions,
+                                               slot_mask=slot_mask, options=ctx.options)
+            states = states.at[:, ids].set(out)
+            top, lp, ok = choose_siblings(ctx, key, level + 1, logits, k, self.sampled_siblings)
+            tokens, valid, qs = place_siblings(topo, level + 1, ids, top, ok, lp, tokens, valid, qs)
+        return topology_batch(topo, tokens, valid, qs), len(topo.levels)
+
+    def _dynamic_tree(self, ctx, params, hcache, base, root_logits, root_h, root, shape: DynamicTree, key):
         k = shape.top_k
         b = root_logits.shape[0]
 
@@ -260,7 +372,8 @@ class Eagle:
             return logits, (hc, out)
 
         init_h = jnp.zeros((b, k, root_h.shape[-1]), root_h.dtype)
-        tree, _, n_scored = expand_and_rerank(score, (hcache, init_h), root, root_logits, shape)
+        tree, _, n_scored = expand_and_rerank(score, (hcache, init_h), root, root_logits, shape,
+                                              sibling_sampler(ctx, key, shape, self.sampled_siblings))
         return tree, 1 + n_scored
 
     # -- commit --------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ target's verify forward hands it h at the accepted path's last node
 Draft shapes (`drafting.Proposer`): a chain of gamma <= k tokens (head i's top-1, or a sample
 from its processed distribution, the verifier's q), a static `TreeTopology` of depth <= k
 (node of rank r at depth d gets head d - 1's r-th most likely token, the same for every
-parent: Medusa's Cartesian candidates), or an EAGLE-2 `DynamicTree` of depth <= k searched by
+parent: Medusa's Cartesian candidates; with `Medusa(sampled_siblings=True)` at temperature > 0,
+head d - 1's r-th draw without replacement, one draw tuple per depth shared by every parent,
+which stays lossless because the path reaching a parent does not depend on the later draws),
+or an EAGLE-2 `DynamicTree` of depth <= k searched by
 `expand_and_rerank` with head d's distribution at every depth-d node.
 
 Choices the paper leaves open: heads read the final-normalised state (what the target's head
@@ -39,8 +42,9 @@ import numpy as np
 
 from decoding.model import Model, final_norm, lm_head
 
-from .shapes import DynamicTree, TreeTopology, chain_batch, topology_batch
-from .tree_search import Frontier, expand_and_rerank, top_k_logprobs
+from .proposer import choose_siblings, sibling_sampler
+from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
+from .tree_search import Frontier, expand_and_rerank
 
 FORMAT = "decoding-medusa-heads/1"
 
@@ -132,21 +136,26 @@ def check_heads(target: Model, config: MedusaConfig, heads: dict) -> None:
 
 def write_head_file(path: str | os.PathLike, fmt: str, config, params: dict) -> Path:
     """One small safetensors file: every leaf of `params` (nested dicts, keys joined by "/") in
-    bf16, with `fmt` and the config (a dataclass) in the metadata."""
+    bf16 (integer leaves, e.g. token maps, as int32), with `fmt` and the config (a dataclass) in
+    the metadata."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    tensors = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(jax.device_get(v), np.float32)
-               .astype(ml_dtypes.bfloat16) for keys, v in flat}
+    def stored(v):
+        v = np.asarray(jax.device_get(v))
+        return v.astype(np.int32) if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32).astype(ml_dtypes.bfloat16)
+
+    tensors = {"/".join(str(getattr(k, "key", k)) for k in keys): stored(v) for keys, v in flat}
     save_file(tensors, str(path), metadata={"format": fmt, "config": json.dumps(dataclasses.asdict(config))})
     return path
 
 
 def read_head_file(path: str | os.PathLike, fmt: str, dtype) -> tuple[dict, dict]:
-    """(config fields, nested params in `dtype`) of a file written by `write_head_file` as `fmt`."""
+    """(config fields, nested params in `dtype`, integer leaves as stored) of a file written by
+    `write_head_file` as `fmt`."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -162,7 +171,8 @@ def read_head_file(path: str | os.PathLike, fmt: str, dtype) -> tuple[dict, dict
             node = params
             for k in outer:
                 node = node.setdefault(k, {})
-            node[leaf] = jnp.asarray(np.asarray(f.get_tensor(name), np.float32), dtype)
+            t = f.get_tensor(name)
+            node[leaf] = jnp.asarray(t) if np.issubdtype(t.dtype, np.integer) else jnp.asarray(np.asarray(t, np.float32), dtype)
     return json.loads(meta["config"]), params
 
 
@@ -189,7 +199,15 @@ class MedusaState:
 
 @dataclasses.dataclass(frozen=True)
 class Medusa:
-    """The Medusa proposer: pass the heads as `draft=` (`as_draft`, `load_heads`)."""
+    """The Medusa proposer: pass the heads as `draft=` (`as_draft`, `load_heads`).
+
+    sampled_siblings: at temperature > 0, the children of every depth-d node are draws without
+    replacement from head d's processed distribution, verified by recursive rejection
+    (`decoding.tree`), instead of head d's top-k: in a static `TreeTopology` one draw tuple per
+    depth, shared by every parent (as Medusa shares its top-k); in a `DynamicTree` one per
+    frontier node (`expand_and_rerank`'s sampler)."""
+
+    sampled_siblings: bool = False
 
     name = "medusa"
 
@@ -227,7 +245,8 @@ class Medusa:
     # -- propose -------------------------------------------------------------------------------
     def propose(self, ctx, params, dstate, view, shape, limit, key):
         logits = head_logits(ctx.target, params["target"], params["draft"], dstate.hidden)  # [B, k, V]
-        tree = draft_from_position_logits(ctx, logits, view.root, shape, limit, key, self.name)
+        tree = draft_from_position_logits(ctx, logits, view.root, shape, limit, key, self.name,
+                                          sampled_siblings=self.sampled_siblings)
         return tree, dstate, view.cache, jnp.ones((), jnp.int32)
 
     # -- commit --------------------------------------------------------------------------------
@@ -241,16 +260,18 @@ class Medusa:
 # -- drafting from one distribution per future position (Medusa heads, hidden-transfer maps) ----
 
 
-def draft_from_position_logits(ctx, logits, root, shape, limit, key, name: str = "drafter"):
+def draft_from_position_logits(ctx, logits, root, shape, limit, key, name: str = "drafter", *,
+                               sampled_siblings: bool = False):
     """A `TreeBatch` from `logits: float32[B, k, V]`, one draft distribution per future position
     (position i predicts the token at depth i + 1, whatever its parent): a chain, a static
-    `TreeTopology` or a `DynamicTree` (see the module doc)."""
+    `TreeTopology` or a `DynamicTree` (see the module doc). `sampled_siblings`: at temperature
+    > 0, tree siblings are draws without replacement instead of the top-k (`Medusa`'s doc)."""
     if shape.is_chain:
         return draft_chain(ctx, logits, root, shape, limit, key)
     if isinstance(shape, TreeTopology):
-        return draft_static_tree(logits, root, shape)
+        return draft_static_tree(ctx, logits, root, shape, key, sampled_siblings)
     if isinstance(shape, DynamicTree):
-        return draft_dynamic_tree(logits, root, shape)
+        return draft_dynamic_tree(logits, root, shape, sibling_sampler(ctx, key, shape, sampled_siblings))
     raise TypeError(f"{name} cannot draft shape {shape!r}")
 
 
@@ -273,20 +294,33 @@ def draft_chain(ctx, logits, root, shape, limit, key):
     return chain_batch(root, drafts, n_prop, qs)
 
 
-def draft_static_tree(logits, root, topo: TreeTopology):
+def draft_static_tree(ctx, logits, root, topo: TreeTopology, key, sampled_siblings: bool = False):
     """Node of rank r at depth d: position d - 1's r-th most likely token (deterministic
-    siblings: the verifier's one-hot rule)."""
-    _, top = top_k_logprobs(logits[:, : topo.max_depth], topo.max_rank)  # [B, depth, K]
-    depth, rank = topo.depth[1:] - 1, topo.rank[1:]
-    tokens = jnp.concatenate([root[:, None], top[:, depth, rank]], axis=1)
-    return topology_batch(topo, tokens)
+    siblings: the verifier's one-hot rule), or with `sampled_siblings` its r-th draw without
+    replacement (`drafting.shapes.place_siblings`; one draw tuple per depth, shared by every
+    parent)."""
+    b = root.shape[0]
+    top, lp, ok = choose_siblings(ctx, key, 0, logits[:, : topo.max_depth], topo.max_rank,
+                                  sampled_siblings)  # [B, depth, K], [B, depth, V]
+    tokens = jnp.zeros((b, topo.num_nodes), jnp.int32).at[:, 0].set(root)
+    valid, qs = jnp.ones((b, topo.num_nodes), bool), None
+    parents = np.array([0])
+    for level, (first, count) in enumerate(topo.levels):
+        p = len(parents)
+        sib = jnp.broadcast_to(top[:, level, None], (b, p, top.shape[-1]))
+        sib_ok = jnp.broadcast_to(ok[:, level, None], (b, p, ok.shape[-1]))
+        law = None if lp is None else jnp.broadcast_to(lp[:, level, None], (b, p, lp.shape[-1]))
+        tokens, valid, qs = place_siblings(topo, level, parents, sib, sib_ok, law, tokens, valid, qs)
+        parents = np.arange(first, first + count)
+    return topology_batch(topo, tokens, valid, qs)
 
 
-def draft_dynamic_tree(logits, root, shape: DynamicTree):
-    """EAGLE-2's search with position d's distribution at every depth-d node."""
+def draft_dynamic_tree(logits, root, shape: DynamicTree, choose=None):
+    """EAGLE-2's search with position d's distribution at every depth-d node (`choose`: the
+    sibling sampler of `drafting.proposer.sibling_sampler`, None for the top-k)."""
     def score(carry, frontier: Frontier):
         head = logits[:, frontier.depth]  # children of depth-d nodes are at depth d + 1
         return jnp.broadcast_to(head[:, None], (head.shape[0], shape.top_k, head.shape[-1])), carry
 
-    tree, _, _ = expand_and_rerank(score, None, root, logits[:, 0], shape)
+    tree, _, _ = expand_and_rerank(score, None, root, logits[:, 0], shape, choose)
     return tree

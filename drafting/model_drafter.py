@@ -17,10 +17,17 @@ function (`_forward`) and a notion of how far the drafter's cache has caught up
   drafter's *processed* distribution, which the verifier uses as q.
 - `TreeTopology` (static, Medusa-style): level by level; the nodes of one depth are forwarded
   together, each seeing the prefix and its ancestors (a slot mask over the drafter's cache);
-  node of rank r gets its parent's r-th most likely token. Siblings are deterministic.
+  node of rank r gets its parent's r-th most likely token (deterministic siblings), or, with
+  `sampled_siblings=True` at temperature > 0, its parent's r-th draw without replacement from
+  the drafter's processed distribution (Gumbel-top-k; SpecInfer / Sequoia style), verified by
+  the recursive rejection rule of `decoding.tree`. Choice: sampled siblings are opt-in (top-k
+  stays the default) so existing settings keep their measured behaviour; under greedy decoding
+  the option changes nothing.
 - `DynamicTree` (EAGLE-2): `drafting.tree_search.expand_and_rerank`, each frontier scored by
   one forward of its K nodes, written at their tree-region slots right after the root and
-  seeing the prefix and their ancestors (a slot mask). Siblings are deterministic.
+  seeing the prefix and their ancestors (a slot mask). Siblings are the top-k, or with
+  `sampled_siblings` at temperature > 0 draws without replacement (each node keeps a prefix
+  of its draws).
 
 Legend: B batch, N nodes, W catch-up width, K top-k, V vocab, S cache slots.
 """
@@ -38,9 +45,9 @@ from decoding.cache import KVCache
 from decoding.model import forward
 from decoding.strategy import prefill
 
-from .proposer import View, choose_draft_token
-from .shapes import DynamicTree, TreeTopology, chain_batch, topology_batch
-from .tree_search import Frontier, expand_and_rerank, top_k_logprobs
+from .proposer import View, choose_draft_token, choose_siblings, sibling_sampler
+from .shapes import DynamicTree, TreeTopology, chain_batch, place_siblings, topology_batch
+from .tree_search import Frontier, expand_and_rerank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,7 @@ class ModelDrafter(abc.ABC):
     """Generic LM drafter (see module doc). Subclasses define the forward and the cache."""
 
     name = "model"
+    sampled_siblings: bool = dataclasses.field(default=False, kw_only=True)
 
     # -- provided by subclasses ----------------------------------------------------------------
     @abc.abstractmethod
@@ -101,9 +109,9 @@ class ModelDrafter(abc.ABC):
         if shape.is_chain:
             out = self._chain(ctx, params, dstate, cache, view, shape, limit, key, root_logits)
         elif isinstance(shape, TreeTopology):
-            out = self._static_tree(ctx, params, dstate, cache, view, shape, root_logits)
+            out = self._static_tree(ctx, params, dstate, cache, view, shape, root_logits, key)
         elif isinstance(shape, DynamicTree):
-            out = self._dynamic_tree(ctx, params, dstate, cache, view, shape, root_logits)
+            out = self._dynamic_tree(ctx, params, dstate, cache, view, shape, root_logits, key)
         else:
             raise TypeError(f"{self.name} cannot draft shape {shape!r}")
         tree, dstate, cache, n_fwd = out
@@ -169,15 +177,22 @@ class ModelDrafter(abc.ABC):
         logits, dstate, cache = self._forward(ctx, params, dstate, cache, tokens, positions, slot_mask=slot_mask)
         return logits, dstate, cache
 
-    def _static_tree(self, ctx, params, dstate, cache, view, topo: TreeTopology, root_logits):
+    def _static_tree(self, ctx, params, dstate, cache, view, topo: TreeTopology, root_logits, key):
+        """Level by level; node of rank r gets its parent's r-th sibling (`choose_siblings`:
+        top-k, or draws without replacement with `sampled_siblings` at temperature > 0)."""
         b = root_logits.shape[0]
         n = topo.num_nodes
         k = topo.max_rank
         tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(view.root)
-        parents, ranks = topo.parents, topo.rank
-        _, top = top_k_logprobs(root_logits, k)  # [B, K]
-        first, count = topo.levels[0]
-        tokens = tokens.at[:, first : first + count].set(top[:, ranks[first : first + count]])
+        valid = jnp.ones((b, n), bool)
+        qs = None
+
+        def fill(level, par_ids, logits, tokens, valid, qs):
+            """Children of the nodes `par_ids` (logits [B, len(par_ids), V]) at depth level + 1."""
+            top, lp, ok = choose_siblings(ctx, key, level, logits, k, self.sampled_siblings)
+            return place_siblings(topo, level, par_ids, top, ok, lp, tokens, valid, qs)
+
+        tokens, valid, qs = fill(0, np.array([0]), root_logits[:, None], tokens, valid, qs)
         anc = np.zeros((n, n - 1), bool)  # node -> visible tree-region slots (node i at slot i-1)
         anc[:, :] = topo.mask[:, 1:]
         n_fwd = 1
@@ -187,15 +202,11 @@ class ModelDrafter(abc.ABC):
             logits, dstate, cache = self._level_forward(
                 ctx, params, dstate, cache, view, tokens[:, ids], jnp.asarray(topo.depth[ids])[None, :],
                 first - 1, vis)
-            _, top = top_k_logprobs(logits, k)  # [B, count, K]
-            nf, nc = topo.levels[level + 1]
-            child = np.arange(nf, nf + nc)
-            par_local = parents[child] - first
-            tokens = tokens.at[:, child].set(top[:, par_local, ranks[child]])
+            tokens, valid, qs = fill(level + 1, ids, logits, tokens, valid, qs)
             n_fwd += 1
-        return topology_batch(topo, tokens), dstate, cache, jnp.asarray(n_fwd, jnp.int32)
+        return topology_batch(topo, tokens, valid, qs), dstate, cache, jnp.asarray(n_fwd, jnp.int32)
 
-    def _dynamic_tree(self, ctx, params, dstate, cache, view, shape: DynamicTree, root_logits):
+    def _dynamic_tree(self, ctx, params, dstate, cache, view, shape: DynamicTree, root_logits, key):
         def score(carry, frontier: Frontier):
             dstate, cache = carry
             depth = jnp.full((1, shape.top_k), frontier.depth, jnp.int32)
@@ -203,7 +214,8 @@ class ModelDrafter(abc.ABC):
                                                         frontier.slot, frontier.visible)
             return logits, (dstate, cache)
 
-        tree, (dstate, cache), n_scored = expand_and_rerank(score, (dstate, cache), view.root, root_logits, shape)
+        tree, (dstate, cache), n_scored = expand_and_rerank(score, (dstate, cache), view.root, root_logits, shape,
+                                                            sibling_sampler(ctx, key, shape, self.sampled_siblings))
         return tree, dstate, cache, jnp.asarray(1 + n_scored, jnp.int32)
 
 

@@ -12,6 +12,10 @@ set; a `decoding.Speculative` strategy is its own chain shape), a static
 `drafting.TreeTopology`, or a `drafting.DynamicTree` (the EAGLE-2 search of
 `drafting.tree_search`). It refuses, in `validate`, a shape it cannot draft.
 
+Shared draft choices: `choose_draft_token` (one chain step: argmax or a sample, with its q) and
+`choose_siblings` (a tree node's children: top-k, or k draws without replacement by
+Gumbel-top-k, Kool et al. 2019, for the recursive rejection of `decoding.tree`).
+
 Legend: B batch, C context slots, N tree nodes.
 """
 
@@ -98,3 +102,31 @@ def choose_draft_token(ctx: Context, shape, key: jax.Array, i, logits: jax.Array
         top1 = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
         active = active & (top1 >= shape.confidence)
     return tok, lp, active
+
+
+def choose_siblings(ctx: Context, key: jax.Array, i, logits: jax.Array, k: int, sampled_siblings: bool):
+    """The `k` children of tree nodes from the drafter's `logits: float32[..., V]` at draft step `i`.
+
+    Deterministic (greedy decoding, or `sampled_siblings` off): the k most likely tokens, best
+    first, `lp` None (one-hot proposals). Sampled siblings (temperature > 0 and
+    `sampled_siblings`): k distinct tokens drawn without replacement from the processed
+    distribution `lp = ctx.sampling.logprobs(logits)` by Gumbel-top-k (Kool et al. 2019), in
+    draw order, which is the order `decoding.tree.accept_sampled` tries them in. Returns
+    `(tokens: int32[..., k], lp: float32[..., V] or None, ok: bool[..., k])`; `ok` is False for
+    a draw the processed distribution forbids (fewer than k tokens left by top-k / top-p).
+    """
+    if ctx.sampling.is_greedy or not sampled_siblings:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        _, tok = jax.lax.top_k(logp, k)
+        return tok.astype(jnp.int32), None, jnp.ones(tok.shape, bool)
+    lp = ctx.sampling.logprobs(logits)
+    vals, tok = jax.lax.top_k(lp + jax.random.gumbel(jax.random.fold_in(key, i), lp.shape, lp.dtype), k)
+    return tok.astype(jnp.int32), lp, vals > -jnp.inf
+
+
+def sibling_sampler(ctx: Context, key: jax.Array, shape, sampled_siblings: bool):
+    """The `choose` of `drafting.tree_search.expand_and_rerank`: None (top-k children) unless
+    siblings are sampled (`sampled_siblings` at temperature > 0); then `choose_siblings`' draws."""
+    if ctx.sampling.is_greedy or not sampled_siblings:
+        return None
+    return lambda step, logits: choose_siblings(ctx, key, step, logits, shape.top_k, True)

@@ -256,9 +256,43 @@ def chain_batch(root: jax.Array, drafts: jax.Array, n_proposed: jax.Array, q_log
                      children=children.astype(jnp.int32), valid=valid, q_logprobs=q_logprobs)
 
 
-def topology_batch(topology: TreeTopology, tokens: jax.Array, valid: jax.Array | None = None) -> TreeBatch:
-    """A TreeBatch for a static topology filled with `tokens: int32[B, N]` (deterministic siblings)."""
+def topology_batch(topology: TreeTopology, tokens: jax.Array, valid: jax.Array | None = None,
+                   q_logprobs: jax.Array | None = None) -> TreeBatch:
+    """A TreeBatch for a static topology filled with `tokens: int32[B, N]`: deterministic
+    siblings, or, with `q_logprobs: float32[B, N, V]` (the draft law at each node), siblings
+    drawn from it without replacement in rank order."""
     b = tokens.shape[0]
     bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *np.shape(a)))  # noqa: E731
     return TreeBatch(tokens=tokens.astype(jnp.int32), depth=bc(topology.depth), mask=bc(topology.mask),
-                     children=bc(topology.children), valid=bc(np.ones(topology.num_nodes, bool)) if valid is None else valid)
+                     children=bc(topology.children), valid=bc(np.ones(topology.num_nodes, bool)) if valid is None else valid,
+                     q_logprobs=q_logprobs)
+
+
+def place_siblings(topology: TreeTopology, level: int, parent_ids: np.ndarray, siblings: jax.Array, ok: jax.Array,
+                   lp: jax.Array | None, tokens: jax.Array, valid: jax.Array, q_logprobs: jax.Array | None):
+    """Fill the nodes of depth `level + 1` of a static tree from their parents' siblings.
+
+    parent_ids: the node ids of depth `level` (contiguous, sorted); siblings: int32[B, P, K]
+    and ok: bool[B, P, K] each parent's ranked children (`drafting.proposer.choose_siblings`);
+    lp: float32[B, P, V] the law they were drawn from, or None (one-hot siblings). One-hot: the
+    node of rank r gets its parent's r-th sibling (Medusa's ranks). Sampled: the j-th present
+    child gets the j-th draw, so the tried siblings are exactly the first draws even where the
+    topology skips a rank (the verifier's q removes every earlier draw). A node is valid where
+    its draw and its parent are.
+    Returns (tokens int32[B, N], valid bool[B, N], q_logprobs float32[B, N, V] or None).
+    """
+    first, count = topology.levels[level]
+    child = np.arange(first, first + count)
+    par = topology.parents[child]
+    local = np.searchsorted(parent_ids, par)
+    if lp is None:
+        rank = topology.rank[child]
+    else:
+        rank = np.array([list(topology.children[p]).index(c) for p, c in zip(par, child)], np.int32)
+    tokens = tokens.at[:, child].set(siblings[:, local, rank])
+    valid = valid.at[:, child].set(ok[:, local, rank] & valid[:, par])
+    if lp is not None:
+        if q_logprobs is None:
+            q_logprobs = jnp.zeros((*tokens.shape, lp.shape[-1]), jnp.float32)
+        q_logprobs = q_logprobs.at[:, parent_ids].set(lp)
+    return tokens, valid, q_logprobs

@@ -6,7 +6,9 @@ next-token distribution), expanded by its top_k children with score = cumulative
 log-probability, and the global top_k of those children become the next frontier. Finally the
 `total_tokens` best nodes of everything created are kept (ancestor-closed, because scores only
 decrease along a path; ties are broken by creation order, parents first) and returned as a
-`decoding.TreeBatch` whose siblings are in score order (deterministic proposals).
+`decoding.TreeBatch` whose siblings are in score order (deterministic proposals). With a
+sampler of siblings (`choose`), children are draws without replacement scored so that keeping a
+draw never depends on its own value (`_children`), which keeps recursive rejection exact.
 
 What scores a frontier is a callable, so any drafter plugs in: a small draft LM or the
 target's first layers (`drafting.model_drafter`), a feature head that predicts the next hidden
@@ -65,18 +67,53 @@ def top_k_logprobs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return vals, idx.astype(jnp.int32)
 
 
+#: choose(step, logits float32[..., V]) -> (children int32[..., K] in draw order, the law they were
+#: drawn from float32[..., V], ok bool[..., K]): sampled siblings (`drafting.proposer.choose_siblings`)
+Chooser = Callable[[int, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def _children(logits: jax.Array, k: int, choose: Chooser | None, step: int):
+    """(scores float32[..., K], tokens int32[..., K], law float32[..., V] or None) of a node's children.
+
+    Top-k: their draft log-probabilities. Sampled: draws without replacement. For the recursive
+    rejection rule to stay exact, whether a draw is kept in the tree must not depend on the draw
+    itself, only on the node's law q and the earlier draws; so draw i scores
+    log max q + sum_{i' < i} log(1 - q(x_i')) (the chance the top token is accepted, discounted
+    by the mass the earlier draws used), never its own q(x_i). Scores do not increase from one
+    draw to the next (the tree keeps a prefix of each node's draws, which the rule tries in
+    order) nor from a node to its children (ancestor-closed); draws past q's support score -inf.
+    """
+    if choose is None:
+        vals, toks = top_k_logprobs(logits, k)
+        return vals, toks, None
+    toks, lp, ok = choose(step, logits)
+    q = jnp.exp(lp)
+    used = jnp.log1p(-jnp.minimum(jnp.take_along_axis(q, toks, axis=-1), 1.0))  # log(1 - q(x_i))
+    before = jnp.concatenate([jnp.zeros_like(used[..., :1]), jnp.cumsum(used[..., :-1], axis=-1)], axis=-1)
+    vals = jnp.log(jnp.max(q, axis=-1, keepdims=True)) + before
+    return jnp.where(ok, vals, -jnp.inf), toks, lp
+
+
+def _kept(score: jax.Array, total: int) -> jax.Array:
+    """int[B, total]: pool indices of the `total` best scores, in creation order (ties: earlier first)."""
+    return jnp.sort(jnp.argsort(-score, axis=1, stable=True)[:, :total], axis=1)
+
+
 def expand_and_rerank(score: Scorer, carry, root: jax.Array, root_logits: jax.Array,
-                      shape: DynamicTree) -> tuple[TreeBatch, Any, int]:
+                      shape: DynamicTree, choose: Chooser | None = None) -> tuple[TreeBatch, Any, int]:
     """Grow one EAGLE-2 tree per row (see the module doc).
 
     root: int32[B] the last committed token; root_logits: float32[B, V] the drafter's
-    next-token logits after it. Returns (TreeBatch with N nodes, carry, number of `score`
-    calls: depth - 1).
+    next-token logits after it. `choose`: None for top-k children (one-hot proposals), or a
+    sampler of distinct children (`Chooser`); the tree then carries the law each expanded
+    node's children were drawn from (`TreeBatch.q_logprobs`). Returns (TreeBatch with N
+    nodes, carry, number of `score` calls: depth - 1).
     """
     b = root_logits.shape[0]
     k, depth_max, total = shape.top_k, shape.depth, shape.total_tokens
     region = max(region_slots(shape), 1)
-    vals, toks = top_k_logprobs(root_logits, k)
+    vals, toks, root_lp = _children(root_logits, k, choose, 0)
+    laws, expanded = [], []  # per expansion step: the frontier's laws [B, K, V] and pool indices [B, K]
     # candidate pool (creation order): token, score, parent pool index (-1 = root), depth
     pool_tok, pool_score = [toks], [vals]
     pool_par = [jnp.full((b, k), -1, jnp.int32)]
@@ -92,7 +129,10 @@ def expand_and_rerank(score: Scorer, carry, root: jax.Array, root_logits: jax.Ar
         vis = front_vis | own
         logits, carry = score(carry, Frontier(tokens=front_tok, parent=front_parent, visible=vis, depth=d,
                                               slot=slot0))
-        cvals, ctoks = top_k_logprobs(logits, k)  # [B, K(frontier), K(children)]
+        cvals, ctoks, lp = _children(logits, k, choose, d)  # [B, K(frontier), K(children)]
+        if lp is not None:
+            laws.append(lp)
+            expanded.append(frontier)
         scores = front_score[:, :, None] + cvals
         pool_tok.append(ctoks.reshape(b, k * k))
         pool_score.append(scores.reshape(b, k * k))
@@ -105,9 +145,22 @@ def expand_and_rerank(score: Scorer, carry, root: jax.Array, root_logits: jax.Ar
         front_score = best_vals
         front_vis = jnp.take_along_axis(vis, front_parent[:, :, None], axis=1)
         offset += k * k
-    tree = rerank(root, jnp.concatenate(pool_tok, axis=1), jnp.concatenate(pool_score, axis=1),
+    pool_score = jnp.concatenate(pool_score, axis=1)
+    tree = rerank(root, jnp.concatenate(pool_tok, axis=1), pool_score,
                   jnp.concatenate(pool_par, axis=1), jnp.concatenate(pool_depth, axis=1), total, k, depth_max)
-    return tree, carry, depth_max - 1
+    if root_lp is None:
+        return tree, carry, depth_max - 1
+    # the law of each kept node's children: the root's, an expanded frontier node's, or none (a leaf)
+    kept = _kept(pool_score, total)  # [B, total]
+    q = jnp.zeros((b, total + 1, root_lp.shape[-1]), jnp.float32).at[:, 0].set(root_lp)
+    if laws:
+        law = jnp.concatenate(laws, axis=1)  # [B, F, V]
+        idx = jnp.concatenate(expanded, axis=1)  # [B, F]
+        hit = kept[:, :, None] == idx[:, None, :]  # [B, total, F]
+        node_law = law[jnp.arange(b)[:, None], jnp.argmax(hit, axis=2)]  # [B, total, V]
+        q = q.at[:, 1:].set(jnp.where(jnp.any(hit, axis=2)[:, :, None], node_law, 0.0))
+    valid = jnp.concatenate([jnp.ones((b, 1), bool), jnp.take_along_axis(pool_score, kept, axis=1) > -jnp.inf], axis=1)
+    return dataclasses.replace(tree, valid=valid, q_logprobs=q), carry, depth_max - 1
 
 
 def rerank(root: jax.Array, tok: jax.Array, score: jax.Array, parent: jax.Array, depth: jax.Array, total: int,
@@ -121,8 +174,7 @@ def rerank(root: jax.Array, tok: jax.Array, score: jax.Array, parent: jax.Array,
     """
     b, m = tok.shape
     rows = jnp.arange(b)
-    order = jnp.argsort(-score, axis=1, stable=True)[:, :total]
-    chosen = jnp.sort(order, axis=1)  # creation order: parents before children
+    chosen = _kept(score, total)  # creation order: parents before children
     node_of_pool = jnp.full((b, m), -1, jnp.int32).at[rows[:, None], chosen].set(
         jnp.arange(1, total + 1, dtype=jnp.int32)[None, :])
     c_par_pool = jnp.take_along_axis(parent, chosen, axis=1)

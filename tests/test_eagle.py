@@ -1,4 +1,4 @@
-"""The EAGLE-3-style head (drafting/eagle.py) in chains and the dynamic tree.
+"""The EAGLE-3-style head (drafting/eagle.py) in chains, static trees and the dynamic tree.
 
 The test head is built to agree with the target part of the time: it fuses the target's last
 layer only (`fc` selects it), passes it through the pair map (`w_in`), a decoder layer whose
@@ -11,15 +11,17 @@ repeats the target's next-token guess (accepted on the repetitive row, rejected 
   context (target features recomputed by one full forward), for every slot below its cursor,
   and the cursor plus the pending pairs is the target cache's length (accepted and rejected
   branches alike).
-- Sampled chains (q = the head's processed distribution) and dynamic trees (one-hot top-k
-  siblings) follow the target's law (chi-square); refusals are clear errors.
-- Dynamic-tree nodes are among the top-k of their path recomputed sequentially; head files
-  round-trip in bf16.
+- Sampled chains (q = the head's processed distribution), static trees (top-k siblings, or
+  siblings sampled without replacement, where later siblings are accepted too) and dynamic
+  trees (one-hot top-k siblings) follow the target's law (chi-square); refusals are clear errors.
+- Tree nodes are among the top-k of their path recomputed sequentially (static: exactly their
+  rank); head files round-trip in bf16.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +53,11 @@ def greedy_head() -> Model:
     return agreeing_head(target())
 
 
+IRREGULAR_TREE = TreeTopology(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))
+
 CASES = {
     "chain": Speculative(eagle.Eagle(), gamma=3),
+    "tree-static": TreeDecoding(eagle.Eagle(), tree=IRREGULAR_TREE),
     "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=3, top_k=3, total_tokens=8)),
 }
 
@@ -103,12 +108,22 @@ def test_head_cache_matches_a_recomputation_after_every_round(case):
     assert hist[0] > 0 and hist[2:].sum() > 0, hist
 
 
-@pytest.mark.parametrize("case", ["chain", "tree-dynamic"])
+SAMPLED = {
+    "chain": Speculative(eagle.Eagle(), gamma=2),
+    "tree-static": TreeDecoding(eagle.Eagle(), tree=TreeTopology.from_branching((2, 2))),
+    "tree-static-sampled-siblings": TreeDecoding(eagle.Eagle(sampled_siblings=True),
+                                                 tree=TreeTopology.from_branching((3, 2))),
+    "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)),
+    "tree-dynamic-sampled-siblings": TreeDecoding(eagle.Eagle(sampled_siblings=True),
+                                                  tree=DynamicTree(depth=3, top_k=3, total_tokens=7)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLED))
 def test_sampled_follows_the_target(case):
     model = small_v_target()
     sampling = Sampling(temperature=0.8, top_k=4)
-    strategy = {"chain": Speculative(eagle.Eagle(), gamma=2),
-                "tree-dynamic": TreeDecoding(eagle.Eagle(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4))}[case]
+    strategy = SAMPLED[case]
     result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, strategy,
                               draft=agreeing_head(model, 3, noise=0.1), sampling=sampling, max_new_tokens=SAMPLE_K,
                               eos=(), seed=SAMPLE_SEED)
@@ -118,14 +133,17 @@ def test_sampled_follows_the_target(case):
     assert res["p"] > 1e-3, res
     hist = np.asarray(state.accept_hist)
     assert hist[0] > 0 and hist[1:].sum() > 0, hist
+    if "sampled-siblings" in case:  # later siblings were accepted at both depths
+        ranks = np.asarray(state.rank_hist)
+        assert ranks[0, 1:].sum() > 0 and ranks[1, 1:].sum() > 0, ranks
 
 
 def test_refusals():
     with pytest.raises(ValueError, match="Eagle needs its head as the draft"):
         generate(target(), PROMPTS, strategy=Speculative(eagle.Eagle(), gamma=2), max_new_tokens=4)
-    with pytest.raises(TypeError, match="Eagle drafts chains and drafting.DynamicTree"):
-        generate(target(), PROMPTS, strategy=TreeDecoding(eagle.Eagle(), tree=TreeTopology.from_branching((2, 2))),
-                 draft=greedy_head(), max_new_tokens=4)
+    with pytest.raises(TypeError, match="Eagle drafts chains, drafting.TreeTopology and drafting.DynamicTree"):
+        ctx = types.SimpleNamespace(target=target().config, draft=greedy_head().config)
+        eagle.Eagle().validate(ctx, greedy_head(), types.SimpleNamespace(is_chain=False))
     with pytest.raises(ValueError, match="three layers in"):
         eagle.config_for(target(), (1, 2, 9))
     other = Model(target().config, jax.tree.map(lambda w: w * 1.01, target().params), source="other")
@@ -133,16 +151,17 @@ def test_refusals():
         eagle.as_draft(other, greedy_head().config, greedy_head().params)
 
 
-def test_dynamic_tree_nodes_are_top_k_of_their_parents_path():
-    """Each proposed node is among the top_k tokens the head gives after its parent's path,
-    recomputed sequentially (no slot masks): the tree search shows every node its ancestors
-    only, wherever they sit in the head cache."""
+@pytest.mark.parametrize("shape", [DynamicTree(depth=3, top_k=3, total_tokens=9), IRREGULAR_TREE],
+                         ids=["dynamic", "static"])
+def test_tree_nodes_are_top_k_of_their_parents_path(shape):
+    """Each proposed node is among the top_k tokens the head gives after its parent's path
+    (static trees: exactly the token of its rank), recomputed sequentially (no slot masks): the
+    tree drafting shows every node its ancestors only, wherever they sit in the head cache."""
     m = target()
     # a random head whose input map is small, so attention dominates: a wrong mask changes the top-k
     hp = eagle.init_head(m.config, jax.random.PRNGKey(4), scale=0.7)
     hp["w_in"] = hp["w_in"] * 0.01
     head = eagle.as_draft(m, eagle.config_for(m, (1, 2, 3)), hp)
-    shape = DynamicTree(depth=3, top_k=3, total_tokens=9)
     strategy = TreeDecoding(eagle.Eagle(), tree=shape)
     prep = generation.prepare(m, PROMPTS, strategy=strategy, max_new_tokens=MAX_NEW, eos_token_id=(), draft=head,
                               chat=False)
@@ -175,10 +194,13 @@ def test_dynamic_tree_nodes_are_top_k_of_their_parents_path():
                                             jnp.array([[n0 - 1 + d]]))
                 cache = cache.truncate(cache.lengths + 1)
                 logits = lg[:, 0]
-            top = np.argsort(-np.asarray(logits[0]))[: shape.top_k]
-            assert tokens[b, node] in top, (b, node, path, top)
+            order = np.argsort(-np.asarray(logits[0]), kind="stable")
+            if isinstance(shape, DynamicTree):
+                assert tokens[b, node] in order[: shape.top_k], (b, node, path, order)
+            else:
+                assert tokens[b, node] == order[shape.rank[node]], (b, node, path, order)
             checked += 1
-    assert checked == len(PROMPTS) * shape.total_tokens
+    assert checked == len(PROMPTS) * (shape.num_nodes - 1)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -198,3 +220,110 @@ def test_save_load_round_trip(tmp_path):
 
         eagle.load_head(medusa.save_heads(tmp_path / "m.safetensors", medusa.config_for(target(), 2),
                                           medusa.init_heads(medusa.config_for(target(), 2))), target())
+
+
+# ------------------------------------------------------------------------------------------
+# Reduced draft vocabulary (EAGLE-3's d2t map)
+# ------------------------------------------------------------------------------------------
+
+
+def reduced_head(model: Model, d2t, seed: int = 0, noise: float = 0.05) -> Model:
+    """`agreeing_head` with its own lm_head over the draft vocabulary `d2t` (the target's columns)."""
+    base = agreeing_head(model, seed, noise)
+    cfg = eagle.config_for(model, base.config.layers, draft_vocab=len(d2t))
+    params = dict(base.params, lm_head=eagle.target_head_columns(model.config, model.params, d2t),
+                  d2t=jnp.asarray(d2t, jnp.int32))
+    return eagle.as_draft(model, cfg, params)
+
+
+@functools.cache
+def greedy_d2t() -> np.ndarray:
+    """The 24 tokens the greedy reference emits most: some tokens it emits fall outside, so the
+    head cannot propose them and those rounds must reject."""
+    counts = np.bincount(np.concatenate([np.asarray(r) for r in greedy_reference()]), minlength=64)
+    d2t = eagle.reduced_vocab(counts, 24)
+    assert counts[np.setdiff1d(np.arange(64), d2t)].sum() > 0
+    return d2t
+
+
+@pytest.mark.parametrize("case", ["tree-static", "tree-dynamic"])  # the chain: the round trip below
+def test_reduced_vocabulary_greedy_equals_autoregressive(case):
+    head = reduced_head(target(), greedy_d2t())
+    result, state = run_state(target(), PROMPTS, CASES[case], draft=head)
+    assert [tuple(r) for r in result.tokens] == list(greedy_reference())
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, f"{case}: {hist}"
+
+
+SMALL_V_D2T = np.array([0, 2, 3, 5], np.int32)
+
+
+@pytest.mark.parametrize("case", ["chain", "tree-static-sampled-siblings"])
+def test_reduced_vocabulary_sampled_follows_the_target(case):
+    model = small_v_target()
+    sampling = Sampling(temperature=0.8, top_k=4)
+    strategy = {"chain": Speculative(eagle.Eagle(), gamma=2),
+                "tree-static-sampled-siblings": TreeDecoding(eagle.Eagle(sampled_siblings=True),
+                                                             tree=TreeTopology.from_branching((3, 2)))}[case]
+    head = reduced_head(model, SMALL_V_D2T, 3, noise=0.1)
+    result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, strategy, draft=head, sampling=sampling,
+                              max_new_tokens=SAMPLE_K, eos=(), seed=SAMPLE_SEED)
+    law = exact_continuations(model, SMALL_V_PROMPT, SAMPLE_K, sampling)
+    res = chi_square(continuation_index(result.tokens, model.config.vocab_size, SAMPLE_K), law)
+    assert res["impossible"] == 0, res
+    assert res["p"] > 1e-3, res
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_reduced_vocabulary_proposes_draft_tokens_with_q_zero_outside():
+    model = small_v_target()
+    head = reduced_head(model, SMALL_V_D2T, 3, noise=0.1)
+    strategy = TreeDecoding(eagle.Eagle(sampled_siblings=True), tree=TreeTopology.from_branching((3, 2)))
+    prep = generation.prepare(model, [SMALL_V_PROMPT] * 64, strategy=strategy, sampling=Sampling(temperature=1.0),
+                              max_new_tokens=8, eos_token_id=(), draft=head, chat=False)
+    s, ctx, params = prep.strategy, prep.ctx, prep.params
+    state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k))(params, prep.prompt, prep.lengths, prep.key)
+    _, tree, _, _, _ = jax.jit(lambda p, st: s.propose(ctx, p, st, jax.random.PRNGKey(0)))(params, state)
+    tokens, valid = np.asarray(tree.tokens)[:, 1:], np.asarray(tree.valid)[:, 1:]
+    assert np.isin(tokens[valid], SMALL_V_D2T).all()
+    assert valid[:, :3].all()  # three distinct draws among four draft tokens
+    assert len(np.unique(tokens[:, :3], axis=0)) > 1
+    outside = np.setdiff1d(np.arange(6), SMALL_V_D2T)
+    q = np.exp(np.asarray(tree.q_logprobs))
+    assert np.all(q[:, :4][..., outside] == 0.0)  # the root and the depth-1 nodes drew children
+    np.testing.assert_allclose(q[:, :4].sum(-1), 1.0, atol=1e-5)
+
+
+def test_reduced_vocabulary_save_load_round_trip(tmp_path):
+    head = reduced_head(target(), greedy_d2t())
+    path = eagle.save_head(tmp_path / "head.safetensors", head.config, head.params)
+    loaded = eagle.load_head(path, target())
+    assert loaded.config == head.config and loaded.config.draft_vocab == 24
+    np.testing.assert_array_equal(np.asarray(loaded.params["d2t"]), greedy_d2t())
+    assert np.asarray(loaded.params["d2t"]).dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(loaded.params["lm_head"], np.float32),
+                                  np.asarray(jnp.asarray(head.params["lm_head"], jnp.bfloat16), np.float32))
+    result, state = run_state(target(), PROMPTS, CASES["chain"], draft=loaded)
+    assert [tuple(r) for r in result.tokens] == list(greedy_reference())
+    hist = np.asarray(state.accept_hist)
+    assert hist[0] > 0 and hist[2:].sum() > 0, hist
+
+
+def test_reduced_vocabulary_refusals():
+    m = target()
+    d2t = greedy_d2t()
+    head = reduced_head(m, d2t)
+    with pytest.raises(eagle.HeadMismatch, match="lack 'd2t'"):
+        eagle.as_draft(m, head.config, {k: v for k, v in head.params.items() if k != "d2t"})
+    with pytest.raises(eagle.HeadMismatch, match="distinct target ids"):
+        eagle.as_draft(m, head.config, dict(head.params, d2t=jnp.asarray(d2t).at[0].set(99)))
+    with pytest.raises(eagle.HeadMismatch, match="config has draft_vocab=0"):
+        eagle.as_draft(m, greedy_head().config, head.params)
+    with pytest.raises(ValueError, match="draft_vocab must be in"):
+        eagle.config_for(m, draft_vocab=65)
+    small = reduced_head(m, d2t[:2])
+    with pytest.raises(ValueError, match="needs a draft vocabulary of at least"):
+        generate(m, PROMPTS, strategy=CASES["tree-static"], draft=small, max_new_tokens=4)
+    counts = np.array([5, 1, 5, 0, 9])
+    np.testing.assert_array_equal(eagle.reduced_vocab(counts, 3), [0, 2, 4])  # ties to the lower id

@@ -5,6 +5,8 @@
   p - s, then s chain steps on its own output states with the data's tokens), for every p and s.
 - A short run on a tiny target's own answers lowers the loss and raises the head's greedy
   acceptance measured end to end (`Speculative(Eagle())` on held-out prompts).
+- The same with EAGLE-3's reduced draft vocabulary (the most frequent label tokens of the
+  data, `distill.data.token_counts`): the head's own lm_head and d2t map train and decode.
 - Bad recipes are refused.
 """
 
@@ -59,9 +61,15 @@ def test_unrolled_steps_equal_the_decoding_computation():
     assert checked >= 2 * (t - 4)
 
 
-def trainer_for(tmp, steps=100):
+def reduced_vocab_for(size: int):
     target, _ = pair()
-    recipe = distill.EagleRecipe(target.config, eagle.config_for(target), weights=(1.0, 0.8, 0.6))
+    return eagle.reduced_vocab(D.token_counts(teacher_written(), target.config.vocab_size), size)
+
+
+def trainer_for(tmp, steps=100, draft_vocab=None):
+    target, _ = pair()
+    recipe = distill.EagleRecipe(target.config, eagle.config_for(target), weights=(1.0, 0.8, 0.6),
+                                 draft_vocab=draft_vocab)
     trainable, frozen = recipe.init(target.params, jax.random.PRNGKey(0), frozen_dtype=jnp.float32)
     tc = distill.TrainConfig(steps=steps, batch_size=4, accumulate=2, seq_len=SEQ, learning_rate=1e-2, warmup_steps=5,
                              compute_dtype="float32", log_every=10, checkpoint_every=1000)
@@ -86,6 +94,43 @@ def test_training_raises_the_heads_acceptance(tmp_path):
     assert after["tau"] > before["tau"] + 0.1, (before, after)
 
 
+def test_training_with_a_reduced_vocabulary_raises_the_heads_acceptance(tmp_path):
+    """EAGLE-3's reduced vocabulary: the labels' most frequent tokens (token_counts covers every
+    label of the data, and the draft vocabulary keeps the most frequent of them)."""
+    target, _ = pair()
+    counts = D.token_counts(teacher_written(), target.config.vocab_size)
+    labels = int((counts > 0).sum())
+    size = max(labels // 2, 4)
+    d2t = reduced_vocab_for(size)
+    assert counts[d2t].min() >= np.sort(counts)[-size]  # the most frequent labels were kept
+    trainer = trainer_for(tmp_path, steps=50, draft_vocab=d2t)
+    assert trainer.recipe.head.draft_vocab == size
+    before = trainer.evaluate(trainer.params)
+    summary = trainer.run()
+    train = [r for r in distill.trainer.read_jsonl(trainer.metrics_path) if r["kind"] == "train"]
+    assert train[-1]["loss"] < 0.8 * train[0]["loss"]
+    after = summary["eval"]
+    assert after["tau"] > before["tau"] + 0.1, (before, after)
+    head = recipe_mod.drafter(target, trainer.recipe, trainer.params)
+    assert head.params["lm_head"].shape == (target.config.hidden_size, size)
+    np.testing.assert_array_equal(np.asarray(head.params["d2t"]), d2t)
+
+
+def test_token_counts_count_the_labels():
+    target, _ = pair()
+    packed = teacher_written()
+    counts = D.token_counts(packed, target.config.vocab_size)
+    rows = packed[:]
+    tokens, keep = np.asarray(rows["tokens"]), np.asarray(rows["loss_mask"]) > 0
+    assert counts.sum() == keep[:, :-1].sum()
+    want = np.zeros_like(counts)
+    for r in range(tokens.shape[0]):
+        for t in range(tokens.shape[1] - 1):
+            if keep[r, t]:
+                want[tokens[r, t + 1]] += 1
+    np.testing.assert_array_equal(counts, want)
+
+
 def test_bad_recipes_are_refused():
     target, _ = pair()
     cfg = eagle.config_for(target)
@@ -95,3 +140,7 @@ def test_bad_recipes_are_refused():
 
     with pytest.raises(eagle.HeadMismatch, match="does not fit the target"):
         distill.EagleRecipe(target.config, dataclasses.replace(cfg, hidden_size=16))
+    with pytest.raises(ValueError, match="draft_vocab must be distinct target ids"):
+        distill.EagleRecipe(target.config, cfg, draft_vocab=(1, 1, 2))
+    with pytest.raises(ValueError, match="pass the map itself"):
+        distill.EagleRecipe(target.config, dataclasses.replace(cfg, draft_vocab=8))

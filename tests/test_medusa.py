@@ -6,8 +6,9 @@
 - The hidden state the heads read after a run is the target's final-layer state at the token
   before the root, recomputed from scratch over the committed context (the hand-over from
   verification picks the right node in every row, accepted or rejected).
-- Sampled chains (q = a head's processed distribution) and static trees (one-hot siblings)
-  follow the target's law (chi-square over every 4-token continuation).
+- Sampled chains (q = a head's processed distribution), static trees (one-hot siblings, or
+  siblings drawn without replacement, shared by every parent of a depth) and dynamic trees with
+  sampled siblings follow the target's law (chi-square over every 4-token continuation).
 - Zero-initialised heads repeat the target's next-token logits (Medusa's init).
 - Save / load round trip in bf16; heads for another hidden size or another target, a missing
   draft and a too-deep shape are refused with clear errors.
@@ -106,10 +107,15 @@ SAMPLING = Sampling(temperature=0.8, top_k=4)
 ALPHA = 1e-3
 
 
-@pytest.mark.parametrize("case", ["chain", "tree-static"])
+@pytest.mark.parametrize("case", ["chain", "tree-static", "tree-static-sampled-siblings",
+                                  "tree-dynamic-sampled-siblings"])
 def test_sampled_follows_the_target(case):
     strategy = {"chain": Speculative(medusa.Medusa(), gamma=2),
-                "tree-static": TreeDecoding(medusa.Medusa(), tree=TreeTopology.from_branching((2, 2)))}[case]
+                "tree-static": TreeDecoding(medusa.Medusa(), tree=TreeTopology.from_branching((2, 2))),
+                "tree-static-sampled-siblings": TreeDecoding(medusa.Medusa(sampled_siblings=True),
+                                                             tree=TreeTopology.from_branching((3, 2))),
+                "tree-dynamic-sampled-siblings": TreeDecoding(medusa.Medusa(sampled_siblings=True),
+                                                              tree=DynamicTree(depth=2, top_k=3, total_tokens=6))}[case]
     model = small_v_target()
     result, state = run_state(model, [SMALL_V_PROMPT] * SAMPLE_N, strategy, draft=heads_for(model, 7, 0.5),
                               sampling=SAMPLING, max_new_tokens=SAMPLE_K, eos=(), seed=SAMPLE_SEED)
@@ -119,6 +125,9 @@ def test_sampled_follows_the_target(case):
     assert res["p"] > ALPHA, f"{case}: output law differs from the target's: {res}"
     hist = np.asarray(state.accept_hist)
     assert hist[0] > 0 and hist[1:].sum() > 0, hist
+    if "sampled-siblings" in case:  # later siblings were accepted at both depths
+        ranks = np.asarray(state.rank_hist)
+        assert ranks[0, 1:].sum() > 0 and ranks[1, 1:].sum() > 0, ranks
 
 
 # ------------------------------------------------------------------------------------------

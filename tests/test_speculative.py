@@ -160,12 +160,19 @@ SAMPLINGS = {
 }
 
 # Chains draft by sampling the draft's processed distribution (stochastic q); trees use the
-# draft's top-k (one-hot siblings); prompt lookup proposes copies (one-hot).
+# draft's top-k (one-hot siblings) or, with sampled_siblings, distinct siblings drawn without
+# replacement (recursive rejection); prompt lookup proposes copies (one-hot). The dynamic case
+# fails (p ~ 1e-17) if the search lets a draw's own q(x) decide whether it is kept.
 SAMPLED_CASES = {
     "ar": (Autoregressive(), False),
     "chain-draftmodel": (Speculative(DraftModel(), gamma=2), True),
     "tree-static": (TreeDecoding(DraftModel(), tree=TreeTopology.from_branching((2, 2))), True),
+    # ranks with gaps: the j-th present sibling must get the j-th draw
+    "tree-static-sampled-siblings": (TreeDecoding(DraftModel(sampled_siblings=True), tree=TreeTopology(
+        ((0,), (1,), (3,), (0, 0), (0, 2), (1, 0)))), True),
     "tree-dynamic": (TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)), True),
+    "tree-dynamic-sampled-siblings": (TreeDecoding(DraftModel(sampled_siblings=True),
+                                                   tree=DynamicTree(depth=3, top_k=3, total_tokens=7)), True),
     "chain-promptlookup": (Speculative(PromptLookup(), gamma=3), False),
 }
 
@@ -199,6 +206,9 @@ def test_sampled_lossless(case, sampling):
     if case != "ar":  # the verification paths were exercised: some rounds accept, some reject
         hist = np.asarray(state.accept_hist)
         assert hist[0] > 0 and hist[1:].sum() > 0, hist
+    if "sampled-siblings" in case:  # later siblings were accepted at both depths
+        ranks = np.asarray(state.rank_hist)
+        assert ranks[0, 1:].sum() > 0 and ranks[1, 1:].sum() > 0, ranks
 
 
 def test_lenience_one_is_the_default():

@@ -6,6 +6,10 @@
   `accept_greedy`; with real distributions the committed tokens must follow the target
   distribution exactly (chi-square, hand-made p and q), a bogus q must fail that same test, and
   lenience < 1 must follow its own (lossy) formula.
+- Siblings drawn without replacement (`sibling_round`): the law of the emitted token, computed
+  exactly by enumerating every ordered draw of 2-4 distinct siblings, equals the target's,
+  while SpecInfer's fixed-q rule applied to the same draws does not; on a two-level tree of
+  Gumbel-top-k siblings the first two committed tokens follow the target (chi-square).
 - After `TreeDecoding`, the target cache at the committed slots equals a fresh prefill of the
   committed tokens (the accepted path was gathered into place by `KVCache.gather`).
 """
@@ -19,7 +23,7 @@ import numpy as np
 import pytest
 
 from decoding import Greedy, TreeDecoding
-from decoding.tree import Accepted, TreeBatch, accept_greedy, accept_sampled
+from decoding.tree import Accepted, TreeBatch, accept_greedy, accept_sampled, sibling_round
 from drafting import DraftModel, DynamicTree, LayerSkip, TreeTopology, chain_batch, topology_batch
 from spec_common import (DRAFTS, PROMPTS, chi_square, committed_kv_error, eos_id, fresh_cache, reference_with_eos,
                          run_state, target)
@@ -240,6 +244,114 @@ def test_accept_sampled_one_hot_siblings_follow_target(branching, tokens):
     res = chi_square(observed, np.array(list(law.values())))
     assert res["p"] > ALPHA, res
     assert nn.max() == topo.max_depth  # the deepest acceptance is exercised
+
+
+# ------------------------------------------------------------------------------------------
+# Siblings drawn without replacement (recursive rejection sampling)
+# ------------------------------------------------------------------------------------------
+
+
+def _ordered_draws(q: np.ndarray, k: int):
+    """Every ordered k-tuple of distinct tokens drawn without replacement from q, with its probability."""
+    def rec(prefix, left, prob):
+        if len(prefix) == k:
+            yield tuple(prefix), prob
+            return
+        z = left.sum()
+        for x in np.nonzero(left > 0)[0]:
+            nxt = left.copy()
+            nxt[x] = 0.0
+            yield from rec(prefix + [int(x)], nxt, prob * left[x] / z)
+
+    yield from rec([], q.astype(np.float64), 1.0)
+
+
+def _emitted_law(p: np.ndarray, q: np.ndarray, k: int, update_q: bool) -> np.ndarray:
+    """Exact law of the token emitted at a node with k siblings drawn without replacement from q:
+    sum over draws of P(draw) * (accepted sibling, or the final residual)."""
+    out = np.zeros_like(p, dtype=np.float64)
+    for draw, w in _ordered_draws(q, k):
+        probs, qq, mass = jnp.asarray(p[None], jnp.float32), jnp.asarray(q[None], jnp.float32), w
+        for x in draw:
+            a, resid, q_next = sibling_round(probs, qq, jnp.asarray([x], jnp.int32))
+            a = float(a[0])
+            out[x] += mass * a
+            mass *= 1.0 - a
+            probs = resid
+            if update_q:
+                qq = q_next
+        out += mass * np.asarray(probs[0], np.float64)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sibling_round_without_replacement_is_exact(k, seed):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(V5) * 0.7)
+    q = rng.dirichlet(np.ones(V5) * 0.7)
+    p[seed % V5] = 0.0  # a token the target forbids must never be emitted
+    p /= p.sum()
+    law = _emitted_law(p, q, k, update_q=True)
+    np.testing.assert_allclose(law, p, atol=2e-6)
+    # SpecInfer's rule (q kept fixed) applied to the same draws is not the target's law
+    wrong = _emitted_law(p, q, k, update_q=False)
+    assert np.abs(wrong - p).sum() > 1e-2, (wrong, p)
+
+
+def test_sibling_round_one_hot_is_the_without_replacement_rule_with_a_point_mass():
+    rng = np.random.default_rng(7)
+    p = jnp.asarray(rng.dirichlet(np.ones(V5))[None], jnp.float32)
+    x = jnp.asarray([3], jnp.int32)
+    a1, r1, _ = sibling_round(p, None, x)
+    a2, r2, _ = sibling_round(p, jax.nn.one_hot(x, V5), x)
+    np.testing.assert_allclose(a1, a2, atol=1e-7)
+    np.testing.assert_allclose(r1, r2, atol=1e-7)
+
+
+def _gumbel_siblings(key, q_lp: jax.Array, k: int) -> jax.Array:
+    """k distinct tokens per row drawn without replacement from exp(q_lp) (Gumbel-top-k)."""
+    return jax.lax.top_k(q_lp + jax.random.gumbel(key, q_lp.shape), k)[1].astype(jnp.int32)
+
+
+def test_accept_sampled_siblings_without_replacement_follow_target():
+    """A (3, 2) tree of siblings sampled without replacement; the target's distribution at a
+    node depends only on the node's token (D[t], P0 at the root), so the first committed
+    token must follow P0 and, where it was an accepted node, the next one D[x1], whatever the tree."""
+    topo = TreeTopology.from_branching((3, 2))
+    n, b = topo.num_nodes, N_UNIT
+    rng = np.random.default_rng(11)
+    d = rng.dirichlet(np.ones(V5) * 0.8, size=V5)  # target after token t
+    qd = 0.5 * d + 0.5 * rng.dirichlet(np.ones(V5), size=V5)  # draft after token t
+    q0 = 0.5 * P0 + 0.5 * Q
+    k1, k2 = jax.random.split(jax.random.PRNGKey(8))
+    first, count = topo.levels[0]
+    lvl1 = _gumbel_siblings(k1, jnp.broadcast_to(jnp.log(jnp.asarray(q0, jnp.float32)), (b, V5)), 3)
+    tokens = jnp.zeros((b, n), jnp.int32).at[:, first : first + count].set(lvl1)
+    q_nodes = jnp.zeros((b, n, V5), jnp.float32).at[:, 0].set(jnp.log(jnp.asarray(q0, jnp.float32)))
+    qd_lp = jnp.log(jnp.asarray(qd, jnp.float32))
+    nf, nc = topo.levels[1]
+    for i in range(first, first + count):
+        q_nodes = q_nodes.at[:, i].set(qd_lp[tokens[:, i]])
+        kids = [c for c in range(nf, nf + nc) if topo.parents[c] == i]
+        draw = _gumbel_siblings(jax.random.fold_in(k2, i), q_nodes[:, i], len(kids))
+        tokens = tokens.at[:, np.array(kids)].set(draw)
+    tree = topology_batch(topo, tokens, q_logprobs=q_nodes)
+    target = jnp.concatenate([jnp.broadcast_to(jnp.log(jnp.asarray(P0, jnp.float32)), (b, 1, V5)),
+                              jnp.log(jnp.asarray(d, jnp.float32))[tokens[:, 1:]]], axis=1)
+    acc = _accept_sampled(tree, target, jax.random.PRNGKey(9), topo.max_depth, 1.0)
+    toks, nn = np.asarray(acc.tokens(tree)), np.asarray(acc.n)
+    assert (nn == 2).any() and (nn == 0).any() and (nn == 1).any()
+    accepted_second = np.asarray(acc.path)[:, 1]
+    ranks = topo.rank[accepted_second[nn >= 1]]
+    assert (ranks >= 1).any(), "no second sibling was ever accepted: the multi-sibling rule was not exercised"
+    res = chi_square(toks[:, 0], P0)
+    assert res["impossible"] == 0 and res["p"] > ALPHA, res
+    for t in range(V5):  # after an accepted first token t, the next token follows D[t]
+        rows = (nn >= 1) & (toks[:, 0] == t)
+        if rows.sum() >= 500:
+            res = chi_square(toks[rows, 1], d[t])
+            assert res["impossible"] == 0 and res["p"] > ALPHA / V5, (t, res)
 
 
 # ------------------------------------------------------------------------------------------
