@@ -24,6 +24,10 @@
 #              $HEAD_MINUTES (default 5) minutes each on stored ShareGPT + GSM8K-train answers, tuned
 #              on the held-out tuning split, then Spec-Bench reference16 at batch 1; resumable:
 #              run it again until it says done                                 (~15, two commands)
+#   ht         hidden transfer (experiments.hidden_transfer; rows $HT_ROWS, default maps at layer 14 for
+#              4 positions and Medusa heads at the same budget) trained $HT_MINUTES (default 5)
+#              minutes each on stored answers, tuned, then Spec-Bench reference16 at batch 1 (needs
+#              ../shared/data linked to the data, docs/gpu.md); resumable            (~20, three commands)
 #   graphs     autoregressive speed, 1.5B and 0.5B, batch 1 and 8, with and without the decode
 #              loop as a CUDA graph (decoding.Options(command_buffers="while")), same process (~6)
 #   graphs_b1  Spec-Bench reference16, batch 1: ar and spec, each with and without the decode loop
@@ -126,6 +130,11 @@ case $stage in
       --accumulate 4 --steps 100000 --warmup 30 --max-minutes "${HEAD_MINUTES:-5}" --eval-every -1 \
       --gammas 4 --trees 6x8x48 --tune-prompts 16 --eval-batch 8 --specbench-batch 1 \
       --specbench-subset reference16 --questions "$Q" --no-progress ;;
+  ht)
+    timeout "$limit" python3 -m experiments.hidden_transfer --out "$dir" --rows "${HT_ROWS:-ht:layer=14:k=4,medusa:k=4}" \
+      --stored-answers --limit-per-source 3000 --train-conversations 0 --steps 100000 \
+      --max-minutes "${HT_MINUTES:-5}" --eval-every 0 --shapes g3,4-2-2 --tune-prompts 16 --specbench-batch 1 \
+      --specbench-subset reference16 --no-progress ;;
   graphs)
     for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
       [ -f "$dir/$m.json" ] || timeout $((limit / 2)) python3 -m experiments.bench_autoregressive --models $m \
