@@ -152,8 +152,8 @@ def _kernel(lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref
         else:
             vis = live & (mask_ref[...].astype(jnp.float32) > 0.5)
         scores = jnp.where(vis, scores, -jnp.inf)
-        m_prev = m_ref[:, :1]  # [Mp, 1]
-        l_prev = l_ref[:, :1]
+        m_prev = m_ref[...][:, :1]  # [Mp, 1]: whole-vreg loads, then a lane slice of the value
+        l_prev = l_ref[...][:, :1]
         m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp(m_prev - m_safe)
@@ -169,7 +169,7 @@ def _kernel(lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref
 
     @pl.when(j == num_blocks - 1)
     def _finish():
-        l_sum = l_ref[:, :1]
+        l_sum = l_ref[...][:, :1]
         out = jnp.where(l_sum > 0, acc_ref[...] / jnp.where(l_sum > 0, l_sum, 1.0), 0.0)
         o_ref[...] = out.astype(o_ref.dtype)
 
