@@ -20,37 +20,39 @@ per kv head and multiplied on the MXU. Choices the papers leave open, and those 
 * Grid (B, K, NB): batch rows and kv heads "parallel", the slot blocks last and "arbitrary"
   (sequential on one core), the running max, sum and unnormalised output living in VMEM
   scratch across them. FlashDecoding's split of the slot axis over several cores is not used:
-  a TPU chip has one or two TensorCores, which the B * K parallel programs already fill, so
-  there are no partials to combine.
+  a TPU chip has one or two TensorCores, which B * K >= 2 parallel programs fill (batch 1 of
+  the Llama family has K >= 2), so there are no partials to combine.
 * Only the live span is read. The bounds (`lo`, `hi`: int32[B]) and the prefix lengths are
   scalar-prefetched into SMEM (`PrefetchScalarGridSpec`), so the key/value index maps clamp
   the block index into [lo // BS, (hi - 1) // BS]: past the live span the pipeline sees the
-  same block index again and issues no copy, and `pl.when` skips the compute. A half-empty
-  cache costs half.
+  same block index again and issues no copy, and `pl.when` skips the compute: the bytes read
+  follow the live span, not the capacity.
 * Tiling: blocks are (Mp, Dh) of q, (BS, Dh) of k and v, with BS a multiple of 128 (or all
   of S when S is smaller), so the scores (Mp, BS) fill whole (8, 128) vregs and Dh is the full
   last dimension. The running max and sum are kept as (Mp, 128) lane-replicated scratch, the
-  layout Mosaic handles without relayouts.
+  layout of jax's own Pallas TPU flash attention.
 * Prefix form (`attention_tpu_prefix`, what a decode or verification step needs): slots
   `< lengths[b]` are visible to every query and the T new slots `lengths[b] + j` to query t
   iff `block_mask[b, t, j]` (default causal), the rule `decoding.numerics.attention_mask`
   applies without a slot mask. No [B, T, S] mask exists: the block mask, one row per query
   row (Mp, Tp), is read once per program, and a block's visibility of the new slots is the
   0/1 matrix product `rows (Mp, Tp) @ onehot(slot - lengths[b]) (Tp, BS)` (exact: at most one
-  term is 1), a gather-free form that runs on the MXU. The new slots need not align to a block.
+  term is 1), a gather-free form that runs on the MXU, computed only in the blocks
+  that hold new slots (`lax.cond`). The new slots need not align to a block.
 * Mask form (`attention_tpu`): an explicit `visible: bool[B, T, S]`, expanded outside the
   kernel to one bfloat16 row per query row ([B, Mp, S], shared by the kv heads), read in
   (Mp, BS) blocks over the span between the first and last slot any query of the row sees.
-  It costs B * Mp * S * 2 bytes more than the prefix form; decoding uses the prefix form.
+  It reads B * Mp * S * 2 bytes more than the prefix form. The model's layers call this form
+  (they hold the [B, T, S] mask `decoding.llama.prepare` builds), as they do the Triton one.
 * Slots past S in the last block, slots outside the live span and rows past M are masked
   before the softmax, and those slots' value rows zeroed before the product, so padding and
   stale cache entries (even NaN) never reach the output (the reference, which multiplies
   every slot's value by its probability, would pass a NaN through; the cache holds none).
 * `layer=i` (or a pair) reads layer i of stacked [L, B, K, S, Dh] keys and values in place,
   as the GPU kernel does (the index map picks the layer; nothing is sliced out first).
-* Not carried over from the GPU kernel: FlashDecoding++'s unified max (the exact online max
-  costs one rescale per block, which the VPU hides behind the block's copy).
-
+* Not carried over from the GPU kernel: FlashDecoding++'s unified max, whose gain is not
+  synchronising the partials of split programs; with no split there is less to gain, and
+  nothing has been measured on a TPU to say otherwise.
 * Export for TPU from a host without one: `sign` (which integer `//` lowers through) and the
   tiling check of rank-1 blocks ask the attached TPU about itself while lowering, so the kernel
   divides with `lax.div` and every block has rank 2 or more.
@@ -117,7 +119,7 @@ def block_to_read(j, lo, hi, block_s: int):
 
 
 def _kernel(lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref, l_ref, acc_ref, *, form,
-            block_s, num_blocks, s_len, tp, scale, interpret):
+            block_s, num_blocks, s_len, t, tp, scale, interpret):
     """One program: kv head kh of batch row b, slot block j.
 
     lo_ref, hi_ref, len_ref: int32[B] in SMEM (live span, prefix lengths); q_ref: [Mp, Dh];
@@ -145,10 +147,15 @@ def _kernel(lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref
         scores = _dot(q_ref[...], k_ref[...], ((1,), (1,)), interpret) * scale  # [Mp, BS]
         if form == "prefix":
             length = len_ref[b]
-            jj = lax.broadcasted_iota(jnp.int32, (tp, block_s), 0)
-            onehot = (slot - length == jj).astype(mask_ref.dtype)  # [Tp, BS]
-            new_seen = _dot(mask_ref[...], onehot, ((1,), (0,)), interpret) > 0.5  # [Mp, BS]
-            vis = live & ((slot < length) | new_seen)
+
+            def new_slots():
+                jj = lax.broadcasted_iota(jnp.int32, (tp, block_s), 0)
+                onehot = (slot - length == jj).astype(mask_ref.dtype)  # [Tp, BS]
+                return _dot(mask_ref[...], onehot, ((1,), (0,)), interpret)  # [Mp, BS], 0 or 1
+
+            touches_new = (s0 + block_s > length) & (s0 < length + t)  # only blocks holding new slots
+            new_seen = lax.cond(touches_new, new_slots, lambda: jnp.zeros((m_rows, block_s), jnp.float32))
+            vis = live & ((slot < length) | (new_seen > 0.5))
         else:
             vis = live & (mask_ref[...].astype(jnp.float32) > 0.5)
         scores = jnp.where(vis, scores, -jnp.inf)
@@ -218,7 +225,7 @@ def _launch(form, q, k, v, lo, hi, lengths, mask_rows, *, layer, scale, block_s,
         mask_spec = pl.BlockSpec((None, m_pad, block_s), lambda bi, ki, ji, *s: (bi, 0, kv_block(bi, ki, ji, *s)))
     row_spec = pl.BlockSpec((None, None, m_pad, dh), lambda bi, ki, ji, *s: (bi, ki, 0, 0))
     kernel = functools.partial(_kernel, form=form, block_s=block_s, num_blocks=num_blocks, s_len=s_len,
-                               tp=mask_rows.shape[2], scale=float(scale), interpret=interpret)
+                               t=t, tp=mask_rows.shape[2], scale=float(scale), interpret=interpret)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
