@@ -247,7 +247,13 @@ def test_tpu_kernel_lowers_for_tpu_without_a_tpu(h, kh, dh):
             assert exported.platforms == ("tpu",)
             text = exported.mlir_module()
             assert text.count("stablehlo.custom_call @tpu_custom_call") == 1, (name, t)
-            assert f"decode_attention_tpu_{name}" in text, (name, t)
+            (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @tpu_custom_call" in line]
+            assert f'kernel_name = "decode_attention_tpu_{name}"' in call, (name, t)
+            operands = call.rsplit(" : (", 1)[1].split(") -> ")[0]
+            # three int32[B] scalar-prefetch operands (lo, hi, lengths) lead; the kv buffer is
+            # passed whole as k and as v (read in place, nothing sliced out first)
+            assert operands.startswith(f"tensor<{b}xi32>, " * 3), operands
+            assert operands.count(f"tensor<2x{b}x{kh}x{s}x{dh}xbf16>") == 2, operands
             out = exported.out_avals[0]
             assert out.shape == (b, t, h, dh) and out.dtype == jnp.bfloat16
 
