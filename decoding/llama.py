@@ -27,6 +27,7 @@ from .architecture import Architecture, register
 from .cache import write
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .kernels.attention import attention_pallas, attention_reference
+from .kernels.attention_tpu import attention_tpu
 from .loading.convert import NameMap, Rule
 from .numerics import attention_mask, f32_einsum, rms_norm, split_parts
 from .options import Options
@@ -154,6 +155,8 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
     kv = write(kv, k, v, cursor)
     if use_kernel(options, i, dh):  # reads kv[0], kv[1] where they lie
         def attend(q, kv, visible):
+            if jax.default_backend() == "tpu":  # the Mosaic variant (decoding.kernels.attention_tpu)
+                return attention_tpu(q, kv, kv, visible, layer=(0, 1))
             return attention_pallas(q, kv, kv, visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
 
         if options.layout is None:

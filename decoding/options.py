@@ -12,7 +12,8 @@ at run time.
 Fields:
   attention: "xla" (the jnp reference, `decoding.attention.reference`) or "pallas"
       (`decoding.kernels.attention`; where the layer index is static and the head dim a power
-      of two, else the reference; interpreted off GPUs, for tests).
+      of two, else the reference; the Mosaic variant `decoding.kernels.attention_tpu` on TPUs,
+      the Triton kernel on GPUs, the Triton kernel interpreted elsewhere, for tests).
   unroll_layers: True unrolls the layer loop into straight-line code (no per-layer loop
       predicate on GPUs), False runs it as one `lax.scan` (fast compiles on CPU); None picks
       by backend (`resolved()`).

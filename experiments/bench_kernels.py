@@ -13,6 +13,11 @@ after warm-up calls that compile. Variants:
   pallas_mask     the kernel on the same mask
   pallas_prefix   the kernel on lengths + block mask (no [B, T, S] mask read)
   pallas_unified  pallas_prefix with FlashDecoding++'s unified max (phi = --phi)
+  tpu_mask        the TPU (Mosaic) kernel on the mask (decoding.kernels.attention_tpu)
+  tpu_prefix      the TPU kernel on lengths + block mask
+
+The default variants follow the backend: the Triton ones on GPUs, the TPU ones on TPUs (with
+`--tpu-block-s` slots per block, a multiple of 128); `--variants` overrides.
 
 Correctness: ||out - exact|| / ||exact|| where `exact` is the reference on float32 copies of
 the inputs. The floor is the bytes a kernel must move (live keys and values, queries, output)
@@ -20,6 +25,7 @@ over the copy bandwidth measured here (a large device-to-device copy, bytes read
 
     python -m experiments.bench_kernels --out experiments/results/kernels
     python -m experiments.bench_kernels --interpret --tiny --out /tmp/kernels   # CPU smoke test
+    python -m experiments.bench_kernels --out experiments/results/kernels_tpu   # on a TPU host
 """
 
 from __future__ import annotations
@@ -34,13 +40,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.kernels import attention_pallas, attention_pallas_prefix, attention_reference, prefix_visible
+from decoding.kernels import (
+    attention_pallas,
+    attention_pallas_prefix,
+    attention_reference,
+    attention_tpu,
+    attention_tpu_prefix,
+    prefix_visible,
+)
 from drafting.shapes import ancestor_mask
 
 from . import environment
 
 MODELS = {"qwen2.5-1.5b": dict(h=12, kh=2, dh=128), "qwen2.5-0.5b": dict(h=14, kh=2, dh=64)}
 VARIANTS = ("reference", "pallas_mask", "pallas_prefix", "pallas_unified")
+TPU_VARIANTS = ("reference", "tpu_mask", "tpu_prefix")
 
 
 def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
@@ -76,7 +90,7 @@ def make_case(key, model: dict, b: int, t: int, s: int, layers: int, fill: float
     return q, k, v, lengths, block_mask, visible
 
 
-def variant_fn(name: str, *, interpret: bool, phi: float, block_s: int, num_splits):
+def variant_fn(name: str, *, interpret: bool, phi: float, block_s: int, num_splits, tpu_block_s: int = 512):
     """fn(q, k_all, v_all, layer, lengths, block_mask, visible) -> [B, T, H, Dh] for layer `layer`
     (a Python int) of the stacked caches k_all, v_all: [L, B, K, S, Dh]. The reference slices the
     layer out, as `decoding.model` does; the kernel reads it in place (`layer=`)."""
@@ -91,7 +105,13 @@ def variant_fn(name: str, *, interpret: bool, phi: float, block_s: int, num_spli
     if name == "pallas_unified":
         return lambda q, k, v, i, lengths, block_mask, visible: attention_pallas_prefix(
             q, k, v, lengths, block_mask, layer=i, unified_max=phi, **kw)
-    raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}.")
+    tpu_kw = dict(interpret=interpret, block_s=tpu_block_s)
+    if name == "tpu_mask":
+        return lambda q, k, v, i, lengths, block_mask, visible: attention_tpu(q, k, v, visible, layer=i, **tpu_kw)
+    if name == "tpu_prefix":
+        return lambda q, k, v, i, lengths, block_mask, visible: attention_tpu_prefix(
+            q, k, v, lengths, block_mask, layer=i, **tpu_kw)
+    raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS + TPU_VARIANTS[1:]}.")
 
 
 def one_layer(fn):
@@ -160,7 +180,7 @@ def run(args, on_case=None) -> tuple[list[dict], float | None]:
                     ref_us = None
                     for name in args.variants:
                         fn = variant_fn(name, interpret=args.interpret, phi=args.phi, block_s=args.block_s,
-                                        num_splits=args.num_splits)
+                                        num_splits=args.num_splits, tpu_block_s=args.tpu_block_s)
                         row = dict(model=model_name, B=b, T=t, S=s, H=model["h"], K=model["kh"], Dh=model["dh"],
                                    variant=name, dtype=args.dtype, mean_length=float(np.mean(np.asarray(lengths))))
                         try:
@@ -189,7 +209,7 @@ def run(args, on_case=None) -> tuple[list[dict], float | None]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "# Decode/verification attention: Pallas kernel vs jnp reference",
+        "# Decode/verification attention: Pallas kernels vs jnp reference",
         "",
         f"Device: {meta['environment'].get('device', {})}; dtype {meta['args']['dtype']}; "
         f"{meta['args']['layers']} layer buffers per call; median of {meta['args']['reps']} calls; "
@@ -221,12 +241,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=ints, default=[1, 8])
     p.add_argument("--tokens", type=ints, default=[1, 5, 61])
     p.add_argument("--capacities", type=ints, default=[512, 2048])
-    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    p.add_argument("--variants", type=lambda s: s.split(","), default=None,
+                   help="default: the Triton variants, or the TPU ones on a TPU backend")
     p.add_argument("--layers", type=int, default=8, help="distinct cache buffers per timed call")
     p.add_argument("--fill", type=float, default=1.0, help="committed fraction of the capacity")
     p.add_argument("--phi", type=float, default=0.0, help="unified max for pallas_unified")
     p.add_argument("--block-s", type=int, default=64)
     p.add_argument("--num-splits", type=int, default=None)
+    p.add_argument("--tpu-block-s", type=int, default=512, help="slots per block of the TPU kernel")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
@@ -234,9 +256,11 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke test")
     p.add_argument("--out", default="experiments/results/kernels", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = list(TPU_VARIANTS if jax.default_backend() == "tpu" else VARIANTS)
     if args.tiny:
         args.batch_sizes, args.tokens, args.capacities = [2], [5], [70]
-        args.layers, args.reps, args.block_s = 2, 2, 16
+        args.layers, args.reps, args.block_s, args.tpu_block_s = 2, 2, 16, 128
         args.models = args.models[:1]
     return args
 

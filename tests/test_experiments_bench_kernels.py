@@ -36,3 +36,19 @@ def test_benchmark_keeps_the_cases_it_measured_when_stopped(tmp_path, monkeypatc
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["meta"]["complete"] is True and len(saved["rows"]) == 2
     assert "Incomplete" not in out.with_suffix(".md").read_text()
+
+
+def test_benchmark_runs_the_tpu_variants_interpreted(tmp_path):
+    """The TPU kernel's variants build, agree with float32 attention and are timed (here in the
+    interpreter, on a cache of two 128-slot blocks)."""
+    import json
+
+    from experiments import bench_kernels
+
+    out = tmp_path / "kernels_tpu"
+    bench_kernels.main(["--interpret", "--models", "qwen2.5-0.5b", "--batch-sizes", "2", "--tokens", "5",
+                        "--capacities", "200", "--layers", "1", "--reps", "1", "--tpu-block-s", "128",
+                        "--variants", "reference,tpu_mask,tpu_prefix", "--dtype", "float32", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["reference", "tpu_mask", "tpu_prefix"]
+    assert all(r["ok"] and "error" not in r and r["us_per_layer"] > 0 for r in rows), rows

@@ -2,7 +2,8 @@
 
 `attention`: grouped-query attention for decoding and verification (T new query tokens
 against a long cache), with FlashDecoding++'s unified-max softmax as an option; see
-`decoding.kernels.attention`.
+`decoding.kernels.attention`; its TPU (Mosaic) variant is `decoding.kernels.attention_tpu`, which
+the dispatcher picks on TPUs.
 """
 
 from .attention import (
@@ -13,8 +14,9 @@ from .attention import (
     attention_reference,
     prefix_visible,
 )
+from .attention_tpu import attention_tpu, attention_tpu_prefix
 
 __all__ = [
     "UNIFIED_MAX_MARGIN", "attention", "attention_pallas", "attention_pallas_prefix", "attention_reference",
-    "prefix_visible",
+    "attention_tpu", "attention_tpu_prefix", "prefix_visible",
 ]

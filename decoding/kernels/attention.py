@@ -49,8 +49,11 @@ step. Choices the papers leave open:
 * Rows are padded to powers of two of at least 16 (Triton's tensor shapes and its matrix
   product's minimum); the head dim must be a power of two (64 and 128 in the Llama family).
 
+TPU: `decoding.kernels.attention_tpu` holds the Mosaic variant (same signatures, minus the
+unified max and the Triton tuning knobs); `attention` picks it when the backend is a TPU.
+
 Public: `attention` (dispatcher), `attention_reference`, `attention_pallas`,
-`attention_pallas_prefix`, `prefix_visible`, `UNIFIED_MAX_MARGIN`.
+`attention_pallas_prefix`, `prefix_visible`, `UNIFIED_MAX_MARGIN`, `IMPLS`.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..numerics import attention_mask, f32_einsum
+from .attention_tpu import attention_tpu, attention_tpu_prefix
 
 UNIFIED_MAX_MARGIN = 40.0
 """A split falls back to the exact softmax when a row's largest score is this far from phi:
@@ -420,8 +424,17 @@ def attention_pallas_prefix(q: jax.Array, k: jax.Array, v: jax.Array, lengths: j
 
 
 def _pallas_supported(q: jax.Array) -> bool:
+    """Whether "auto" takes a kernel: the Triton one on GPUs (a power-of-two head dim >= 16),
+    the Mosaic one on TPUs (a head dim that is a multiple of 64, whole sublane tiles for the
+    MXU); never elsewhere."""
     dh = q.shape[-1]
-    return jax.default_backend() == "gpu" and dh >= 16 and not dh & (dh - 1)
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return dh >= 16 and not dh & (dh - 1)
+    return backend == "tpu" and dh % 64 == 0
+
+
+IMPLS = ("auto", "reference", "pallas", "pallas_tpu")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | None = None, *,
@@ -432,20 +445,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | Non
     `visible: bool[B, T, S]` or by the prefix rule (`lengths: int32[B]`, `block_mask: bool[B, T, T]`
     or None for causal).
 
-    impl: "reference" (jnp), "pallas" (the kernel; `interpret=True` runs it anywhere) or "auto"
-    (the kernel on GPUs when the head dim allows, the reference elsewhere). `unified_max`
-    applies to the kernel only (the reference is exact). `layer` (a static int, or a pair of
-    them): k, v are stacks [L, B, K, S, Dh] and k[layer], v[layer] are attended to (a pair
-    (i, j): k[i], v[j]).
+    impl: "reference" (jnp), "pallas" (the backend's kernel: Mosaic on TPUs,
+    `decoding.kernels.attention_tpu`, Triton elsewhere; `interpret=True` runs it anywhere),
+    "pallas_tpu" (the Mosaic kernel whatever the backend, for interpret-mode runs off TPUs) or
+    "auto" (the kernel on GPUs and TPUs when the head dim allows, the reference elsewhere).
+    `unified_max` applies to the Triton kernel only (the reference and the Mosaic kernel are
+    exact). `layer` (a static int, or a pair of them): k, v are stacks [L, B, K, S, Dh] and
+    k[layer], v[layer] are attended to (a pair (i, j): k[i], v[j]).
     """
     if (visible is None) == (lengths is None):
         raise ValueError("give exactly one of `visible` (bool[B, T, S]) or `lengths` (int32[B], with an "
                          "optional `block_mask`).")
     if visible is not None and block_mask is not None:
         raise ValueError("`block_mask` goes with `lengths`; fold it into `visible` instead.")
-    if impl not in ("auto", "reference", "pallas"):
-        raise ValueError(f"impl must be 'auto', 'reference' or 'pallas', got {impl!r}.")
-    use_pallas = impl == "pallas" or (impl == "auto" and _pallas_supported(q))
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    use_pallas = impl in ("pallas", "pallas_tpu") or (impl == "auto" and _pallas_supported(q))
     if not use_pallas:
         if layer is not None:
             i, j = _layer_pair(layer)
@@ -453,6 +468,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | Non
         if visible is None:
             visible = prefix_visible(lengths, block_mask, q.shape[1], k.shape[2])
         return attention_reference(q, k, v, visible, scale=scale)
+    if impl == "pallas_tpu" or jax.default_backend() == "tpu":
+        kw = dict(scale=scale, layer=layer, interpret=interpret)
+        if visible is None:
+            return attention_tpu_prefix(q, k, v, lengths, block_mask, **kw)
+        return attention_tpu(q, k, v, visible, **kw)
     kw = dict(scale=scale, unified_max=unified_max, layer=layer, interpret=interpret)
     if visible is None:
         return attention_pallas_prefix(q, k, v, lengths, block_mask, **kw)
