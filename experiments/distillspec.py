@@ -146,6 +146,27 @@ def build_data(args, teacher, out: Path):
 # --------------------------------------------------------------------------------------------
 
 
+def train_config(args, learning_rate: float | None = None):
+    """The `distill.TrainConfig` of a drafter-training experiment's flags (`add_run_arguments`)."""
+    import distill
+
+    return distill.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
+                               seq_len=args.seq_len, learning_rate=args.lr if learning_rate is None else learning_rate,
+                               warmup_steps=args.warmup, compute_dtype="float32" if args.toy else "bfloat16",
+                               seed=args.seed, log_every=args.log_every, eval_every=max(args.eval_every, 0),
+                               checkpoint_every=args.checkpoint_every)
+
+
+def training_minutes(row_dir: Path, summary: dict) -> float:
+    """Append this session's training time to <row_dir>/sessions.jsonl and return the minutes
+    of every session so far (the training cost of a run resumed over several sessions)."""
+    from distill.trainer import read_jsonl
+
+    with (row_dir / "sessions.jsonl").open("a") as f:
+        f.write(json.dumps({"session_s": summary["session_s"], "steps": summary["session_steps"]}) + "\n")
+    return sum(m["session_s"] for m in read_jsonl(row_dir / "sessions.jsonl")) / 60.0
+
+
 def train_row(args, row: Row, teacher, student, packed, heldout, out: Path) -> dict:
     """Train (or resume) the row's student; returns the training record (cost included)."""
     import jax
@@ -159,11 +180,7 @@ def train_row(args, row: Row, teacher, student, packed, heldout, out: Path) -> d
     done_file = row_dir / "trained.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
-    cfg = distill.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
-                              seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup,
-                              compute_dtype="float32" if args.toy else "bfloat16", seed=args.seed,
-                              log_every=args.log_every, eval_every=args.eval_every,
-                              checkpoint_every=args.checkpoint_every)
+    cfg = train_config(args)
     lora = distill.LoRA(rank=row.lora, alpha=2.0 * row.lora) if row.lora else None
     recipe = distill.DistillSpec(student.config, teacher.config, distill.Divergence(row.divergence, args.temperature),
                                  lora=lora, options=decoding.Options.from_env())
@@ -187,9 +204,7 @@ def train_row(args, row: Row, teacher, student, packed, heldout, out: Path) -> d
     trainer = distill.Trainer(recipe, cfg, trainable, frozen, batches, out_dir=row_dir, evaluate=evaluate,
                               identity=identity, progress=not args.no_progress)
     summary = trainer.run(max_minutes=args.max_minutes)
-    with (row_dir / "sessions.jsonl").open("a") as f:  # training cost over resumed sessions
-        f.write(json.dumps({"session_s": summary["session_s"], "steps": summary["session_steps"]}) + "\n")
-    sessions = distill.trainer.read_jsonl(row_dir / "sessions.jsonl")
+    minutes = training_minutes(row_dir, summary)
     drafter_params = cast(recipe.student_params(jax.device_get(trainer.params), frozen), student.dtype)
     distill.export_drafter(student.config, drafter_params, row_dir / "drafter", teacher.tokenizer,
                            dtype="float32" if args.toy else "bfloat16")
@@ -198,7 +213,7 @@ def train_row(args, row: Row, teacher, student, packed, heldout, out: Path) -> d
     record = {"row": row.label, "steps": summary["step"], "stopped": summary["stopped"],
               "tokens_seen": summary["step"] * cfg.batch_size * cfg.accumulate * cfg.seq_len,
               "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
-              "train_minutes": sum(m["session_s"] for m in sessions) / 60.0,
+              "train_minutes": minutes,
               "final_loss": train_rows[-1]["loss"] if train_rows else None,
               "final_train_acceptance": train_rows[-1].get("acceptance") if train_rows else None,
               "device": device_name()}
@@ -369,6 +384,36 @@ def _plot(out: Path, by_row: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def add_run_arguments(p: argparse.ArgumentParser, *, seq_len: int = 1024, accumulate: int = 8, steps: int = 1000,
+                      lr: float | None = 5e-5, lr_help: str = "learning rate", seq_len_help: str = "",
+                      eval_every_help: str = "acceptance on held-out prompts every N steps (0: end)") -> None:
+    """The data, training and evaluation flags every drafter-training experiment shares
+    (`experiments.distillspec`, `experiments.feature_drafters`, `experiments.hidden_transfer`)."""
+    p.add_argument("--sources", default="sharegpt,gsm8k")
+    p.add_argument("--limit-per-source", type=int, default=None, help="first N conversations of each source")
+    p.add_argument("--train-conversations", type=int, default=4000, help="training conversations (0 = all)")
+    p.add_argument("--stored-answers", action="store_true", help="train on the answers as stored (no target rewrite)")
+    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per target-written answer")
+    p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--max-prompt-len", type=int, default=512)
+    p.add_argument("--heldout", type=int, default=64, help="conversations held out as the tuning split")
+    p.add_argument("--seq-len", type=int, default=seq_len, help=seq_len_help or "training sequence length")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--accumulate", type=int, default=accumulate, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per row")
+    p.add_argument("--max-minutes", type=float, default=None, help="training time budget per row")
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=250, help=eval_every_help)
+    p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--eval-gamma", type=int, default=4)
+    p.add_argument("--eval-tokens", type=int, default=128)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.distillspec", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -378,30 +423,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
-    p.add_argument("--sources", default="sharegpt,gsm8k")
-    p.add_argument("--limit-per-source", type=int, default=None, help="first N conversations of each source")
-    p.add_argument("--train-conversations", type=int, default=4000, help="training conversations (0 = all)")
-    p.add_argument("--stored-answers", action="store_true", help="train on the answers as stored (no target rewrite)")
-    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per target-written / on-policy answer")
-    p.add_argument("--gen-batch", type=int, default=32)
-    p.add_argument("--max-prompt-len", type=int, default=512)
-    p.add_argument("--heldout", type=int, default=64, help="conversations held out as the tuning split")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--accumulate", type=int, default=8, help="micro-batches per optimizer step")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per row")
-    p.add_argument("--max-minutes", type=float, default=None, help="training time budget per row")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--warmup", type=int, default=50)
+    add_run_arguments(p)
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of the divergences")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=250, help="acceptance on held-out prompts every N steps (0: end)")
-    p.add_argument("--eval-prompts", type=int, default=16)
-    p.add_argument("--eval-gamma", type=int, default=4)
-    p.add_argument("--eval-tokens", type=int, default=128)
-    p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--gammas", default="2,3,4,5,6,8", help="gammas tried on the tuning split")
     p.add_argument("--tune-prompts", type=int, default=32)
     p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")

@@ -47,7 +47,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .distillspec import append_result, build_data, device_name, read_results
+from .distillspec import (add_run_arguments, append_result, build_data, device_name, read_results, train_config,
+                          training_minutes)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "feature_drafters"
@@ -148,11 +149,7 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     done_file = row_dir / "trained.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
-    cfg = distill.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
-                              seq_len=args.seq_len, learning_rate=row.lr or args.lr or DEFAULT_LR[row.kind],
-                              warmup_steps=args.warmup, compute_dtype="float32" if args.toy else "bfloat16",
-                              seed=args.seed, log_every=args.log_every, eval_every=max(args.eval_every, 0),
-                              checkpoint_every=args.checkpoint_every)
+    cfg = train_config(args, row.lr or args.lr or DEFAULT_LR[row.kind])
     recipe = recipe_for(row, target, decoding.Options.from_env())
     frozen_dtype = jnp.float32 if args.toy else jnp.bfloat16
     if row.kind == "eagle":
@@ -172,9 +169,7 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     trainer = distill.Trainer(recipe, cfg, trainable, frozen, lambda step, params: batches.batch(step),
                               out_dir=row_dir, evaluate=evaluate if args.eval_every >= 0 else None, identity=identity, progress=not args.no_progress)
     summary = trainer.run(max_minutes=args.max_minutes)
-    with (row_dir / "sessions.jsonl").open("a") as f:  # training cost over resumed sessions
-        f.write(json.dumps({"session_s": summary["session_s"], "steps": summary["session_steps"]}) + "\n")
-    sessions = distill.trainer.read_jsonl(row_dir / "sessions.jsonl")
+    minutes = training_minutes(row_dir, summary)
     head_file = save_head(row, recipe, jax.device_get(trainer.params), row_dir / "head.safetensors")
     metrics = distill.trainer.read_jsonl(row_dir / "metrics.jsonl")
     train_rows = [m for m in metrics if m.get("kind") == "train"]
@@ -182,7 +177,7 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     record = {"row": row.label, "steps": summary["step"], "stopped": summary["stopped"],
               "tokens_seen": summary["step"] * cfg.batch_size * cfg.accumulate * cfg.seq_len,
               "train_tokens_per_s": last.get("tokens_per_s"),
-              "train_minutes": sum(m["session_s"] for m in sessions) / 60.0,
+              "train_minutes": minutes,
               "final_loss": last.get("loss"),
               "final_top1": {k: v for k, v in last.items() if k.startswith("top1_")},
               "learning_rate": cfg.learning_rate, "head_file": str(head_file),
@@ -382,30 +377,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
-    p.add_argument("--sources", default="sharegpt,gsm8k")
-    p.add_argument("--limit-per-source", type=int, default=None, help="first N conversations of each source")
-    p.add_argument("--train-conversations", type=int, default=4000, help="training conversations (0 = all)")
-    p.add_argument("--stored-answers", action="store_true", help="train on the answers as stored (no target rewrite)")
-    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per target-written answer")
-    p.add_argument("--gen-batch", type=int, default=32)
-    p.add_argument("--max-prompt-len", type=int, default=512)
-    p.add_argument("--heldout", type=int, default=64, help="conversations held out as the tuning split")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per row")
-    p.add_argument("--max-minutes", type=float, default=None, help="training time budget per row")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: eagle 3e-4, medusa 1e-3)")
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=250, help="acceptance on held-out prompts every N steps (0: at the end only; -1: never, "
-                        "the tuning stage measures it)")
-    p.add_argument("--eval-prompts", type=int, default=16)
-    p.add_argument("--eval-gamma", type=int, default=4)
-    p.add_argument("--eval-tokens", type=int, default=128)
-    p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    add_run_arguments(p, accumulate=4, steps=2000, lr=None, lr_help="learning rate (default: eagle 3e-4, medusa 1e-3)",
+                      eval_every_help="acceptance on held-out prompts every N steps (0: at the end only; -1: never, "
+                                      "the tuning stage measures it)")
     p.add_argument("--gammas", default="3,4,5,6", help="chain lengths tried on the tuning split")
     p.add_argument("--trees", default="5x4x32,6x8x48", help="dynamic tree shapes (depth x top_k x nodes) tried")
     p.add_argument("--tune-prompts", type=int, default=32)

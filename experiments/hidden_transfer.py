@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from experiments.distillspec import append_result, build_data, cast, device_name, read_results
+from experiments.distillspec import (add_run_arguments, append_result, build_data, cast, device_name, read_results,
+                                     train_config, training_minutes)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "hidden_transfer"
@@ -181,11 +182,7 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     done_file = row_dir / "trained.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
-    cfg = distill.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
-                              seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup,
-                              compute_dtype="float32" if args.toy else "bfloat16", seed=args.seed,
-                              log_every=args.log_every, eval_every=args.eval_every,
-                              checkpoint_every=args.checkpoint_every)
+    cfg = train_config(args)
     recipe, dcfg = recipe_for(row, target)
     trainable, frozen = recipe.init(target.params, frozen_dtype=jnp.float32 if args.toy else jnp.bfloat16)
     batches = distill.Batches(packed, cfg.batch_size, cfg.accumulate, seed=args.seed)
@@ -208,9 +205,7 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     trainer = distill.Trainer(recipe, cfg, trainable, frozen, lambda s, p: batches.batch(s), out_dir=row_dir,
                               evaluate=evaluate, identity=identity, progress=not args.no_progress)
     summary = trainer.run(max_minutes=args.max_minutes)
-    with (row_dir / "sessions.jsonl").open("a") as f:  # training cost over resumed sessions
-        f.write(json.dumps({"session_s": summary["session_s"], "steps": summary["session_steps"]}) + "\n")
-    sessions = distill.trainer.read_jsonl(row_dir / "sessions.jsonl")
+    minutes = training_minutes(row_dir, summary)
     params = jax.device_get(trainer.params)
     if row.kind == "ht":
         ht.save_maps(row_dir / row.file, dcfg, cast(recipe.map_params(params), jnp.float32))
@@ -220,7 +215,7 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     record = {"row": row.label, "steps": summary["step"], "stopped": summary["stopped"],
               "tokens_seen": summary["step"] * cfg.batch_size * cfg.accumulate * cfg.seq_len,
               "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
-              "train_minutes": sum(m["session_s"] for m in sessions) / 60.0,
+              "train_minutes": minutes,
               "final_loss": train_rows[-1]["loss"] if train_rows else None,
               "final_train_top1": {k: v for k, v in (train_rows[-1] if train_rows else {}).items()
                                    if k.startswith("top1_")},
@@ -376,30 +371,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-modes", default="verify,separate",
                    help="hidden transfer's pseudo positions tried on the tuning split: in the verify forward "
                         "(the paper's) and/or in a separate partial forward (drafting.HiddenTransfer)")
-    p.add_argument("--sources", default="sharegpt,gsm8k")
-    p.add_argument("--limit-per-source", type=int, default=None, help="first N conversations of each source")
-    p.add_argument("--train-conversations", type=int, default=4000, help="training conversations (0 = all)")
-    p.add_argument("--stored-answers", action="store_true", help="train on the answers as stored (no target rewrite)")
-    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per target-written answer")
-    p.add_argument("--gen-batch", type=int, default=32)
-    p.add_argument("--max-prompt-len", type=int, default=512)
-    p.add_argument("--heldout", type=int, default=64, help="conversations held out as the tuning split")
-    p.add_argument("--seq-len", type=int, default=512, help="training sequence length (the pseudo forward costs "
-                                                            "T k (T + T k) attention per upper layer)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per row")
-    p.add_argument("--max-minutes", type=float, default=None, help="training time budget per row")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=250, help="acceptance on held-out prompts every N steps (0: end)")
-    p.add_argument("--eval-prompts", type=int, default=16)
-    p.add_argument("--eval-gamma", type=int, default=4)
-    p.add_argument("--eval-tokens", type=int, default=128)
-    p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    add_run_arguments(p, seq_len=512, accumulate=4, lr=1e-3,
+                      seq_len_help="training sequence length (the pseudo forward costs T k (T + T k) attention per "
+                                   "upper layer)")
     p.add_argument("--tune-prompts", type=int, default=32)
     p.add_argument("--eagle-head", default=None, help="an EAGLE-3-style head file to run beside (drafting.eagle)")
     p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
