@@ -67,7 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..numerics import attention_mask, f32_einsum
-from .attention_tpu import attention_tpu, attention_tpu_prefix
+from .attention_tpu import attention_tpu, attention_tpu_prefix, layer_pair
 
 UNIFIED_MAX_MARGIN = 40.0
 """A split falls back to the exact softmax when a row's largest score is this far from phi:
@@ -281,21 +281,9 @@ def _combine(o, l_sum, m, b, t, h, dh, kh, dtype):
     return out.reshape(b, t, h, dh).astype(dtype)
 
 
-def _layer_pair(layer) -> tuple[int, int] | None:
-    """`layer` as (index into k, index into v): an int reads both stacks at that index, a pair
-    (i, j) reads k[i] and v[j] (a per-layer kv buffer [2, B, K, S, Dh] passed as both k and v is
-    read with (0, 1))."""
-    if layer is None:
-        return None
-    pair = (layer, layer) if isinstance(layer, int) else tuple(layer)
-    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
-        raise ValueError(f"layer must be a static int or a pair of ints (k index, v index), got {layer!r}.")
-    return pair
-
-
 def _launch(form, q, k, v, bounds, mask, *, layer, scale, unified_max, block_m, block_s, num_splits, num_warps,
             num_stages, interpret):
-    pair = _layer_pair(layer)
+    pair = layer_pair(layer)
     if pair is not None and (k.ndim != 5 or v.ndim != 5 or not 0 <= pair[0] < k.shape[0]
                              or not 0 <= pair[1] < v.shape[0]):
         raise ValueError(f"layer={layer} needs stacked k, v: [L, B, K, S, Dh] with each index < L; got k {k.shape}, "
@@ -463,7 +451,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | Non
     use_pallas = impl in ("pallas", "pallas_tpu") or (impl == "auto" and _pallas_supported(q))
     if not use_pallas:
         if layer is not None:
-            i, j = _layer_pair(layer)
+            i, j = layer_pair(layer)
             k, v = k[i], v[j]
         if visible is None:
             visible = prefix_visible(lengths, block_mask, q.shape[1], k.shape[2])

@@ -62,7 +62,7 @@ the reference, and its lowering to a Mosaic custom call (`tpu_custom_call`) is c
 cross-platform export on a CPU host; nothing here has been compiled by Mosaic for a chip or
 timed on one.
 
-Public: `attention_tpu`, `attention_tpu_prefix`, `live_blocks`, `block_to_read`.
+Public: `attention_tpu`, `attention_tpu_prefix`, `live_blocks`, `block_to_read`, `layer_pair`.
 """
 
 from __future__ import annotations
@@ -75,15 +75,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ..shapes import round_up
+
 LANES = 128  # the last dimension of a vreg
 ROW_ALIGN = 16  # query rows padded to this: a bfloat16 (16, 128) tile, two float32 (8, 128) tiles
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _layer_pair(layer) -> tuple[int, int] | None:
+def layer_pair(layer) -> tuple[int, int] | None:
+    """`layer` as (index into k, index into v): an int reads both stacks at that index, a pair
+    (i, j) reads k[i] and v[j] (a per-layer kv buffer [2, B, K, S, Dh] passed as both k and v is
+    read with (0, 1)). Shared by the Triton and Mosaic kernels."""
     if layer is None:
         return None
     pair = (layer, layer) if isinstance(layer, int) else tuple(layer)
@@ -184,7 +185,7 @@ def _kernel(lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref
 def _launch(form, q, k, v, lo, hi, lengths, mask_rows, *, layer, scale, block_s, interpret):
     """q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (or stacks with `layer`); lo, hi, lengths: int32[B];
     mask_rows: bf16[B, Mp, Tp] (prefix) or bf16[B, Mp, S] (mask) -> [B, T, H, Dh]."""
-    pair = _layer_pair(layer)
+    pair = layer_pair(layer)
     kk, vv = (k, v) if pair is None else (k[0], v[0])  # shapes only
     if pair is not None and (k.ndim != 5 or v.ndim != 5 or not 0 <= pair[0] < k.shape[0]
                              or not 0 <= pair[1] < v.shape[0]):
@@ -272,7 +273,7 @@ def attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, 
     lo = jnp.where(any_seen, jnp.argmax(seen, axis=1), 0).astype(jnp.int32)
     hi = jnp.where(any_seen, s_len - jnp.argmax(seen[:, ::-1], axis=1), 0).astype(jnp.int32)
     g = h // kh if kh and h % kh == 0 else 1
-    rows = _rows(visible, g, _round_up(t * g, ROW_ALIGN))
+    rows = _rows(visible, g, round_up(t * g, ROW_ALIGN))
     return _launch("mask", q, k, v, lo, hi, hi, rows, layer=layer, scale=scale, block_s=block_s,
                    interpret=interpret)
 
@@ -297,8 +298,8 @@ def attention_tpu_prefix(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.
     elif block_mask.shape != (b, t, t):
         raise ValueError(f"block_mask must be bool[B, T, T] = {(b, t, t)}, got {block_mask.shape}.")
     g = h // kh if kh and h % kh == 0 else 1
-    tp = _round_up(t, LANES)
-    rows = _rows(jnp.pad(block_mask, ((0, 0), (0, 0), (0, tp - t))), g, _round_up(t * g, ROW_ALIGN))
+    tp = round_up(t, LANES)
+    rows = _rows(jnp.pad(block_mask, ((0, 0), (0, 0), (0, tp - t))), g, round_up(t * g, ROW_ALIGN))
     hi = jnp.minimum(lengths + t, s_len)
     return _launch("prefix", q, k, v, jnp.zeros_like(lengths), hi, lengths, rows, layer=layer, scale=scale,
                    block_s=block_s, interpret=interpret)
