@@ -27,9 +27,10 @@ verifier uses is a law over the target vocabulary, zero outside the draft vocabu
 verification stays exactly lossless. Greedy chains skip that [V] scatter: they take the argmax
 of the Vd logits and map it through d2t, which is the argmax of the scattered row (d2t ascends,
 so of tied logits the lowest draft id is the lowest target id, argmax's choice; the confidence
-stop's top-1 probability is the same, exp(-inf) adding nothing). The scatter remains where a
-law over the target vocabulary is read: sampled chains (the verifier's q is [V]) and trees (the
-[V] log-probabilities of `choose_siblings` and `expand_and_rerank`, and their q).
+stop's top-1 probability is the same, exp(-inf) adding nothing). The scatter remains where the
+[V] row is read: sampled chains (the verifier's q is a law over V) and trees (siblings are the
+top-k of, or draws from, [V] log-probabilities in `choose_siblings` and `expand_and_rerank`,
+greedy or sampled, and a sampled tree's q is over V).
 
 Choices left open or simplified here: the pair (feature, next token) is fused by a second
 linear map `w_in: [2D, D]` (EAGLE-1's fusion) so the decoder layer is the family's own
