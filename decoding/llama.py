@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from .architecture import Architecture, register
 from .cache import write
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
-from .kernels.attention import attention_pallas, attention_reference
-from .kernels.attention_tpu import attention_tpu
+from .kernels.attention import attention_pallas, attention_pallas_prefix, attention_reference
+from .kernels.attention_tpu import attention_tpu, attention_tpu_prefix
 from .loading.convert import NameMap, Rule
 from .numerics import attention_mask, f32_einsum, rms_norm, split_parts
 from .options import Options
@@ -111,21 +111,29 @@ def lm_head(config: ModelConfig, params: dict, normed: jax.Array) -> jax.Array:
 
 
 class Setup(NamedTuple):
-    """What every layer of one call shares: rotary tables cos, sin: float32[B, T, Dh] and the
-    visibility visible: bool[B, T, S]."""
+    """What every layer of one call shares: rotary tables cos, sin: float32[B, T, Dh], the
+    visibility visible: bool[B, T, S], and `lengths: int32[B]` when that visibility is the
+    prefix rule alone (slots below the cache's lengths, then causal over the T new slots: no
+    block mask, slot mask or sliding window), else None. With lengths the attention kernel takes
+    its prefix form (`attention_tpu_prefix`, `attention_pallas_prefix`) and no [B, T, S] mask is
+    read; the mask stays for the jnp reference (unused there, XLA drops it)."""
 
     cos: jax.Array
     sin: jax.Array
     visible: jax.Array
+    lengths: jax.Array | None = None
 
 
 def prepare(config: ModelConfig, positions, cache, mask=None, slot_mask=None, layers=None) -> Setup:
-    """Rotary tables at `positions: int32[B, T]` and the visibility of the cache's slots."""
+    """Rotary tables at `positions: int32[B, T]` and the visibility of the cache's slots: the
+    mask always, the cache lengths too when no `mask`, `slot_mask` or sliding window applies
+    (a decode step, a chain, a prefill)."""
     inv_freq, factor = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_dict,
                                        config.max_position_embeddings)
     cos, sin = rope_tables(positions, jnp.asarray(inv_freq, jnp.float32), factor)
     visible = attention_mask(cache.lengths, positions, cache.capacity, mask, config.sliding_window, slot_mask)
-    return Setup(cos, sin, visible)
+    prefix_only = mask is None and slot_mask is None and config.sliding_window is None
+    return Setup(cos, sin, visible, cache.lengths if prefix_only else None)
 
 
 def use_kernel(options: Options, i, head_dim: int) -> bool:
@@ -154,17 +162,26 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
     v = v.reshape(b, t, kh, dh)
     kv = write(kv, k, v, cursor)
     if use_kernel(options, i, dh):  # reads kv[0], kv[1] where they lie
-        def attend(q, kv, visible):
-            if jax.default_backend() == "tpu":  # the Mosaic variant (decoding.kernels.attention_tpu)
-                return attention_tpu(q, kv, kv, visible, layer=(0, 1))
-            return attention_pallas(q, kv, kv, visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
+        if setup.lengths is not None:  # the prefix form: no [B, T, S] mask read
+            def attend(q, kv, lengths):
+                if jax.default_backend() == "tpu":  # the Mosaic variant (decoding.kernels.attention_tpu)
+                    return attention_tpu_prefix(q, kv, kv, lengths, layer=(0, 1))
+                return attention_pallas_prefix(q, kv, kv, lengths, layer=(0, 1),
+                                               interpret=jax.default_backend() != "gpu")
+            seen = setup.lengths
+        else:  # a block mask, a slot mask or a sliding window: the mask form
+            def attend(q, kv, visible):
+                if jax.default_backend() == "tpu":
+                    return attention_tpu(q, kv, kv, visible, layer=(0, 1))
+                return attention_pallas(q, kv, kv, visible, layer=(0, 1), interpret=jax.default_backend() != "gpu")
+            seen = setup.visible
 
         if options.layout is None:
-            attn = attend(q, kv, setup.visible)
+            attn = attend(q, kv, seen)
         else:  # on a mesh: the kernel sees each device's rows and heads (decoding.sharding)
             from .sharding import per_device_attention
 
-            attn = per_device_attention(attend, options.layout, q, kv, setup.visible)
+            attn = per_device_attention(attend, options.layout, q, kv, seen)
     else:
         attn = attention_reference(q, kv[0], kv[1], setup.visible)
     x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])

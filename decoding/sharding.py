@@ -356,9 +356,10 @@ def local_view(state):
 
 
 def per_device_attention(attend, layout: Layout, q: jax.Array, kv: jax.Array, visible: jax.Array) -> jax.Array:
-    """`attend(q[B, T, H, Dh], kv[2, B, K, S, Dh], visible[B, T, S]) -> [B, T, H, Dh]` (a Pallas
-    kernel, which needs per-device shapes) run under `jax.shard_map`: each device attends its
-    own batch rows and heads. Heads are split only where the query heads and the kv heads split
+    """`attend(q[B, T, H, Dh], kv[2, B, K, S, Dh], visible) -> [B, T, H, Dh]` (a Pallas kernel,
+    which needs per-device shapes) run under `jax.shard_map`: each device attends its own batch
+    rows and heads. `visible` is split by rows only: the mask bool[B, T, S] or the prefix
+    lengths int32[B]. Heads are split only where the query heads and the kv heads split
     over the same mesh axis (then each device's query heads read exactly its kv heads: the
     groups are contiguous); otherwise the heads stay whole on every device."""
     mesh, rules = layout.mesh, layout.rules

@@ -24,13 +24,19 @@ Reduced draft vocabulary (EAGLE-3): `config_for(target, draft_vocab=Vd)` gives t
 the map `d2t: int32[Vd]` (draft id -> target id) among its parameters. The drafter places the
 Vd logits at their target ids (-inf elsewhere), so every proposal is a target id and the q the
 verifier uses is a law over the target vocabulary, zero outside the draft vocabulary: sampled
-verification stays exactly lossless.
+verification stays exactly lossless. Greedy chains skip that [V] scatter: they take the argmax
+of the Vd logits and map it through d2t, which is the argmax of the scattered row (d2t ascends,
+so of tied logits the lowest draft id is the lowest target id, argmax's choice; the confidence
+stop's top-1 probability is the same, exp(-inf) adding nothing). The scatter remains where the
+[V] row is read: sampled chains (the verifier's q is a law over V) and trees (siblings are the
+top-k of, or draws from, [V] log-probabilities in `choose_siblings` and `expand_and_rerank`,
+greedy or sampled, and a sampled tree's q is over V).
 
 Choices left open or simplified here: the pair (feature, next token) is fused by a second
 linear map `w_in: [2D, D]` (EAGLE-1's fusion) so the decoder layer is the family's own
 (`decoding.model.run_layers` on a one-layer config); default feature layers (2, L // 2, L - 3)
-clamped to [1, L]; the reduced vocabulary is kept sorted by target id; the draft logits are
-scattered to the target vocabulary before choosing (one code path for chains and trees, at the
+clamped to [1, L]; the reduced vocabulary is kept sorted by target id; trees and sampled chains
+choose from draft logits scattered to the target vocabulary (one code path for them, at the
 cost of a [V] scatter per draft step; the [D, Vd] head product is what shrinks).
 
 Legend: B batch, P prompt, W catch-up width (max depth + 1), K top-k, D hidden, V vocab, S slots.
@@ -268,9 +274,9 @@ class Eagle:
         return EagleState(hcache, feats, jnp.ones((b,), jnp.int32)), cache
 
     # -- propose -------------------------------------------------------------------------------
-    def _catch_up(self, ctx, params, dstate: EagleState, view, width):
-        """Feed the pending pairs; -> (root logits [B, V], root output state [B, D], head cache
-        with its cursor at the target cache's length)."""
+    def _catch_up(self, ctx, params, dstate: EagleState, view, width, draft_ids=False):
+        """Feed the pending pairs; -> (root logits [B, V] ([B, Vd] with `draft_ids`), root output
+        state [B, D], head cache with its cursor at the target cache's length)."""
         c, m = dstate.cache.lengths, dstate.n_pending
         j = jnp.arange(width, dtype=jnp.int32)[None, :]
         pend = jnp.take_along_axis(dstate.feats, jnp.minimum(c[:, None] + j, dstate.feats.shape[1] - 1)[:, :, None],
@@ -278,15 +284,22 @@ class Eagle:
         idx = jnp.minimum(c[:, None] + j + 1, view.context.shape[1] - 1)
         tokens = jnp.take_along_axis(view.context, idx, axis=1)
         logits, out, hcache = head_forward(ctx.target, params["target"], params["draft"], dstate.cache, pend, tokens,
-                                           c[:, None] + j, options=ctx.options)
+                                           c[:, None] + j, options=ctx.options, draft_ids=draft_ids)
         last = (m - 1)[:, None, None]
         root_logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]
         root_h = jnp.take_along_axis(out, last, axis=1)[:, 0]
         return root_logits, root_h, hcache.truncate(c + m)
 
+    @staticmethod
+    def _draft_ids(ctx, params, shape) -> bool:
+        """Whether the head's logits stay over its Vd draft tokens (`head_forward(draft_ids=True)`):
+        a greedy chain with a reduced vocabulary, whose argmax is mapped through d2t after it."""
+        return shape.is_chain and ctx.sampling.is_greedy and "d2t" in params["draft"]
+
     def propose(self, ctx, params, dstate: EagleState, view, shape, limit, key):
         width = self._width(shape)
-        root_logits, root_h, hcache = self._catch_up(ctx, params, dstate, view, width)
+        draft_ids = self._draft_ids(ctx, params, shape)
+        root_logits, root_h, hcache = self._catch_up(ctx, params, dstate, view, width, draft_ids)
         base = hcache.lengths  # = view.cache.lengths: the root pair sits at base - 1
         if shape.is_chain:
             tree, n_fwd = self._chain(ctx, params, hcache, base, root_logits, root_h, view.root, shape, limit, key)
@@ -299,8 +312,11 @@ class Eagle:
         return tree, EagleState(hcache, dstate.feats, dstate.n_pending), view.cache, jnp.asarray(n_fwd, jnp.int32)
 
     def _chain(self, ctx, params, hcache, base, root_logits, root_h, root, shape, limit, key):
+        """Draft steps of a chain; the logits are over the Vd draft tokens when `_draft_ids`
+        (the chosen draft id is then mapped to its target id through d2t), else over V."""
         b, vocab = root_logits.shape
         g = shape.gamma
+        draft_ids = self._draft_ids(ctx, params, shape)
         sampled = not ctx.sampling.is_greedy
         drafts = jnp.zeros((b, g), jnp.int32)
         qs = jnp.zeros((b, g, vocab), jnp.float32) if sampled else None
@@ -309,6 +325,8 @@ class Eagle:
         logits, h = root_logits, root_h
         for i in range(g):
             tok, lp, active = choose_draft_token(ctx, shape, key, i, logits, active, limit)
+            if draft_ids:
+                tok = params["draft"]["d2t"][tok]
             if sampled:
                 qs = qs.at[:, i].set(lp)
             drafts = drafts.at[:, i].set(jnp.where(active, tok, 0))
@@ -316,7 +334,8 @@ class Eagle:
             if i + 1 < g:  # the pair (own state, drafted token) at position base + i
                 hcache = hcache.truncate(base + i)
                 lg, out, hcache = head_forward(ctx.target, params["target"], params["draft"], hcache, h[:, None],
-                                               tok[:, None], (base + i)[:, None], options=ctx.options)
+                                               tok[:, None], (base + i)[:, None], options=ctx.options,
+                                               draft_ids=draft_ids)
                 logits, h = lg[:, 0], out[:, 0]
         return chain_batch(root, drafts, n_prop, qs), g
 

@@ -327,3 +327,94 @@ def test_reduced_vocabulary_refusals():
         generate(m, PROMPTS, strategy=CASES["tree-static"], draft=small, max_new_tokens=4)
     counts = np.array([5, 1, 5, 0, 9])
     np.testing.assert_array_equal(eagle.reduced_vocab(counts, 3), [0, 2, 4])  # ties to the lower id
+
+
+TIED_D2T = np.arange(0, 64, 3, dtype=np.int32)  # 22 draft tokens, ascending
+
+
+@functools.cache
+def tied_reduced_head() -> Model:
+    """`reduced_head` of the target over `TIED_D2T` whose lm_head columns come in equal pairs
+    (draft ids 2i and 2i + 1 score the same), so every greedy choice is a tie of two target ids."""
+    model = target()
+    head = reduced_head(model, TIED_D2T)
+    w = head.params["lm_head"]
+    return eagle.as_draft(model, head.config, dict(head.params, lm_head=w.at[:, 1::2].set(w[:, 0::2])))
+
+
+def _first_proposal(model, strategy, head):
+    """The TreeBatch of `strategy`'s first greedy propose on PROMPTS (compiled unoptimised)."""
+    prep = generation.prepare(model, PROMPTS, strategy=strategy, max_new_tokens=MAX_NEW,
+                              eos_token_id=(), draft=head, chat=False)
+    s, ctx, params = prep.strategy, prep.ctx, prep.params
+    fast = {"xla_backend_optimization_level": 0}
+    state = jax.jit(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k), compiler_options=fast)(
+        params, prep.prompt, prep.lengths, prep.key)
+    _, tree, _, _, _ = jax.jit(lambda p, st: s.propose(ctx, p, st, jax.random.PRNGKey(0)), compiler_options=fast)(
+        params, state)
+    return tree
+
+
+def test_reduced_vocabulary_argmax_over_draft_ids_is_the_scattered_argmax():
+    """Ties included: the argmax over the Vd draft logits mapped through d2t (ascending) is the
+    argmax over the [V] row the scatter builds (-inf outside d2t), the lowest tied target id."""
+    m = target()
+    head = tied_reduced_head()
+    d2t = np.asarray(head.params["d2t"])
+    rng = np.random.default_rng(0)
+    b, t = 3, 5
+    feats = jnp.asarray(rng.standard_normal((b, t, m.config.hidden_size)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, m.config.vocab_size, (b, t)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hcache = decoding.KVCache.init(eagle.layer_config(m.config), b, 8, jnp.float32)
+    run = jax.jit(eagle.head_forward, static_argnums=0, static_argnames="draft_ids")
+    own, full = (np.asarray(run(m.config, m.params, head.params, hcache, feats, tokens, positions, draft_ids=ids)[0])
+                 for ids in (True, False))
+    assert own.shape == (b, t, len(d2t)) and full.shape == (b, t, m.config.vocab_size)
+    pick = d2t[own.argmax(-1)]
+    np.testing.assert_array_equal(pick, full.argmax(-1))
+    tied = own.max(-1, keepdims=True) == own
+    assert np.all(tied.sum(-1) == 2), "every row must tie two draft ids"
+    assert np.all(pick == np.where(tied, d2t, np.iinfo(np.int32).max).min(-1))  # the lowest tied target id
+
+
+def test_reduced_vocabulary_greedy_chain_drafts_equal_the_scatter_path():
+    """The greedy chain's drafts (argmax over the Vd logits, no scatter) equal those of a
+    one-child-per-level static tree, which takes the top-1 of the scattered [V] log-probabilities,
+    with every choice a tie of two target ids (it must go to the lower one)."""
+    m = target()
+    head = tied_reduced_head()
+    chain, tree = (_first_proposal(m, strategy, head) for strategy in (
+        Speculative(eagle.Eagle(), gamma=3), TreeDecoding(eagle.Eagle(), tree=TreeTopology(((0,), (0, 0), (0, 0, 0))))))
+    np.testing.assert_array_equal(np.asarray(chain.tokens), np.asarray(tree.tokens))
+    assert np.isin(np.asarray(chain.tokens)[:, 1:], TIED_D2T[0::2]).all()  # each tie went to the lower id
+
+
+def _scatters_of_size(jaxpr, v: int) -> list:
+    """Every scatter equation (nested jaxprs included) whose operand's last axis has size `v`."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("scatter") and eqn.invars[0].aval.shape[-1:] == (v,):
+            found.append(eqn.invars[0].aval.shape)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            found += _scatters_of_size(sub, v)
+    return found
+
+
+def test_reduced_vocabulary_greedy_chain_draft_has_no_vocabulary_scatter():
+    """The greedy chain's propose with a reduced vocabulary traces no scatter into a [.., V]
+    operand; the sampled chain (whose q is a law over V) keeps one per draft step."""
+    m = target()
+    head = reduced_head(m, TIED_D2T)
+    v = m.config.vocab_size
+    counts = {}
+    for name, sampling in (("greedy", None), ("sampled", Sampling(temperature=0.8))):
+        prep = generation.prepare(m, PROMPTS, strategy=Speculative(eagle.Eagle(), gamma=3), sampling=sampling,
+                                  max_new_tokens=MAX_NEW, eos_token_id=(), draft=head, chat=False)
+        s, ctx, params = prep.strategy, prep.ctx, prep.params
+        state = jax.eval_shape(lambda p, pr, ln, k: s.init(ctx, p, pr, ln, k), params, prep.prompt, prep.lengths,
+                               prep.key)
+        jaxpr = jax.make_jaxpr(lambda p, st: s.propose(ctx, p, st, jax.random.PRNGKey(0)))(params, state)
+        counts[name] = _scatters_of_size(jaxpr.jaxpr, v)
+    assert counts["greedy"] == [], counts
+    assert len(counts["sampled"]) >= 3, counts

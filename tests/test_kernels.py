@@ -323,7 +323,9 @@ def test_compiled_kernel_on_gpu(dtype):
 def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
     """`decoding.Options(attention="pallas")` (interpreted off GPUs) in the unrolled layers:
     the same logits as the jnp attention, the same greedy generation (autoregressive and a
-    dynamic tree, whose verification uses a tree mask), and its own compiled programs."""
+    dynamic tree, whose verification uses a tree mask), and its own compiled programs. A call
+    without a block mask (prefill, decode, the forward below) takes the kernel's prefix form
+    from the cache lengths; only calls with a block or slot mask (the tree) take the mask form."""
     from decoding import Options, TreeDecoding, forward, generate
     from decoding import generation as gen
     from drafting import DraftModel, DynamicTree
@@ -337,14 +339,21 @@ def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
     kernel_mod = importlib.import_module("decoding.llama")  # the Llama layer's handle on the kernel
 
     traced = []
-    real = kernel_mod.attention_pallas
-    monkeypatch.setattr(kernel_mod, "attention_pallas", lambda *a, **k: traced.append(k["layer"]) or real(*a, **k))
-    runs = {}
+
+    def spy(name):
+        real = getattr(kernel_mod, name)
+        return lambda *a, **k: traced.append((name, k["layer"])) or real(*a, **k)
+
+    for name in ("attention_pallas", "attention_pallas_prefix"):
+        monkeypatch.setattr(kernel_mod, name, spy(name))
+    runs, forms = {}, {}
     for impl in ("xla", "pallas"):
         opts = Options(attention=impl, unroll_layers=True)
         before, traced_before = gen.compile_count(), len(traced)
         logits = jax.jit(lambda p, c: forward(target.config, p, toks, pos, c, options=opts).logits)(target.params, cache)
+        forms[impl, "forward"] = traced[traced_before:]
         ar = generate(target, prompts, max_new_tokens=6, eos_token_id=(), options=opts)
+        forms[impl, "ar"] = traced[traced_before + len(forms[impl, "forward"]):]
         tree = generate(target, prompts, strategy=TreeDecoding(DraftModel(), tree=DynamicTree(depth=2, top_k=2, total_tokens=4)),
                         draft=draft, max_new_tokens=6, eos_token_id=(), options=opts)
         runs[impl] = (np.asarray(logits), ar.tokens, tree.tokens, gen.compile_count() - before,
@@ -355,6 +364,10 @@ def test_model_with_the_kernel_matches_the_xla_attention(monkeypatch):
     assert runs["xla"][4] == 0
     # forward: 2 layers; generate (AR prefill + step, tree init + step): the kernel is in every program
     assert runs["pallas"][4] >= 2 + 4 * target.config.num_layers, "the generate programs did not use the kernel"
+    layers = [(0, 1)] * target.config.num_layers
+    assert forms["pallas", "forward"] == [("attention_pallas_prefix", la) for la in layers]
+    assert {name for name, _ in forms["pallas", "ar"]} == {"attention_pallas_prefix"}
+    assert "attention_pallas" in {name for name, _ in traced}, "tree verification must keep the mask form"
     with pytest.raises(ValueError, match="attention must be one of"):
         generate(target, prompts, max_new_tokens=2, options=Options(attention="cuda"))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -277,3 +278,100 @@ def test_model_forward_lowers_for_tpu_with_the_mosaic_kernel(monkeypatch):
         text = jax.export.export(fn, platforms=["tpu"])(target.params, cache).mlir_module()
         counts[impl] = (text.count("stablehlo.custom_call @tpu_custom_call"), text.count("__gpu$xla.gpu.triton"))
     assert counts == {"xla": (0, 0), "pallas": (target.config.num_layers, 0)}, counts
+
+
+def _interpreted_tpu_layers(monkeypatch) -> list:
+    """Report the backend as "tpu" and run the Llama layers' Mosaic kernels in the interpreter
+    (128-slot blocks); returns the list each layer's kernel call appends its form's name to."""
+    llama = importlib.import_module("decoding.llama")
+    calls = []
+    for name in ("attention_tpu", "attention_tpu_prefix"):
+        real = getattr(llama, name)
+
+        def spy(*a, real=real, name=name, **kw):
+            calls.append(name)
+            return real(*a, interpret=True, block_s=128, **kw)
+
+        monkeypatch.setattr(llama, name, spy)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    return calls
+
+
+def test_model_forward_on_tpu_takes_the_prefix_form_where_the_mask_is_the_prefix_rule(monkeypatch):
+    """The Llama layers on a TPU backend (the Mosaic kernel interpreted): a decode step and a
+    chain (no block mask) call the prefix form from the cache lengths, a tree mask and a sliding
+    window the mask form; every case gives the logits of the jnp attention. Ragged lengths put
+    one row's new slots across the boundary of two 128-slot blocks."""
+    from tiny import tiny_model
+
+    from decoding import Options, forward
+
+    calls = _interpreted_tpu_layers(monkeypatch)
+    plain = tiny_model(seed=5, head_dim=16, num_heads=4, num_kv_heads=2, num_layers=1)
+    windowed = tiny_model(seed=5, head_dim=16, num_heads=4, num_kv_heads=2, num_layers=1, sliding_window=64)
+    lengths = jnp.array([5, 126], jnp.int32)
+    tree = jnp.asarray(np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool))[None].repeat(2, 0)  # two siblings
+    cases = {  # name: (model, T, block mask, the form the layers must take)
+        "decode": (plain, 1, None, "attention_tpu_prefix"),
+        "chain": (plain, 3, None, "attention_tpu_prefix"),
+        "tree": (plain, 3, tree, "attention_tpu"),
+        "window": (windowed, 3, None, "attention_tpu"),
+    }
+    for name, (model, t, mask, form) in cases.items():
+        cache = model.init_cache(2, 200).truncate(lengths)
+        toks = jnp.asarray(np.random.default_rng(t).integers(0, 96, (2, t)), jnp.int32)
+        pos = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        logits = {}
+        for impl in ("xla", "pallas"):
+            opts = Options(attention=impl, unroll_layers=True)
+            del calls[:]
+            fn = jax.jit(lambda p, c, m, opts=opts, model=model: forward(model.config, p, toks, pos, c, mask=m,
+                                                                          options=opts).logits,
+                         compiler_options=FAST_COMPILE)
+            logits[impl] = np.asarray(fn(model.params, cache, mask))
+            assert calls == ([form] * model.config.num_layers if impl == "pallas" else []), (name, calls)
+        assert np.all(np.isfinite(logits["pallas"])), name
+        np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def _tpu_kernel_calls(model, t: int, mask) -> list[tuple[str, str]]:
+    """(kernel name, operand types) of every Mosaic call in `model`'s forward of T tokens on a
+    batch of one, exported for TPU with `Options(attention="pallas")` (`jax.default_backend`
+    must report "tpu")."""
+    from decoding import Options, forward
+
+    cache = model.init_cache(1, 1408).truncate(jnp.array([700], jnp.int32))
+    toks = jnp.zeros((1, t), jnp.int32)
+    pos = 700 + jnp.arange(t, dtype=jnp.int32)[None]
+    opts = Options(attention="pallas", unroll_layers=True)
+    fn = jax.jit(lambda p, c: forward(model.config, p, toks, pos, c, mask=mask, options=opts).logits)
+    text = jax.export.export(fn, platforms=["tpu"])(model.params, cache).mlir_module()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @tpu_custom_call" in line]
+    return [(call.split('kernel_name = "', 1)[1].split('"', 1)[0], call.rsplit(" : (", 1)[1].split(") -> ")[0])
+            for call in calls]
+
+
+def test_decode_step_exported_for_tpu_reads_no_mask(monkeypatch):
+    """A whole-model decode step exported for TPU on this CPU host: every layer's Mosaic call is
+    the prefix form, whose operands are the three int32[B] scalar-prefetch vectors, q, the layer's
+    kv buffer (twice) and the [B, Mp, Tp] block-mask rows; no operand spans the S = 1408 slots
+    except the kv buffer. The same step given an explicit (causal) block mask takes the mask
+    form, whose [B, Mp, S] visibility rows are exactly what the prefix form avoids."""
+    from tiny import tiny_model
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    model = tiny_model(seed=5, head_dim=64, num_heads=4, num_kv_heads=2)
+    s, kv = 1408, "tensor<2x1x2x1408x64xf32>"
+    for t in (1, 4):
+        calls = _tpu_kernel_calls(model, t, None)
+        assert len(calls) == model.config.num_layers, (t, calls)
+        for name, operands in calls:
+            assert name == "decode_attention_tpu_prefix", (t, name)
+            assert operands.startswith("tensor<1xi32>, " * 3), operands
+            assert operands.count(kv) == 2, operands
+            dims = [ty.split("x")[:-1] for ty in re.findall(r"tensor<([^>]*)>", operands.replace(kv, ""))]
+            assert dims and not [d for d in dims if str(s) in d], operands  # nothing else spans the slots
+    causal = jnp.ones((1, 1, 1), bool)
+    for name, operands in _tpu_kernel_calls(model, 1, causal):
+        assert name == "decode_attention_tpu_mask", name
+        assert f"tensor<1x16x{s}xbf16>" in operands, operands

@@ -43,7 +43,9 @@ per kv head and multiplied on the MXU. Choices the papers leave open, and those 
   kernel to one bfloat16 row per query row ([B, Mp, S], shared by the kv heads), read in
   (Mp, BS) blocks over the span between the first and last slot any query of the row sees.
   It reads B * Mp * S * 2 bytes more than the prefix form. The model's layers call this form
-  (they hold the [B, T, S] mask `decoding.llama.prepare` builds), as they do the Triton one.
+  only where the visibility is more than the prefix rule (a tree's block mask, a drafter's slot
+  mask, a sliding window); prefill, decode and chains take the prefix form from the cache
+  lengths (`decoding.llama.Setup.lengths`), as they do with the Triton kernel.
 * Slots past S in the last block, slots outside the live span and rows past M are masked
   before the softmax, and those slots' value rows zeroed before the product, so padding and
   stale cache entries (even NaN) never reach the output (the reference, which multiplies
