@@ -16,7 +16,8 @@ from . import llama  # noqa: F401  (registers the Llama family)
 from .gemma3 import Gemma3Config
 from .generation import Result, Stats, check_same_tokenizer, generate, stream
 from .options import Options
-from .model import Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, unembed
+from .model import (Model, Output, embed, final_norm, forward, init_params, lm_head, run_layers, split_layers,
+                    stack_layers, unembed)
 from .sampling import Greedy, Sampling, make_sampling
 from .entropy_adaptive import EntropyAdaptive
 from .speculative import DynamicGamma, Speculative, TreeDecoding
@@ -43,5 +44,6 @@ __all__ = [
     "Accepted", "Autoregressive", "ConfigError", "DynamicGamma", "EntropyAdaptive", "Gemma3Config", "Speculative",
     "Strategy", "TreeBatch", "TreeDecoding", "Context", "Greedy", "KVCache", "Model", "ModelConfig", "Options",
     "Output", "Result", "Sampling", "Stats", "check_same_tokenizer", "embed", "final_norm", "forward", "generate",
-    "init_params", "lm_head", "load", "shard", "make_sampling", "run_layers", "stream", "unembed",
+    "init_params", "lm_head", "load", "shard", "make_sampling", "run_layers", "split_layers", "stack_layers", "stream",
+    "unembed",
 ]

@@ -17,7 +17,8 @@ injected hidden states), `final_norm`, `lm_head`, `unembed = lm_head(final_norm(
 `hidden[i]` is the residual stream after i layers (`hidden[0]` = embeddings).
 
 Parameters are a plain pytree (dict) with per-layer weights stacked on a leading L axis, so the
-layer loop is one `lax.scan` (unrolled on accelerators). This module holds no architecture: each
+layer loop is one `lax.scan` (unrolled on accelerators); `split_layers` gives the same tree with
+one array per layer (`params["layers"]` a tuple of L dicts), which every function here accepts. This module holds no architecture: each
 function looks up the `decoding.architecture.Architecture` registered for the config's type
 (`decoding.llama` for `ModelConfig`, `decoding.gemma3` for `Gemma3Config`) and calls its pieces.
 docs/interface.md states the contract in full.
@@ -196,12 +197,12 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
     if (options or DEFAULT_OPTIONS).resolved().unroll_layers or end - start <= 1:
         # Straight-line layers: no per-layer loop predicate round trip on GPUs, static slices.
         for i in range(start, end):
-            lp = jax.tree.map(lambda w: w[i], params["layers"])
+            lp = layer_params(params["layers"], i)
             x, kvs[i] = layer(lp, x, kvs[i], i)
             if i + 1 in return_hidden:
                 hidden[i + 1] = x
         return x, hidden, cache.with_layers(kvs)
-    stacked = jax.tree.map(lambda w: w[start:end], params["layers"])
+    stacked = layer_slice(params["layers"], start, end)
     want_hidden = bool([i for i in return_hidden if i != start])
 
     def body(x, inputs):
@@ -216,6 +217,53 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
         if i != start:
             hidden[i] = trace[i - start - 1]
     return x, hidden, cache.with_layers(kvs)
+
+
+def layer_params(layers, i: int) -> dict:
+    """Layer i's weights from `params["layers"]`, stacked (`{name: [L, ...]}`) or split (a tuple
+    of L per-layer dicts, `split_layers`)."""
+    if isinstance(layers, (tuple, list)):
+        return layers[i]
+    return jax.tree.map(lambda w: w[i], layers)
+
+
+def layer_slice(layers, start: int, end: int) -> dict:
+    """Layers [start, end) stacked on a leading axis (`{name: [end - start, ...]}`), from either
+    form; the split form is stacked here (a copy: the scan path, used on CPU)."""
+    if isinstance(layers, (tuple, list)):
+        return jax.tree.map(lambda *w: jnp.stack(w), *layers[start:end])
+    return jax.tree.map(lambda w: w[start:end], layers)
+
+
+def split_layers(params: dict) -> dict:
+    """`params` with its per-layer weights split into one array per layer: `params["layers"]`
+    becomes a tuple of L dicts `{name: [...]}` (each `[...]` the stacked `[L, ...]` without L).
+
+    Every function of this module takes either form and computes the same values. The split
+    form gives an unrolled layer loop its weights as separate buffers, so no layer reads a
+    slice of a stacked array (on GPUs a slice the compiler does not fuse into its consumer is a
+    device copy per layer per step; `experiments.profile_step --layer-weights` compares the
+    two). The stacked form is what loaders, checkpoints, sharding and the trainers use;
+    `stack_layers` turns a split tree back. Splitting copies each weight once; the stacked
+    arrays are freed when nothing else holds them.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n = {w.shape[0] for w in jax.tree.leaves(layers)}
+    if len(n) != 1:
+        raise ValueError(f"params['layers'] holds arrays with different leading (layer) sizes {sorted(n)}; "
+                         "split_layers needs every per-layer weight stacked on one L axis.")
+    split = tuple(jax.tree.map(lambda w: w[i], layers) for i in range(n.pop()))
+    return {**params, "layers": split}
+
+
+def stack_layers(params: dict) -> dict:
+    """The inverse of `split_layers`: per-layer weights stacked on a leading L axis again."""
+    layers = params["layers"]
+    if not isinstance(layers, (tuple, list)):
+        return params
+    return {**params, "layers": layer_slice(layers, 0, len(layers))}
 
 
 def forward(
@@ -275,6 +323,14 @@ class Model:
 
     def forward(self, tokens, positions, cache, **kwargs) -> Output:
         return forward(self.config, self.params, tokens, positions, cache, **kwargs)
+
+    def split_layers(self) -> "Model":
+        """This model with one weight array per layer (`decoding.model.split_layers`): same
+        outputs; an unrolled decode loop reads no slices of stacked weights. One device only."""
+        if self.layout is not None:
+            raise ValueError("split_layers works on one device; this model is sharded over a mesh "
+                             "(model.layout is set). Load it without mesh= to split its layers.")
+        return dataclasses.replace(self, params=split_layers(self.params))
 
     def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch_size, capacity, dtype or self.dtype)

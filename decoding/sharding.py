@@ -254,6 +254,10 @@ def put_params(params: dict, config, mesh: Mesh, rules: Rules = DEFAULT_RULES, *
     each device receives only its own slice (`jax.make_array_from_callback`), so the whole
     model never sits on one device. `consume` pops each leaf from `params` (a host tree the
     caller drops) as soon as it is placed, freeing host memory as loading goes."""
+    if isinstance(params["layers"], (tuple, list)):
+        raise ShardingError("these parameters have their layers split into one array per layer "
+                            "(decoding.model.split_layers); sharding places stacked [L, ...] weights: "
+                            "pass decoding.model.stack_layers(params), or the model before split_layers().")
     shardings = param_shardings(config, mesh, rules)
 
     def place(x, sharding):

@@ -332,3 +332,91 @@ def test_param_count_is_the_size_of_the_parameter_tree(qkv_bias, tie):
     shapes = param_shapes(c)
     n = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
     assert c.param_count() == n
+
+
+# ------------------------------------------------------------------------------------------
+# split layers: one weight array per layer
+# ------------------------------------------------------------------------------------------
+
+def _weight_slices(fn, params, stacked) -> int:
+    """How many slice / dynamic-slice / gather ops of `fn(params)`'s jaxpr read an array of one of
+    the `stacked` [L, ...] weight shapes."""
+    jaxpr = jax.make_jaxpr(fn)(params)
+
+    def count(j):
+        n = 0
+        for e in j.eqns:
+            if e.primitive.name in ("slice", "dynamic_slice", "gather", "squeeze") and \
+                    tuple(getattr(e.invars[0].aval, "shape", ())) in stacked:
+                n += 1
+            for v in e.params.values():  # scan / while / cond / pjit bodies
+                for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        n += count(sub)
+        return n
+    return count(jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_split_layers_computes_the_same_forward_and_reads_no_weight_slices(unroll):
+    """`split_layers` (a tuple of per-layer dicts) gives the stacked model's logits, cache and
+    hidden states exactly (float32), unrolled and under the scan; `stack_layers` undoes it; the
+    unrolled split forward slices no stacked weight, where the stacked one slices every one."""
+    model = tiny_model(qkv_bias=True)
+    split = model.split_layers()
+    L = model.config.num_layers
+    assert isinstance(split.params["layers"], tuple) and len(split.params["layers"]) == L
+    assert all(split.params["layers"][i]["wqkv"].shape == model.params["layers"]["wqkv"].shape[1:] for i in range(L))
+    back = decoding.stack_layers(split.params)
+    assert jax.tree.structure(back) == jax.tree.structure(model.params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    opts = decoding.Options(unroll_layers=unroll)
+    tokens, pos = jnp.asarray(random_tokens(5)), arange_positions(B, T)
+    f = jax.jit(decoding.forward, static_argnums=(0,), static_argnames=("return_hidden", "options"))
+    want = f(model.config, model.params, tokens, pos, model.init_cache(B, CAP), return_hidden=(1, L), options=opts)
+    got = f(split.config, split.params, tokens, pos, split.init_cache(B, CAP), return_hidden=(1, L), options=opts)
+    np.testing.assert_array_equal(np.asarray(got.logits), np.asarray(want.logits))
+    for i in (1, L):
+        np.testing.assert_array_equal(np.asarray(got.hidden[i]), np.asarray(want.hidden[i]))
+    for a, b in zip(got.cache.layers, want.cache.layers):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    if unroll:
+        def f(params):
+            return decoding.forward(model.config, params, tokens, pos, model.init_cache(B, CAP), options=opts).logits
+        stacked = {tuple(w.shape) for w in jax.tree.leaves(model.params["layers"])}
+        assert _weight_slices(f, split.params, stacked) == 0
+        assert _weight_slices(f, model.params, stacked) >= L  # the check can fail: the stacked form slices
+
+
+def _split_generates_the_same(strategy):
+    model, draft = tiny_model(), tiny_model(seed=1)
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    want = decoding.generate(model, prompts, strategy=strategy, max_new_tokens=8, draft=draft).tokens
+    got = decoding.generate(model.split_layers(), prompts, strategy=strategy, max_new_tokens=8,
+                            draft=draft.split_layers()).tokens
+    assert got == want, strategy
+
+
+@pytest.mark.slow
+def test_split_layers_speculative_generates_the_same_tokens():
+    from drafting import DraftModel
+
+    _split_generates_the_same(decoding.Speculative(DraftModel(), gamma=3))
+
+
+def test_split_layers_generates_the_same_tokens_and_refuses_a_mesh():
+    from decoding.sharding import ShardingError, put_params
+
+    model = tiny_model()
+    split = model.split_layers()
+    assert split.split_layers().params is split.params  # idempotent
+    _split_generates_the_same(decoding.Autoregressive())
+    with pytest.raises(ShardingError, match="stack_layers"):
+        put_params(split.params, split.config, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
+    import dataclasses
+    with pytest.raises(ValueError, match="without mesh="):
+        dataclasses.replace(model, layout=object()).split_layers()

@@ -47,6 +47,7 @@ def test_report_names_keep_the_model_name_whole():
     names = {output_stem(m, 1) for m in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")}
     assert names == {"qwen2.5-coder-1.5b-instruct_b1", "qwen2.5-coder-0.5b-instruct_b1"}
     assert output_stem("/models/SmolLM2-135M/", 8) == "SmolLM2-135M_b8"
+    assert output_stem("qwen2.5-coder-1.5b-instruct", 1, "split") == "qwen2.5-coder-1.5b-instruct_b1_split"
 
 
 HLO = """HloModule m

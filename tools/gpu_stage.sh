@@ -14,6 +14,8 @@
 #   setup      install gguf, reassemble and verify the registry files          (~0.5)
 #   kernels    the Pallas attention kernel's GPU tests and its benchmark        (~8)
 #   profile    experiments.profile_step on the 1.5B and 0.5B models            (~2)
+#   profile_split  the 1.5B loop profiled with stacked and with split layer weights
+#              (decoding.model.split_layers), both programs' optimized HLO returned gzipped   (~4)
 #   ar         autoregressive speed, 1.5B and 0.5B, XLA and Pallas attention,
 #              transformers eager beside                                       (~12, two runs)
 #   peer       autoregressive speed of the 1.5B model, batch 1 and 8, beside transformers' compiled
@@ -112,6 +114,15 @@ case $stage in
     # $PROFILE_MODELS overrides the pair; the 1.5B model needs about 3 minutes (two compilations).
     for m in ${PROFILE_MODELS:-qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct}; do
       [ -f "$dir/${m}_b1.json" ] || timeout $((limit / 2)) python3 -m experiments.profile_step --model $m --out "$dir"
+    done ;;
+  profile_split)
+    # The 1.5B loop with stacked and with split layer weights (decoding.model.split_layers), each
+    # profiled with its optimized HLO kept (gzipped), split first.
+    for lw in split stacked; do
+      stem=qwen2.5-coder-1.5b-instruct_b1; [ $lw = split ] && stem=${stem}_split
+      [ -f "$dir/$stem.json" ] || timeout $((limit / 2)) python3 -m experiments.profile_step \
+        --model qwen2.5-coder-1.5b-instruct --layer-weights $lw --hlo-dump "$dir/$stem.hlo" --out "$dir"
+      [ -f "$dir/$stem.hlo" ] && gzip -f "$dir/$stem.hlo"
     done ;;
   ar)
     for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
