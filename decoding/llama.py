@@ -28,6 +28,7 @@ from .cache import write
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .kernels.attention import attention_pallas, attention_reference
 from .kernels.attention_tpu import attention_tpu
+from .kernels.projection import Projections
 from .loading.convert import NameMap, Rule
 from .numerics import attention_mask, f32_einsum, rms_norm, split_parts
 from .options import Options
@@ -140,14 +141,16 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
     dynamic_update_slice per row block, in place). One matmul for q, k and v (`wqkv`, then one
     bias add) and one for gate and up (`w_gate_up`), split by static slices; q and k heads are
     rotated together. `activation` gates the MLP (SiLU: SwiGLU); a family differing only there
-    reuses this layer.
+    reuses this layer. The norm + projection (+ bias, activation, residual) steps run as the
+    fused kernels of `decoding.kernels.projection` when `options.projections == "pallas"` and
+    B * T is small (`Projections.choose`), else as jnp.
     """
     b, t, _ = x.shape
     nh, kh, dh = config.num_heads, config.num_kv_heads, config.head_dim
-    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    qkv = jnp.dot(h, lp["wqkv"])  # [B, T, (H + 2K) * Dh]
-    if config.qkv_bias:
-        qkv = qkv + lp["bqkv"]
+    eps = config.rms_norm_eps
+    proj = Projections.choose(options.projections, b * t, sharded=options.layout is not None)
+    qkv = proj.norm_matmul(x, lp["attn_norm"], lp["wqkv"], lp["bqkv"] if config.qkv_bias else None,
+                           eps=eps)  # [B, T, (H + 2K) * Dh]
     qk, v = split_parts(qkv, (("qk", (nh + kh) * dh), ("v", kh * dh)))
     qk = apply_rope(qk.reshape(b, t, nh + kh, dh), setup.cos, setup.sin)  # q heads, then k heads
     q, k = qk[:, :, :nh], qk[:, :, nh:]
@@ -167,10 +170,9 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
             attn = per_device_attention(attend, options.layout, q, kv, setup.visible)
     else:
         attn = attention_reference(q, kv[0], kv[1], setup.visible)
-    x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
-    h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), gate_up_parts(config))
-    x = x + jnp.dot(activation(gate) * up, lp["w_down"])
+    x = proj.matmul_residual(attn.reshape(b, t, -1), lp["wo"], x)
+    mlp = proj.norm_gate_up(x, lp["mlp_norm"], lp["w_gate_up"], eps=eps, activation=activation)  # [B, T, F]
+    x = proj.matmul_residual(mlp, lp["w_down"], x)
     return x, kv
 
 
