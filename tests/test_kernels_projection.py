@@ -160,17 +160,19 @@ def test_bad_option_is_refused_with_the_choices():
     assert Options(projections="pallas") != Options()
 
 
-def test_model_with_the_kernels_generates_the_same_tokens(monkeypatch):
-    """`Options(projections="pallas")` (interpreted off GPUs): float32 greedy generation equals the
-    jnp projections' token for token, autoregressive and speculative (a draft model, 3-token
-    chains verified as 4 rows per sequence), and the kernels are in the traced programs."""
+@pytest.mark.parametrize("strategy", ["autoregressive", "speculative"])
+def test_model_with_the_kernels_generates_the_same_tokens(monkeypatch, strategy):
+    """`Options(projections="pallas")` (interpreted off GPUs) on a model with q/k/v biases: float32
+    greedy generation equals the jnp projections' token for token, autoregressive and speculative
+    (prompt-lookup chains of 3, verified as 2 x 4 rows), and all three kernels are in the traced
+    programs."""
     from decoding import Autoregressive, Speculative, generate
-    from drafting import DraftModel
+    from drafting import PromptLookup
     from tiny import tiny_model
 
     target = tiny_model(seed=5, qkv_bias=True)
-    draft = tiny_model(seed=6, num_layers=1)
-    prompts = [[3, 9, 4, 1, 7], [5, 2]]
+    prompts = [[3, 9, 4, 3, 9, 4, 3], [5, 2, 5, 2]]
+    make = {"autoregressive": Autoregressive, "speculative": lambda: Speculative(PromptLookup(), gamma=3)}[strategy]
     traced = []
     for name in ("norm_matmul", "norm_gate_up", "matmul_residual"):
         real = getattr(projection_module, name)
@@ -178,15 +180,13 @@ def test_model_with_the_kernels_generates_the_same_tokens(monkeypatch):
                             lambda *a, _real=real, _name=name, **k: traced.append(_name) or _real(*a, **k))
     out = {}
     for impl in ("xla", "pallas"):
-        opts = Options(projections=impl)
         before = len(traced)
-        ar = generate(target, prompts, strategy=Autoregressive(), max_new_tokens=6, eos_token_id=(), options=opts)
-        spec = generate(target, prompts, strategy=Speculative(DraftModel(), gamma=3), draft=draft, max_new_tokens=6,
-                        eos_token_id=(), options=opts)
-        out[impl] = (ar.tokens, spec.tokens, traced[before:])
-    assert out["pallas"][0] == out["xla"][0] == out["pallas"][1] == out["xla"][1]
-    assert out["xla"][2] == []
-    assert {"norm_matmul", "norm_gate_up", "matmul_residual"} <= set(out["pallas"][2]), out["pallas"][2]
+        res = generate(target, prompts, strategy=make(), max_new_tokens=8, eos_token_id=(),
+                       options=Options(projections=impl))
+        out[impl] = (res.tokens, traced[before:])
+    assert out["pallas"][0] == out["xla"][0]
+    assert out["xla"][1] == []
+    assert {"norm_matmul", "norm_gate_up", "matmul_residual"} <= set(out["pallas"][1]), out["pallas"][1]
 
 
 @pytest.mark.parametrize("model", ["qwen2.5-1.5b", "qwen2.5-0.5b"])
