@@ -160,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--attention", default="xla",
                     help="comma-separated attention implementations to measure in turn: xla, pallas "
                          "(decoding.Options.attention)")
+    ap.add_argument("--projections", default="xla",
+                    help="comma-separated projection implementations to measure in turn: xla, pallas "
+                         "(decoding.Options.projections: the fused norm/projection kernels)")
     ap.add_argument("--command-buffers", default="default",
                     help="comma-separated XLA:GPU command buffer settings to measure in turn: default, while "
                          "(decoding.Options.command_buffers: the decode loop as a CUDA graph)")
@@ -200,13 +203,16 @@ def main(argv=None):
                  "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}, "hf_static": {}}
         ids = encode_prompts(model.tokenizer, prompts, chat=True)
         eos = default_eos_ids(model.tokenizer)
-        variants = [(impl, cb) for impl in args.attention.split(",") for cb in args.command_buffers.split(",")]
-        for impl, cb in variants:
-            options = Options(attention=impl, command_buffers="" if cb == "default" else cb)
-            tags = ([f"{impl} attention"] if impl != "xla" else []) + ([f"command buffers {cb}"] if cb != "default" else [])
+        variants = [(impl, proj, cb) for impl in args.attention.split(",") for proj in args.projections.split(",")
+                    for cb in args.command_buffers.split(",")]
+        for impl, proj, cb in variants:
+            options = Options(attention=impl, projections=proj, command_buffers="" if cb == "default" else cb)
+            tags = (([f"{impl} attention"] if impl != "xla" else []) + ([f"{proj} projections"] if proj != "xla" else [])
+                    + ([f"command buffers {cb}"] if cb != "default" else []))
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
                 r = run_ours(model, ids, bs, args.max_new_tokens, options)
                 r["attention"] = impl
+                r["projections"] = proj
                 r["command_buffers"] = cb
                 r["fraction_of_physical_limit"] = r["tokens_per_s"] / (bs * limit)
                 r["ms_per_step_in_loop"] = 1e3 * r["run_s"] / r["target_forwards"] if r["target_forwards"] else None
