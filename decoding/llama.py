@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .architecture import Architecture, register
+from .architecture import Architecture, LayerParams, register
 from .cache import write
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .kernels.attention import attention_pallas, attention_reference
@@ -149,8 +149,10 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
     nh, kh, dh = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
     proj = Projections.choose(options.projections, b * t, sharded=options.layout is not None)
-    qkv = proj.norm_matmul(x, lp["attn_norm"], lp["wqkv"], lp["bqkv"] if config.qkv_bias else None,
-                           eps=eps)  # [B, T, (H + 2K) * Dh]
+    # Unrolled, the kernels read this layer's weights in the stacks (`li`); under scan, slices.
+    w, li = (lp.stacks, lp.index) if isinstance(lp, LayerParams) else (lp, None)
+    qkv = proj.norm_matmul(x, w["attn_norm"], w["wqkv"], w["bqkv"] if config.qkv_bias else None, eps=eps,
+                           layer=li)  # [B, T, (H + 2K) * Dh]
     qk, v = split_parts(qkv, (("qk", (nh + kh) * dh), ("v", kh * dh)))
     qk = apply_rope(qk.reshape(b, t, nh + kh, dh), setup.cos, setup.sin)  # q heads, then k heads
     q, k = qk[:, :, :nh], qk[:, :, nh:]
@@ -170,9 +172,9 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
             attn = per_device_attention(attend, options.layout, q, kv, setup.visible)
     else:
         attn = attention_reference(q, kv[0], kv[1], setup.visible)
-    x = proj.matmul_residual(attn.reshape(b, t, -1), lp["wo"], x)
-    mlp = proj.norm_gate_up(x, lp["mlp_norm"], lp["w_gate_up"], eps=eps, activation=activation)  # [B, T, F]
-    x = proj.matmul_residual(mlp, lp["w_down"], x)
+    x = proj.matmul_residual(attn.reshape(b, t, -1), w["wo"], x, layer=li)
+    mlp = proj.norm_gate_up(x, w["mlp_norm"], w["w_gate_up"], eps=eps, activation=activation, layer=li)  # [B, T, F]
+    x = proj.matmul_residual(mlp, w["w_down"], x, layer=li)
     return x, kv
 
 

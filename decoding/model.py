@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .architecture import for_config
+from .architecture import LayerParams, for_config
 from .cache import KVCache
 from .config import ModelConfig
 from .options import DEFAULT as DEFAULT_OPTIONS
@@ -196,8 +196,7 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
     if (options or DEFAULT_OPTIONS).resolved().unroll_layers or end - start <= 1:
         # Straight-line layers: no per-layer loop predicate round trip on GPUs, static slices.
         for i in range(start, end):
-            lp = jax.tree.map(lambda w: w[i], params["layers"])
-            x, kvs[i] = layer(lp, x, kvs[i], i)
+            x, kvs[i] = layer(LayerParams(params["layers"], i), x, kvs[i], i)
             if i + 1 in return_hidden:
                 hidden[i + 1] = x
         return x, hidden, cache.with_layers(kvs)

@@ -28,9 +28,11 @@ Projections (`--kernel projection`, `decoding.kernels.projection`): the four fus
 Llama-family layer at Qwen2.5 shapes for R = B * T rows (`--rows`): norm + QKV + bias
 (`norm_qkv`), output projection + residual (`wo_residual`), norm + gate/up + SiLU
 (`norm_gate_up`), down projection + residual (`down_residual`). Each runs once per layer over
-`--layers` distinct weights, sliced from one stacked [L, ...] array as the model does; variants
-`reference` (the jnp path the layer runs by default, as XLA compiles it), `pallas` (the kernel),
-`pallas_separate` (the kernel on per-layer arrays: the cost of the stacked slices, if any).
+`--layers` distinct weights held in one stacked [L, ...] array as the model holds them; variants
+`reference` (the jnp path the layer runs by default, on slices, as XLA compiles it), `pallas`
+(the kernel reading each layer in the stacks, as the unrolled model runs it), `pallas_sliced`
+(the kernel on slices: what a slice costs before a custom call; `copies` counts the copy
+instructions of the compiled program).
 GB/s counts the weight bytes read (weight, norm, bias) per layer over the time per layer.
 
     python -m experiments.bench_kernels --out experiments/results/kernels
@@ -42,6 +44,7 @@ GB/s counts the weight bytes read (weight, norm, bias) per layer over the time p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -72,7 +75,7 @@ PROJECTION_MODELS = {"qwen2.5-1.5b": dict(d=1536, qkv=2048, f=8960, hd=1536),
                      "qwen2.5-0.5b": dict(d=896, qkv=1152, f=4864, hd=896),
                      "tiny": dict(d=64, qkv=96, f=80, hd=64)}  # CPU smoke tests
 PROJECTION_OPS = ("norm_qkv", "wo_residual", "norm_gate_up", "down_residual")
-PROJECTION_VARIANTS = ("reference", "pallas", "pallas_separate")
+PROJECTION_VARIANTS = ("reference", "pallas", "pallas_sliced")
 
 
 def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
@@ -250,29 +253,32 @@ def projection_case(key, model: dict, op: str, r: int, layers: int, dtype):
 
 
 def projection_fn(op: str, variant: str, *, interpret: bool, eps: float = 1e-6):
-    """fn(x, layer_weights) -> [R, Out] for one layer's weights {name: array} (sliced from the
-    stacks, or one of the per-layer arrays)."""
-    use = variant in ("pallas", "pallas_separate")
+    """fn(x, weights, i) -> [R, Out] for layer i of the stacked weights {name: [L, ...]} (the
+    residual [R, Out] is shared): the jnp path on slices (as the layer runs it), the kernel reading
+    layer i in the stacks (`pallas`, as the unrolled model does) or on slices (`pallas_sliced`)."""
     if variant not in PROJECTION_VARIANTS:
         raise ValueError(f"unknown projection variant {variant!r}; expected one of {PROJECTION_VARIANTS}.")
+    use = variant != "reference"
     proj = projection.Projections(kernel=use, interpret=use and interpret)
-    if op == "norm_qkv":
-        return lambda x, p: proj.norm_matmul(x, p["norm"], p["w"], p["bias"], eps=eps)
-    if op == "norm_gate_up":
-        return lambda x, p: proj.norm_gate_up(x, p["norm"], p["w"], eps=eps)
-    return lambda x, p: proj.matmul_residual(x, p["w"], p["residual"])
+
+    def fn(x, weights, i):
+        if variant == "pallas_sliced":
+            weights, i = {k: v if k == "residual" else v[i] for k, v in weights.items()}, None
+        if op == "norm_qkv":
+            return proj.norm_matmul(x, weights["norm"], weights["w"], weights["bias"], eps=eps, layer=i)
+        if op == "norm_gate_up":
+            return proj.norm_gate_up(x, weights["norm"], weights["w"], eps=eps, layer=i)
+        return proj.matmul_residual(x, weights["w"], weights["residual"], layer=i)
+
+    return fn
 
 
-def projection_layers(fn, separate: bool):
-    """One jitted call running `fn` once per layer (unrolled, as the model on GPUs): on slices
-    `w[i]` of the stacks, or (`separate`) on a list of per-layer arrays."""
+def projection_layers(fn):
+    """One jitted call running `fn` once per layer of the stacks (unrolled, as the model on GPUs)."""
 
     @jax.jit
     def run(x, weights):
-        if separate:
-            return [fn(x, lw) for lw in weights]
-        layers = weights["w"].shape[0]
-        return [fn(x, {k: v if k == "residual" else v[i] for k, v in weights.items()}) for i in range(layers)]
+        return [fn(x, weights, i) for i in range(weights["w"].shape[0])]
 
     return run
 
@@ -295,12 +301,9 @@ def run_projections(args, on_case=None) -> tuple[list[dict], float | None]:
             for op in args.ops:
                 key, sub = jax.random.split(key)
                 x, weights = projection_case(sub, model, op, r, args.layers, dtype)
-                first = {k: v if k == "residual" else v[0] for k, v in weights.items()}
-                separate = [{k: v if k == "residual" else v[i] for k, v in weights.items()}
-                            for i in range(args.layers)]
                 with jax.default_matmul_precision("float32"):  # not tf32
                     exact = projection_fn(op, "reference", interpret=False)(
-                        x.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in first.items()})
+                        x.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in weights.items()}, 0)
                 nbytes = sum(int(v[0].size) * v.dtype.itemsize for k, v in weights.items() if k != "residual")
                 floor_us = None if bw is None else 1e6 * nbytes / (bw / 2)  # reading only: half the copy's bytes
                 ref_us = None
@@ -309,11 +312,11 @@ def run_projections(args, on_case=None) -> tuple[list[dict], float | None]:
                                variant=name, dtype=args.dtype, weight_bytes=nbytes)
                     try:
                         fn = projection_fn(op, name, interpret=args.interpret)
-                        out = jax.jit(fn)(x, first)
+                        out = jax.jit(functools.partial(fn, i=0))(x, weights)
                         row["rel_err"] = rel_err(out, exact)
                         row["ok"] = bool(row["rel_err"] < (1e-2 if dtype == jnp.bfloat16 else 1e-4))
-                        f = projection_layers(fn, separate=name == "pallas_separate")
-                        call_args = (x, separate if name == "pallas_separate" else weights)
+                        f = projection_layers(fn)
+                        call_args = (x, weights)
                         compile_s, per_call = time_call(f, call_args, args.reps)
                         row["hlo_copies"] = None if args.interpret else hlo_copies(f, call_args)
                     except Exception as err:  # a variant that fails to build is reported, not fatal

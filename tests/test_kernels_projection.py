@@ -99,6 +99,27 @@ def test_matmul_residual_matches_reference_float32(shape):
           matmul_residual_reference(x, w, residual), seed)
 
 
+def test_layer_of_stacked_weights_is_read_in_place():
+    """`layer=i` on [L, ...] stacks equals the kernel on the slices (and the reference); a layer
+    index outside the stack, or unstacked norms, are refused."""
+    seed = fresh_seed()
+    r, d, n, layers = 3, 48, 40, 3
+    stacks = [inputs(seed + i, r, d, n) for i in range(layers)]
+    x, residual = stacks[0][0], stacks[0][4]
+    norm_w, w, bias = (jnp.stack([s[j] for s in stacks]) for j in (1, 2, 3))
+    kw = dict(block_n=16, block_k=32, interpret=True)
+    check(run(norm_matmul, x, norm_w, w, bias, eps=EPS, layer=1, **kw),
+          norm_matmul_reference(x, norm_w[1], w[1], bias[1], eps=EPS), seed)
+    check(run(norm_gate_up, x, norm_w, w, eps=EPS, layer=2, **kw),
+          norm_gate_up_reference(x, norm_w[2], w[2], eps=EPS), seed)
+    check(run(matmul_residual, x, w[:, :, :n], residual, layer=1, **kw),
+          matmul_residual_reference(x, w[1, :, :n], residual), seed)
+    with pytest.raises(ValueError, match="layer=3"):
+        norm_matmul(x, norm_w, w, bias, eps=EPS, layer=3, interpret=True)
+    with pytest.raises(ValueError, match="stacked too"):
+        norm_matmul(x, norm_w[0], w, bias, eps=EPS, layer=0, interpret=True)
+
+
 def test_bfloat16_rounds_once_and_accumulates_in_float32():
     """bf16 inputs: each kernel is within bf16 rounding of the bf16 reference and of the float32
     computation on the same (bf16) values; a leading [B, T] shape is kept; a custom activation
@@ -160,12 +181,13 @@ def test_bad_option_is_refused_with_the_choices():
     assert Options(projections="pallas") != Options()
 
 
-@pytest.mark.parametrize("strategy", ["autoregressive", "speculative"])
-def test_model_with_the_kernels_generates_the_same_tokens(monkeypatch, strategy):
+@pytest.mark.parametrize("strategy,unroll", [("autoregressive", True), ("speculative", False)])
+def test_model_with_the_kernels_generates_the_same_tokens(monkeypatch, strategy, unroll):
     """`Options(projections="pallas")` (interpreted off GPUs) on a model with q/k/v biases: float32
     greedy generation equals the jnp projections' token for token, autoregressive and speculative
-    (prompt-lookup chains of 3, verified as 2 x 4 rows), and all three kernels are in the traced
-    programs."""
+    (prompt-lookup chains of 3, verified as 2 x 4 rows), with unrolled layers (the kernels read
+    each layer's weights in the stacks, `layer=i`) and under scan (slices), and all three
+    kernels are in the traced programs."""
     from decoding import Autoregressive, Speculative, generate
     from drafting import PromptLookup
     from tiny import tiny_model
@@ -178,15 +200,21 @@ def test_model_with_the_kernels_generates_the_same_tokens(monkeypatch, strategy)
         real = getattr(projection_module, name)
         monkeypatch.setattr(projection_module, name,
                             lambda *a, _real=real, _name=name, **k: traced.append(_name) or _real(*a, **k))
+    layers = []  # the layer index each traced norm + QKV kernel was given
+    real_qkv = projection_module.norm_matmul
+    monkeypatch.setattr(projection_module, "norm_matmul",
+                        lambda *a, **k: layers.append(k["layer"]) or real_qkv(*a, **k))
     out = {}
     for impl in ("xla", "pallas"):
         before = len(traced)
         res = generate(target, prompts, strategy=make(), max_new_tokens=8, eos_token_id=(),
-                       options=Options(projections=impl))
+                       options=Options(projections=impl, unroll_layers=unroll))
         out[impl] = (res.tokens, traced[before:])
     assert out["pallas"][0] == out["xla"][0]
     assert out["xla"][1] == []
     assert {"norm_matmul", "norm_gate_up", "matmul_residual"} <= set(out["pallas"][1]), out["pallas"][1]
+    if unroll:
+        assert layers == [0, 1] * (len(layers) // 2) and layers, layers
 
 
 @pytest.mark.parametrize("model", ["qwen2.5-1.5b", "qwen2.5-0.5b"])
@@ -204,6 +232,8 @@ def test_kernels_lower_for_cuda_without_a_gpu(model):
                              (s((r, d), bf), s((d,), bf), s((d, 2 * f), bf))),
             "matmul_residual": (matmul_residual, (s((r, hd), bf), s((hd, d), bf), s((r, d), bf))),
             "down_residual": (matmul_residual, (s((r, f), bf), s((f, d), bf), s((r, d), bf))),
+            "stacked_gate_up": (lambda x, nw, w: norm_gate_up(x, nw, w, eps=EPS, layer=2),
+                                (s((r, d), bf), s((3, d), bf), s((3, d, 2 * f), bf))),
         }
         for name, (fn, args) in cases.items():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

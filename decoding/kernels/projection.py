@@ -127,7 +127,7 @@ class _Plan:
         return self.n % self.bn != 0
 
 
-def _plan(x, w, n: int, block_n, block_k) -> _Plan:
+def _plan(x, w_dtype, n: int, block_n, block_k) -> _Plan:
     r, k = x.shape
     if not 1 <= r <= _KERNEL_MAX_ROWS:
         raise ValueError(f"the projection kernels take 1 to {_KERNEL_MAX_ROWS} rows (R = B * T), got {r}; "
@@ -141,9 +141,9 @@ def _plan(x, w, n: int, block_n, block_k) -> _Plan:
     if block_n is None:
         block_n = next((bn for bn in (128, 64, 32) if pl.cdiv(n, bn) >= _TARGET_PROGRAMS), 16)
     bn = min(block_n, _pow2_floor(n))
-    compute = jnp.result_type(x.dtype, w.dtype)
+    compute = jnp.result_type(x.dtype, w_dtype)
     if block_k is None:
-        block_k = max(32, min(512, _pow2_floor(_TILE_BYTES // (bn * jnp.dtype(w.dtype).itemsize))))
+        block_k = max(32, min(512, _pow2_floor(_TILE_BYTES // (bn * jnp.dtype(w_dtype).itemsize))))
     bk = min(block_k, _pow2_floor(k))
     return _Plan(r=r, rp=max(16, 1 << (r - 1).bit_length()), k=k, bk=bk, n=n, bn=bn, compute=compute)
 
@@ -267,10 +267,22 @@ def _matmul_residual_kernel(x_ref, w_ref, res_ref, o_ref, *, p: _Plan, interpret
     _store_rows(o_ref, n0, acc + residual, p.n, p)
 
 
-def _launch(kernel, name: str, args, out_shape, p: _Plan, num_warps: int, num_stages: int, interpret: bool):
+def _launch(kernel, name: str, args, stacked, out_shape, p: _Plan, layer, num_warps: int, num_stages: int,
+            interpret: bool):
+    """One program per tile of BN output columns. Arguments flagged in `stacked` are [L, ...]
+    stacks of which the kernel sees layer `layer` only, read where it lies (a slice taken
+    outside would be a copy of the weight before the kernel); the others are seen whole."""
+    specs = []
+    for a, is_stacked in zip(args, stacked):
+        if is_stacked and layer is not None:
+            specs.append(pl.BlockSpec((None, *a.shape[1:]), lambda j, n=layer, nd=a.ndim - 1: (n,) + (0,) * nd))
+        else:
+            specs.append(pl.BlockSpec(a.shape, lambda j, nd=a.ndim: (0,) * nd))
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(p.n, p.bn),),
+        in_specs=specs,
+        out_specs=pl.BlockSpec(out_shape.shape, lambda j: (0, 0)),
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -284,66 +296,84 @@ def _flat(x: jax.Array, name: str, width: int) -> jax.Array:
     return x.reshape(-1, width)
 
 
+def _layer_view(layer, w: jax.Array, *vectors) -> tuple:
+    """The per-layer shapes (w [In, Out], each vector [W]) of possibly stacked arguments; checks
+    `layer` against the stack."""
+    if layer is None:
+        return w.shape, tuple(None if v is None else v.shape for v in vectors)
+    if not isinstance(layer, int) or w.ndim != 3 or not 0 <= layer < w.shape[0]:
+        raise ValueError(f"layer={layer!r} needs a static int below L and a stacked weight [L, In, Out]; "
+                         f"got w {w.shape}.")
+    for v in vectors:
+        if v is not None and (v.ndim != 2 or v.shape[0] != w.shape[0]):
+            raise ValueError(f"with layer={layer}, the norm and bias are stacked too ([L, W], L = {w.shape[0]}); "
+                             f"got {v.shape}.")
+    return w.shape[1:], tuple(None if v is None else v.shape[1:] for v in vectors)
+
+
 def norm_matmul(x: jax.Array, norm_w: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, eps: float,
-                block_n: int | None = None, block_k: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                interpret: bool = False) -> jax.Array:
+                layer: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
     """x: [..., D], norm_w: [D], w: [D, N], bias: [N] | None -> [..., N]: `norm_matmul_reference`
     in one kernel (the rows R = prod(...) at most 64).
 
+    `layer`: a static int; norm_w, w and bias are then stacks [L, D], [L, D, N], [L, N] and
+    layer `layer` of each is read where it lies (as `decoding.llama` stores them).
     `block_n`, `block_k`: output columns and weight rows per tile (powers of two >= 16; None:
     about 128 programs, 16 KiB weight tiles); `num_warps`, `num_stages`: Triton's warps per
     program and software-pipelining depth. `interpret=True` runs the Pallas interpreter.
     """
-    d, n = w.shape
-    if norm_w.shape != (d,) or (bias is not None and bias.shape != (n,)):
-        raise ValueError(f"w {w.shape} needs norm_w: [{d}] and bias: [{n}] or None; got norm_w {norm_w.shape}, "
-                         f"bias {None if bias is None else bias.shape}.")
+    (d, n), (nw_shape, b_shape) = _layer_view(layer, w, norm_w, bias)
+    if nw_shape != (d,) or (bias is not None and b_shape != (n,)):
+        raise ValueError(f"w {w.shape} needs norm_w: [{d}] and bias: [{n}] or None (stacked alike with `layer`); "
+                         f"got norm_w {norm_w.shape}, bias {None if bias is None else bias.shape}.")
     x2 = _flat(x, "x", d)
-    p = _plan(x2, w, n, block_n, block_k)
+    p = _plan(x2, w.dtype, n, block_n, block_k)
     dtype = jnp.result_type(x.dtype, w.dtype, *(() if bias is None else (bias.dtype,)))
     kernel = functools.partial(_norm_matmul_kernel, p=p, eps=float(eps), has_bias=bias is not None,
                                interpret=interpret)
     args = (x2, norm_w, w) + (() if bias is None else (bias,))
-    out = _launch(kernel, "norm_matmul", args, jax.ShapeDtypeStruct((p.r, n), dtype), p, num_warps, num_stages,
-                  interpret)
+    out = _launch(kernel, "norm_matmul", args, (False, True, True, True), jax.ShapeDtypeStruct((p.r, n), dtype), p,
+                  layer, num_warps, num_stages, interpret)
     return out.reshape(*x.shape[:-1], n)
 
 
 def norm_gate_up(x: jax.Array, norm_w: jax.Array, w_gate_up: jax.Array, *, eps: float,
-                 activation: Callable = jax.nn.silu, block_n: int | None = None, block_k: int | None = None,
-                 num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
+                 activation: Callable = jax.nn.silu, layer: int | None = None, block_n: int | None = None,
+                 block_k: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                 interpret: bool = False) -> jax.Array:
     """x: [..., D], norm_w: [D], w_gate_up: [D, 2F] -> [..., F]: `norm_gate_up_reference` in one
     kernel; `activation` is applied in float32 inside it (any jnp function Triton lowers: SiLU,
-    GELU). Tiles and flags as in `norm_matmul`, with BN columns of each half per program."""
-    d, two_f = w_gate_up.shape
-    if norm_w.shape != (d,) or two_f % 2:
-        raise ValueError(f"w_gate_up must be [D, 2F] with norm_w: [D]; got w_gate_up {w_gate_up.shape}, "
-                         f"norm_w {norm_w.shape}.")
+    GELU). `layer`, tiles and flags as in `norm_matmul`, with BN columns of each half per program."""
+    (d, two_f), (nw_shape,) = _layer_view(layer, w_gate_up, norm_w)
+    if nw_shape != (d,) or two_f % 2:
+        raise ValueError(f"w_gate_up must be [D, 2F] with norm_w: [D] (stacked alike with `layer`); got "
+                         f"w_gate_up {w_gate_up.shape}, norm_w {norm_w.shape}.")
     f = two_f // 2
     x2 = _flat(x, "x", d)
-    p = _plan(x2, w_gate_up, f, block_n, block_k)
+    p = _plan(x2, w_gate_up.dtype, f, block_n, block_k)
     kernel = functools.partial(_norm_gate_up_kernel, p=p, eps=float(eps), activation=activation,
                                interpret=interpret)
-    out = _launch(kernel, "norm_gate_up", (x2, norm_w, w_gate_up),
-                  jax.ShapeDtypeStruct((p.r, f), jnp.result_type(x.dtype, w_gate_up.dtype)), p, num_warps,
+    out = _launch(kernel, "norm_gate_up", (x2, norm_w, w_gate_up), (False, True, True),
+                  jax.ShapeDtypeStruct((p.r, f), jnp.result_type(x.dtype, w_gate_up.dtype)), p, layer, num_warps,
                   num_stages, interpret)
     return out.reshape(*x.shape[:-1], f)
 
 
-def matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, *, block_n: int | None = None,
-                    block_k: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                    interpret: bool = False) -> jax.Array:
+def matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, *, layer: int | None = None,
+                    block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+                    num_stages: int = 3, interpret: bool = False) -> jax.Array:
     """x: [..., K], w: [K, N], residual: [..., N] -> [..., N]: `matmul_residual_reference` in one
-    kernel. Tiles and flags as in `norm_matmul`."""
-    k, n = w.shape
+    kernel. `layer` (w a stack [L, K, N]), tiles and flags as in `norm_matmul`."""
+    (k, n), _ = _layer_view(layer, w)
     if residual.shape != (*x.shape[:-1], n):
         raise ValueError(f"residual must be x's rows by w's columns, {(*x.shape[:-1], n)}; got {residual.shape}.")
     x2 = _flat(x, "x", k)
-    p = _plan(x2, w, n, block_n, block_k)
+    p = _plan(x2, w.dtype, n, block_n, block_k)
     kernel = functools.partial(_matmul_residual_kernel, p=p, interpret=interpret)
     dtype = jnp.result_type(residual.dtype, x.dtype, w.dtype)
-    out = _launch(kernel, "matmul_residual", (x2, w, residual.reshape(-1, n)), jax.ShapeDtypeStruct((p.r, n), dtype),
-                  p, num_warps, num_stages, interpret)
+    out = _launch(kernel, "matmul_residual", (x2, w, residual.reshape(-1, n)), (False, True, False),
+                  jax.ShapeDtypeStruct((p.r, n), dtype), p, layer, num_warps, num_stages, interpret)
     return out.reshape(residual.shape)
 
 
@@ -369,17 +399,29 @@ class Projections:
         use = impl == "pallas" and rows <= MAX_ROWS and not sharded and backend != "tpu"
         return cls(kernel=use, interpret=use and backend != "gpu")
 
-    def norm_matmul(self, x, norm_w, w, bias=None, *, eps: float):
+    def norm_matmul(self, x, norm_w, w, bias=None, *, eps: float, layer: int | None = None):
         if self.kernel:
-            return norm_matmul(x, norm_w, w, bias, eps=eps, interpret=self.interpret)
+            return norm_matmul(x, norm_w, w, bias, eps=eps, layer=layer, interpret=self.interpret)
+        norm_w, w, bias = _pick(layer, norm_w, w, bias)
         return norm_matmul_reference(x, norm_w, w, bias, eps=eps)
 
-    def norm_gate_up(self, x, norm_w, w_gate_up, *, eps: float, activation: Callable = jax.nn.silu):
+    def norm_gate_up(self, x, norm_w, w_gate_up, *, eps: float, activation: Callable = jax.nn.silu,
+                     layer: int | None = None):
         if self.kernel:
-            return norm_gate_up(x, norm_w, w_gate_up, eps=eps, activation=activation, interpret=self.interpret)
+            return norm_gate_up(x, norm_w, w_gate_up, eps=eps, activation=activation, layer=layer,
+                                interpret=self.interpret)
+        norm_w, w_gate_up = _pick(layer, norm_w, w_gate_up)
         return norm_gate_up_reference(x, norm_w, w_gate_up, eps=eps, activation=activation)
 
-    def matmul_residual(self, x, w, residual):
+    def matmul_residual(self, x, w, residual, *, layer: int | None = None):
         if self.kernel:
-            return matmul_residual(x, w, residual, interpret=self.interpret)
+            return matmul_residual(x, w, residual, layer=layer, interpret=self.interpret)
+        (w,) = _pick(layer, w)
         return matmul_residual_reference(x, w, residual)
+
+
+def _pick(layer, *stacks):
+    """Layer `layer` of each stack (None passes through); all arguments as given when layer is None."""
+    if layer is None:
+        return stacks
+    return tuple(None if a is None else a[layer] for a in stacks)
