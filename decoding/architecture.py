@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import jax
+
 from .config import ConfigError
 
 
@@ -82,7 +84,7 @@ class LayerParams(Mapping):
         self.stacks, self.index = stacks, index
 
     def __getitem__(self, name: str):
-        return self.stacks[name][self.index]
+        return jax.tree.map(lambda a: a[self.index], self.stacks[name])
 
     def __iter__(self):
         return iter(self.stacks)
