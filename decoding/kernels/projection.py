@@ -26,7 +26,9 @@ Choices:
   every program from L2. The norm is a first pass over x in each program (sum of squares), so
   no program waits on another. Default BN gives about 128 programs where N allows (H100: 132
   SMs); a BN of 16 bf16 columns reads weight rows in 32-byte sectors.
-* Weights `[in, out]` as the model stores them (`decoding.llama`): no relayout at load time.
+* Weights `[in, out]` as the model stores them (`decoding.llama`): no relayout at load time;
+  with `layer=i` a kernel takes the stacked `[L, in, out]` weights (and norms, biases) and reads
+  layer i where it lies, since a slice handed to a custom call can cost a copy of the weight.
   `norm_gate_up` reads the matching column tiles of the gate and up halves in one program, so
   the activation and product happen in registers.
 * Rows are padded to RP = 16 in registers by masked loads (Triton's matrix product needs 16
@@ -385,7 +387,9 @@ def matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, *, layer: i
 @dataclasses.dataclass(frozen=True)
 class Projections:
     """The three fused projections a layer runs: the kernels (`kernel=True`; `interpret` for
-    hosts without a GPU) or the references. `Projections.choose` decides per call."""
+    hosts without a GPU) or the references. `Projections.choose` decides per call. Each method
+    takes `layer=i` with stacked weights (the kernels read layer i in place, the references
+    slice it)."""
 
     kernel: bool = False
     interpret: bool = False
