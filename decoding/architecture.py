@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import jax
+
 from .config import ConfigError
 
 
@@ -43,7 +45,8 @@ class Architecture:
     layer(config, setup, lp, x[B, T, D], kv[2, B, K, S, Dh], i, cursor[B], options) -> (x, kv):
         decoder layer i on its own cache buffer (keys kv[0], values kv[1]), writing its T new
         keys/values at slots `cursor[b] + t` (with `decoding.cache.write`). Unrolled,
-        `i` is a Python int (a layer may branch on it); under `lax.scan` a traced int32.
+        `i` is a Python int (a layer may branch on it) and `lp` a `LayerParams` (read like a
+        dict); under `lax.scan` a traced int32 and a dict of slices.
     hf_names: the name map of Hugging Face safetensors tensors (`decoding.loading.NameMap`).
     gguf_arches: {GGUF `general.architecture`: Hugging Face model_type} it reads.
     gguf_names(gguf_arch) -> NameMap of that GGUF architecture's tensors.
@@ -70,6 +73,24 @@ class Architecture:
     gguf_keys: frozenset = frozenset()
     gguf_fields: Callable[[str, dict, Callable], dict] = lambda arch, cfg, get: {}
     param_axes: Callable[[Any], dict] | None = None
+
+
+class LayerParams(Mapping):
+    """Layer i's parameters as views of the stacked `[L, ...]` arrays: `lp[name]` is
+    `stacks[name][i]` (a static slice); `lp.stacks` and `lp.index` let a kernel read layer i of
+    a stack where it lies (a slice passed to a custom call would cost a copy of the weight)."""
+
+    def __init__(self, stacks: Mapping[str, Any], index: int):
+        self.stacks, self.index = stacks, index
+
+    def __getitem__(self, name: str):
+        return jax.tree.map(lambda a: a[self.index], self.stacks[name])
+
+    def __iter__(self):
+        return iter(self.stacks)
+
+    def __len__(self) -> int:
+        return len(self.stacks)
 
 
 _BY_CONFIG: dict[type, Architecture] = {}

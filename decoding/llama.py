@@ -23,11 +23,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .architecture import Architecture, register
+from .architecture import Architecture, LayerParams, register
 from .cache import write
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .kernels.attention import attention_pallas, attention_pallas_prefix, attention_reference
 from .kernels.attention_tpu import attention_tpu, attention_tpu_prefix
+from .kernels.projection import Projections
 from .loading.convert import NameMap, Rule
 from .numerics import attention_mask, f32_einsum, rms_norm, split_parts
 from .options import Options
@@ -148,14 +149,18 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
     dynamic_update_slice per row block, in place). One matmul for q, k and v (`wqkv`, then one
     bias add) and one for gate and up (`w_gate_up`), split by static slices; q and k heads are
     rotated together. `activation` gates the MLP (SiLU: SwiGLU); a family differing only there
-    reuses this layer.
+    reuses this layer. The norm + projection (+ bias, activation, residual) steps run as the
+    fused kernels of `decoding.kernels.projection` when `options.projections == "pallas"` and
+    B * T is small (`Projections.choose`), else as jnp.
     """
     b, t, _ = x.shape
     nh, kh, dh = config.num_heads, config.num_kv_heads, config.head_dim
-    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    qkv = jnp.dot(h, lp["wqkv"])  # [B, T, (H + 2K) * Dh]
-    if config.qkv_bias:
-        qkv = qkv + lp["bqkv"]
+    eps = config.rms_norm_eps
+    proj = Projections.choose(options.projections, b * t, sharded=options.layout is not None)
+    # Unrolled, the kernels read this layer's weights in the stacks (`li`); under scan, slices.
+    w, li = (lp.stacks, lp.index) if isinstance(lp, LayerParams) else (lp, None)
+    qkv = proj.norm_matmul(x, w["attn_norm"], w["wqkv"], w["bqkv"] if config.qkv_bias else None, eps=eps,
+                           layer=li)  # [B, T, (H + 2K) * Dh]
     qk, v = split_parts(qkv, (("qk", (nh + kh) * dh), ("v", kh * dh)))
     qk = apply_rope(qk.reshape(b, t, nh + kh, dh), setup.cos, setup.sin)  # q heads, then k heads
     q, k = qk[:, :, :nh], qk[:, :, nh:]
@@ -184,10 +189,9 @@ def layer(config, setup: Setup, lp: dict, x, kv, i, cursor, options: Options, *,
             attn = per_device_attention(attend, options.layout, q, kv, seen)
     else:
         attn = attention_reference(q, kv[0], kv[1], setup.visible)
-    x = x + jnp.dot(attn.reshape(b, t, -1), lp["wo"])
-    h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gate, up = split_parts(jnp.dot(h, lp["w_gate_up"]), gate_up_parts(config))
-    x = x + jnp.dot(activation(gate) * up, lp["w_down"])
+    x = proj.matmul_residual(attn.reshape(b, t, -1), w["wo"], x, layer=li)
+    mlp = proj.norm_gate_up(x, w["mlp_norm"], w["w_gate_up"], eps=eps, activation=activation, layer=li)  # [B, T, F]
+    x = proj.matmul_residual(mlp, w["w_down"], x, layer=li)
     return x, kv
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .architecture import for_config
+from .architecture import LayerParams, for_config
 from .cache import KVCache
 from .config import ModelConfig
 from .options import DEFAULT as DEFAULT_OPTIONS
@@ -197,8 +197,7 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
     if (options or DEFAULT_OPTIONS).resolved().unroll_layers or end - start <= 1:
         # Straight-line layers: no per-layer loop predicate round trip on GPUs, static slices.
         for i in range(start, end):
-            lp = layer_params(params["layers"], i)
-            x, kvs[i] = layer(lp, x, kvs[i], i)
+            x, kvs[i] = layer(layer_params(params["layers"], i), x, kvs[i], i)
             if i + 1 in return_hidden:
                 hidden[i + 1] = x
         return x, hidden, cache.with_layers(kvs)
@@ -219,12 +218,14 @@ def layer_range(config, params: dict, x: jax.Array, cache: KVCache, layer, *,
     return x, hidden, cache.with_layers(kvs)
 
 
-def layer_params(layers, i: int) -> dict:
-    """Layer i's weights from `params["layers"]`, stacked (`{name: [L, ...]}`) or split (a tuple
-    of L per-layer dicts, `split_layers`)."""
+def layer_params(layers, i: int):
+    """Layer i's weights from `params["layers"]`: from a split tree (a tuple of L per-layer dicts,
+    `split_layers`) its own dict; from stacked weights (`{name: [L, ...]}`) a
+    `decoding.architecture.LayerParams`, which reads like that dict (`lp[name]` is the static
+    slice) and lets a kernel read layer i of a stack where it lies."""
     if isinstance(layers, (tuple, list)):
         return layers[i]
-    return jax.tree.map(lambda w: w[i], layers)
+    return LayerParams(layers, i)
 
 
 def layer_slice(layers, start: int, end: int) -> dict:

@@ -14,6 +14,12 @@ Fields:
       (`decoding.kernels.attention`; where the layer index is static and the head dim a power
       of two, else the reference; the Mosaic variant `decoding.kernels.attention_tpu` on TPUs,
       the Triton kernel on GPUs, the Triton kernel interpreted elsewhere, for tests).
+  projections: "xla" (jnp: `jnp.dot` with the norm, bias, activation and residual as XLA
+      compiles them) or "pallas" (`decoding.kernels.projection`: norm + QKV (+ bias), output
+      projection + residual, norm + gate/up + activation, down projection + residual, one
+      kernel each; for calls of at most `MAX_ROWS` (16) rows B * T on one device, the Triton
+      kernels on GPUs, interpreted on CPUs for tests; TPUs, meshes and longer calls, prefill
+      included, keep the jnp path).
   unroll_layers: True unrolls the layer loop into straight-line code (no per-layer loop
       predicate on GPUs), False runs it as one `lax.scan` (fast compiles on CPU); None picks
       by backend (`resolved()`).
@@ -25,7 +31,7 @@ Fields:
       `decoding.generate` from a sharded model (`model.layout`), None on one device. The Pallas
       attention then runs per device under `jax.shard_map` (a kernel needs per-device shapes).
 
-`Options.from_env()` reads DECODING_ATTENTION, DECODING_UNROLL_LAYERS and
+`Options.from_env()` reads DECODING_ATTENTION, DECODING_PROJECTIONS, DECODING_UNROLL_LAYERS and
 DECODING_COMMAND_BUFFERS once, for command lines; library code never reads the environment.
 """
 
@@ -37,6 +43,7 @@ import os
 import jax
 
 ATTENTION_IMPLS = ("xla", "pallas")
+PROJECTION_IMPLS = ("xla", "pallas")
 #: the kinds XLA's `xla_gpu_enable_command_buffer` accepts
 COMMAND_BUFFER_KINDS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "COLLECTIVES", "CONDITIONAL", "WHILE",
                         "DYNAMIC_SLICE_FUSION")
@@ -49,6 +56,7 @@ class Options:
     compile key."""
 
     attention: str = "xla"
+    projections: str = "xla"
     unroll_layers: bool | None = None
     command_buffers: str = ""
     layout: object = None
@@ -56,6 +64,10 @@ class Options:
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"Options.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}.")
+        if self.projections not in PROJECTION_IMPLS:
+            raise ValueError(f"Options.projections must be one of {PROJECTION_IMPLS}, got {self.projections!r}: "
+                             "'xla' for the jnp projections, 'pallas' for the fused kernels of "
+                             "decoding.kernels.projection.")
         if self.unroll_layers not in (None, True, False):
             raise ValueError(f"Options.unroll_layers must be True, False or None (by backend), "
                              f"got {self.unroll_layers!r}.")
@@ -82,13 +94,14 @@ class Options:
 
     @classmethod
     def from_env(cls, environ=None) -> Options:
-        """Options from DECODING_ATTENTION, DECODING_UNROLL_LAYERS (1/0) and
+        """Options from DECODING_ATTENTION, DECODING_PROJECTIONS, DECODING_UNROLL_LAYERS (1/0) and
         DECODING_COMMAND_BUFFERS, for command lines and benchmark scripts."""
         env = os.environ if environ is None else environ
         unroll = env.get("DECODING_UNROLL_LAYERS", "").strip().lower()
         if unroll not in ("", "1", "0", "true", "false"):
             raise ValueError(f"DECODING_UNROLL_LAYERS must be 1, 0 or unset, got {unroll!r}.")
         return cls(attention=env.get("DECODING_ATTENTION", "xla") or "xla",
+                   projections=env.get("DECODING_PROJECTIONS", "xla") or "xla",
                    unroll_layers=None if not unroll else unroll in ("1", "true"),
                    command_buffers=env.get("DECODING_COMMAND_BUFFERS", ""))
 

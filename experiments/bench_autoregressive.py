@@ -160,6 +160,12 @@ def main(argv=None):
     ap.add_argument("--attention", default="xla",
                     help="comma-separated attention implementations to measure in turn: xla, pallas "
                          "(decoding.Options.attention)")
+    ap.add_argument("--projections", default="xla",
+                    help="comma-separated projection implementations to measure in turn: xla, pallas "
+                         "(decoding.Options.projections: the fused norm/projection kernels)")
+    ap.add_argument("--layer-weights", default="stacked",
+                    help="comma-separated layer-weight layouts to measure in turn: stacked (as loaded: slices of "
+                         "[L, ...] arrays), split (one array per layer, decoding.model.split_layers)")
     ap.add_argument("--command-buffers", default="default",
                     help="comma-separated XLA:GPU command buffer settings to measure in turn: default, while "
                          "(decoding.Options.command_buffers: the decode loop as a CUDA graph)")
@@ -200,17 +206,30 @@ def main(argv=None):
                  "physical_limit_tokens_per_s_batch1": limit, "ours": {}, "hf_eager": {}, "hf_static": {}}
         ids = encode_prompts(model.tokenizer, prompts, chat=True)
         eos = default_eos_ids(model.tokenizer)
-        variants = [(impl, cb) for impl in args.attention.split(",") for cb in args.command_buffers.split(",")]
-        for impl, cb in variants:
-            options = Options(attention=impl, command_buffers="" if cb == "default" else cb)
-            tags = ([f"{impl} attention"] if impl != "xla" else []) + ([f"command buffers {cb}"] if cb != "default" else [])
+        layouts = args.layer_weights.split(",")
+        bad = [w for w in layouts if w not in ("stacked", "split")]
+        if bad:
+            raise SystemExit(f"--layer-weights takes stacked and/or split, got {bad}.")
+        variants = [(lw, impl, proj, cb) for lw in layouts for impl in args.attention.split(",")
+                    for proj in args.projections.split(",") for cb in args.command_buffers.split(",")]
+        split_model = None
+        for lw, impl, proj, cb in variants:
+            if lw == "split" and split_model is None:
+                split_model = model.split_layers()  # one copy of the weights, kept beside the stacked ones
+            m = split_model if lw == "split" else model
+            options = Options(attention=impl, projections=proj, command_buffers="" if cb == "default" else cb)
+            tags = (([f"{lw} layer weights"] if lw != "stacked" else []) + ([f"{impl} attention"] if impl != "xla" else [])
+                    + ([f"{proj} projections"] if proj != "xla" else [])
+                    + ([f"command buffers {cb}"] if cb != "default" else []))
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
-                r = run_ours(model, ids, bs, args.max_new_tokens, options)
+                r = run_ours(m, ids, bs, args.max_new_tokens, options)
+                r["layer_weights"] = lw
                 r["attention"] = impl
+                r["projections"] = proj
                 r["command_buffers"] = cb
                 r["fraction_of_physical_limit"] = r["tokens_per_s"] / (bs * limit)
                 r["ms_per_step_in_loop"] = 1e3 * r["run_s"] / r["target_forwards"] if r["target_forwards"] else None
-                r["ms_forward_only"] = forward_only_ms(model, batch=bs, options=options)
+                r["ms_forward_only"] = forward_only_ms(m, batch=bs, options=options)
                 r["ms_weights_at_bandwidth"] = 1e3 * wb / bw
                 key = f"{bs} ({', '.join(tags)})" if tags else str(bs)
                 if tags and str(bs) in entry["ours"]:  # same process, same prompts: the default beside it
@@ -240,7 +259,7 @@ def main(argv=None):
                           f"{h.get('ours_speedup', float('nan')):.2f}x; identical outputs "
                           f"{h.get('identical_outputs')}/{len(ids)}", flush=True)
         report["models"][name] = entry
-        del model
+        del model, split_model
         write_report(report, Path(args.out))  # after every model, so a cut-off run keeps what it measured
     print(markdown(report))
 
@@ -272,8 +291,11 @@ def write_report(report, out: Path) -> None:
             for r in m.get(part, {}).values():
                 if r["outputs"] and not isinstance(r["outputs"][0], int):
                     r["outputs"] = [len(o) for o in r["outputs"]]  # lengths only in the JSON
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
+    # `out` names the pair without its extension; a dot in a model name is not one
+    # ("runs/qwen2.5-coder-1.5b-instruct" -> runs/qwen2.5-coder-1.5b-instruct.json and .md)
+    path = out if out.suffix == ".json" else out.parent / f"{out.name}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    path.with_suffix(".md").write_text(markdown(report))
 
 
 def markdown(report) -> str:

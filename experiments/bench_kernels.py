@@ -1,4 +1,5 @@
-"""Micro-benchmark of the decode/verification attention kernel against its jnp reference.
+"""Micro-benchmarks of the Pallas kernels against their jnp references: the decode/verification
+attention (`--kernel attention`, the default) and the fused projections (`--kernel projection`).
 
 Shapes are those of decoding with Qwen2.5-1.5B (H=12, K=2, Dh=128) and Qwen2.5-0.5B (H=14, K=2,
 Dh=64): batch B, T new query tokens (1: decode, 5: a chain, 61: a tree with a random ancestor
@@ -23,7 +24,19 @@ Correctness: ||out - exact|| / ||exact|| where `exact` is the reference on float
 the inputs. The floor is the bytes a kernel must move (live keys and values, queries, output)
 over the copy bandwidth measured here (a large device-to-device copy, bytes read + written).
 
+Projections (`--kernel projection`, `decoding.kernels.projection`): the four fused steps of a
+Llama-family layer at Qwen2.5 shapes for R = B * T rows (`--rows`): norm + QKV + bias
+(`norm_qkv`), output projection + residual (`wo_residual`), norm + gate/up + SiLU
+(`norm_gate_up`), down projection + residual (`down_residual`). Each runs once per layer over
+`--layers` distinct weights held in one stacked [L, ...] array as the model holds them; variants
+`reference` (the jnp path the layer runs by default, on slices, as XLA compiles it), `pallas`
+(the kernel reading each layer in the stacks, as the unrolled model runs it), `pallas_sliced`
+(the kernel on slices: what a slice costs before a custom call; `copies` counts the copy
+instructions of the compiled program).
+GB/s counts the weight bytes read (weight, norm, bias) per layer over the time per layer.
+
     python -m experiments.bench_kernels --out experiments/results/kernels
+    python -m experiments.bench_kernels --kernel projection --out experiments/results/projections
     python -m experiments.bench_kernels --interpret --tiny --out /tmp/kernels   # CPU smoke test
     python -m experiments.bench_kernels --out experiments/results/kernels_tpu   # on a TPU host
 """
@@ -31,6 +44,7 @@ over the copy bandwidth measured here (a large device-to-device copy, bytes read
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -48,6 +62,7 @@ from decoding.kernels import (
     attention_tpu_prefix,
     prefix_visible,
 )
+from decoding.kernels import projection
 from drafting.shapes import ancestor_mask
 
 from . import environment
@@ -55,6 +70,12 @@ from . import environment
 MODELS = {"qwen2.5-1.5b": dict(h=12, kh=2, dh=128), "qwen2.5-0.5b": dict(h=14, kh=2, dh=64)}
 VARIANTS = ("reference", "pallas_mask", "pallas_prefix", "pallas_unified")
 TPU_VARIANTS = ("reference", "tpu_mask", "tpu_prefix")
+# D hidden, QKV = (H + 2K) * Dh, F MLP width, HD = H * Dh
+PROJECTION_MODELS = {"qwen2.5-1.5b": dict(d=1536, qkv=2048, f=8960, hd=1536),
+                     "qwen2.5-0.5b": dict(d=896, qkv=1152, f=4864, hd=896),
+                     "tiny": dict(d=64, qkv=96, f=80, hd=64)}  # CPU smoke tests
+PROJECTION_OPS = ("norm_qkv", "wo_residual", "norm_gate_up", "down_residual")
+PROJECTION_VARIANTS = ("reference", "pallas", "pallas_sliced")
 
 
 def tree_mask(rng: np.random.Generator, t: int) -> np.ndarray:
@@ -207,6 +228,145 @@ def run(args, on_case=None) -> tuple[list[dict], float | None]:
     return rows, bw
 
 
+# --------------------------------------------------------------------------------------------
+# Projections
+# --------------------------------------------------------------------------------------------
+
+
+def projection_case(key, model: dict, op: str, r: int, layers: int, dtype):
+    """(x [R, In], per-layer weights {name: [L, ...]}) of one fused step: the input, and for
+    every layer the weight [In, Out], the norm [In] (norm ops), the bias [Out] (norm_qkv) and
+    the residual [R, D] (residual ops, shared)."""
+    d = model["d"]
+    n_in, n_out = {"norm_qkv": (d, model["qkv"]), "wo_residual": (model["hd"], d),
+                   "norm_gate_up": (d, 2 * model["f"]), "down_residual": (model["f"], d)}[op]
+    kx, kw, kn, kb, kr = jax.random.split(key, 5)
+    x = (2.0 * jax.random.normal(kx, (r, n_in), jnp.float32) + 0.5).astype(dtype)
+    weights = {"w": (jax.random.normal(kw, (layers, n_in, n_out), jnp.float32) * n_in ** -0.5).astype(dtype)}
+    if op.startswith("norm"):
+        weights["norm"] = (1.0 + 0.2 * jax.random.normal(kn, (layers, n_in), jnp.float32)).astype(dtype)
+    if op == "norm_qkv":
+        weights["bias"] = jax.random.normal(kb, (layers, n_out), jnp.float32).astype(dtype)
+    if op.endswith("residual"):
+        weights["residual"] = jax.random.normal(kr, (r, n_out), jnp.float32).astype(dtype)
+    return x, weights
+
+
+def projection_fn(op: str, variant: str, *, interpret: bool, eps: float = 1e-6):
+    """fn(x, weights, i) -> [R, Out] for layer i of the stacked weights {name: [L, ...]} (the
+    residual [R, Out] is shared): the jnp path on slices (as the layer runs it), the kernel reading
+    layer i in the stacks (`pallas`, as the unrolled model does) or on slices (`pallas_sliced`)."""
+    if variant not in PROJECTION_VARIANTS:
+        raise ValueError(f"unknown projection variant {variant!r}; expected one of {PROJECTION_VARIANTS}.")
+    use = variant != "reference"
+    proj = projection.Projections(kernel=use, interpret=use and interpret)
+
+    def fn(x, weights, i):
+        if variant == "pallas_sliced":
+            weights, i = {k: v if k == "residual" else v[i] for k, v in weights.items()}, None
+        if op == "norm_qkv":
+            return proj.norm_matmul(x, weights["norm"], weights["w"], weights["bias"], eps=eps, layer=i)
+        if op == "norm_gate_up":
+            return proj.norm_gate_up(x, weights["norm"], weights["w"], eps=eps, layer=i)
+        return proj.matmul_residual(x, weights["w"], weights["residual"], layer=i)
+
+    return fn
+
+
+def projection_layers(fn):
+    """One jitted call running `fn` once per layer of the stacks (unrolled, as the model on GPUs)."""
+
+    @jax.jit
+    def run(x, weights):
+        return [fn(x, weights, i) for i in range(weights["w"].shape[0])]
+
+    return run
+
+
+def hlo_copies(f, args) -> int:
+    """Copy instructions in the compiled program (a weight slice materialised before a kernel shows here)."""
+    text = f.lower(*args).compile().as_text()
+    return sum(1 for line in text.splitlines() if " copy(" in line or "copy-start(" in line)
+
+
+def run_projections(args, on_case=None) -> tuple[list[dict], float | None]:
+    """Every (model, R, op) case x variant; `on_case(rows, bw)` after each case."""
+    dtype = jnp.dtype(args.dtype)
+    rows = []
+    bw = None if args.interpret else copy_bandwidth()
+    key = jax.random.PRNGKey(args.seed)
+    for model_name in args.models:
+        model = PROJECTION_MODELS[model_name]
+        for r in args.rows:
+            for op in args.ops:
+                key, sub = jax.random.split(key)
+                x, weights = projection_case(sub, model, op, r, args.layers, dtype)
+                with jax.default_matmul_precision("float32"):  # not tf32
+                    exact = projection_fn(op, "reference", interpret=False)(
+                        x.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in weights.items()}, 0)
+                nbytes = sum(int(v[0].size) * v.dtype.itemsize for k, v in weights.items() if k != "residual")
+                floor_us = None if bw is None else 1e6 * nbytes / (bw / 2)  # reading only: half the copy's bytes
+                ref_us = None
+                for name in args.projection_variants:
+                    row = dict(model=model_name, op=op, R=r, In=int(x.shape[1]), Out=int(weights["w"].shape[2]),
+                               variant=name, dtype=args.dtype, weight_bytes=nbytes)
+                    try:
+                        fn = projection_fn(op, name, interpret=args.interpret)
+                        out = jax.jit(functools.partial(fn, i=0))(x, weights)
+                        row["rel_err"] = rel_err(out, exact)
+                        row["ok"] = bool(row["rel_err"] < (1e-2 if dtype == jnp.bfloat16 else 1e-4))
+                        f = projection_layers(fn)
+                        call_args = (x, weights)
+                        compile_s, per_call = time_call(f, call_args, args.reps)
+                        row["hlo_copies"] = None if args.interpret else hlo_copies(f, call_args)
+                    except Exception as err:  # a variant that fails to build is reported, not fatal
+                        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                        rows.append(row)
+                        print(f"{model_name} R={r} {op} {name}: FAILED {row['error']}", flush=True)
+                        continue
+                    us = 1e6 * per_call / args.layers
+                    row.update(us_per_layer=us, compile_s=compile_s, floor_us=floor_us, gbps=nbytes / (us * 1e-6) / 1e9)
+                    if name == "reference":
+                        ref_us = us
+                    row["speedup_vs_reference"] = None if ref_us is None else ref_us / us
+                    rows.append(row)
+                    print(f"{model_name} R={r} {op:14s} {name:16s} {us:9.1f} us/layer {row['gbps']:7.0f} GB/s "
+                          f"err={row['rel_err']:.1e}{'' if row['ok'] else ' WRONG'}", flush=True)
+                if on_case is not None:
+                    on_case(rows, bw)
+    return rows, bw
+
+
+def projection_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Fused projections: Pallas kernels vs the jnp path",
+        "",
+        f"Device: {meta['environment'].get('device', {})}; dtype {meta['args']['dtype']}; "
+        f"{meta['args']['layers']} layers' weights per call; median of {meta['args']['reps']} calls; "
+        f"copy bandwidth {meta['copy_bandwidth_gbps'] or 'n/a'} GB/s (read + written); "
+        f"interpret={meta['args']['interpret']}. GB/s: weight bytes read per layer over the time per layer; "
+        "floor: those bytes at half the copy bandwidth (reads only).",
+        "",
+        *([] if meta.get("complete", True) else
+          [f"Incomplete: {meta['cases_done']} of {meta['cases_total']} (model, R, op) cases measured "
+           "(the run was stopped before the rest).", ""]),
+        "| model | R | op | in x out | variant | us/layer | floor us | GB/s (weights) | x reference | rel err | "
+        "copies | ok |",
+        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        head = f"| {r['model']} | {r['R']} | {r['op']} | {r['In']} x {r['Out']} | {r['variant']} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error']} | | | | | | no |")
+            continue
+        floor = "" if r["floor_us"] is None else f"{r['floor_us']:.1f}"
+        speed = "" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
+        copies = "" if r.get("hlo_copies") is None else str(r["hlo_copies"])
+        lines.append(f"{head} {r['us_per_layer']:.1f} | {floor} | {r['gbps']:.0f} | {speed} | {r['rel_err']:.1e} | "
+                     f"{copies} | {'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Decode/verification attention: Pallas kernels vs jnp reference",
@@ -237,7 +397,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    p.add_argument("--kernel", choices=("attention", "projection"), default="attention",
+                   help="attention: the decode/verification attention; projection: the fused projections")
+    p.add_argument("--models", type=lambda s: s.split(","), default=None,
+                   help="default: every model of the kernel's table")
+    p.add_argument("--rows", type=ints, default=[1, 8], help="projection: R = B * T rows")
+    p.add_argument("--ops", type=lambda s: s.split(","), default=list(PROJECTION_OPS), help="projection steps")
+    p.add_argument("--projection-variants", type=lambda s: s.split(","), default=list(PROJECTION_VARIANTS))
     p.add_argument("--batch-sizes", type=ints, default=[1, 8])
     p.add_argument("--tokens", type=ints, default=[1, 5, 61])
     p.add_argument("--capacities", type=ints, default=[512, 2048])
@@ -256,12 +422,15 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke test")
     p.add_argument("--out", default="experiments/results/kernels", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
+    if args.models is None:
+        args.models = [m for m in PROJECTION_MODELS if m != "tiny"] if args.kernel == "projection" else list(MODELS)
     if args.variants is None:
         args.variants = list(TPU_VARIANTS if jax.default_backend() == "tpu" else VARIANTS)
     if args.tiny:
         args.batch_sizes, args.tokens, args.capacities = [2], [5], [70]
         args.layers, args.reps, args.block_s, args.tpu_block_s = 2, 2, 16, 128
-        args.models = args.models[:1]
+        args.models = ["tiny"] if args.kernel == "projection" else args.models[:1]
+        args.rows = [2]
     return args
 
 
@@ -270,18 +439,23 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment.describe()
-    total = len(args.models) * len(args.batch_sizes) * len(args.tokens) * len(args.capacities)
+    if args.kernel == "projection":
+        total = len(args.models) * len(args.rows) * len(args.ops)
+        case_of, bench, table_of = (lambda r: (r["model"], r["R"], r["op"])), run_projections, projection_markdown
+    else:
+        total = len(args.models) * len(args.batch_sizes) * len(args.tokens) * len(args.capacities)
+        case_of, bench, table_of = (lambda r: (r["model"], r["B"], r["T"], r["S"])), run, markdown
 
     def save(rows: list[dict], bw: float | None) -> str:
-        done = len({(r["model"], r["B"], r["T"], r["S"]) for r in rows})
+        done = len({case_of(r) for r in rows})
         meta = dict(args=vars(args), environment=env, copy_bandwidth_gbps=None if bw is None else round(bw / 1e9, 1),
                     complete=done == total, cases_done=done, cases_total=total)
         out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-        table = markdown(rows, meta)
+        table = table_of(rows, meta)
         out.with_suffix(".md").write_text(table)
         return table
 
-    run(args, on_case=save)  # writes OUT.json and OUT.md after every case
+    bench(args, on_case=save)  # writes OUT.json and OUT.md after every case
     print(out.with_suffix(".md").read_text())
 
 

@@ -52,3 +52,27 @@ def test_benchmark_runs_the_tpu_variants_interpreted(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["reference", "tpu_mask", "tpu_prefix"]
     assert all(r["ok"] and "error" not in r and r["us_per_layer"] > 0 for r in rows), rows
+
+
+def test_projection_benchmark_runs_every_step_interpreted(tmp_path):
+    """`--kernel projection`: fused steps of a layer (here two of the four: a normed one with a
+    bias, a residual one), the jnp path and the kernel, each within float32 rounding of the
+    exact result, timed, with its weight bytes; the Markdown names every step."""
+    import json
+
+    from experiments import bench_kernels
+
+    out = tmp_path / "projections"
+    bench_kernels.main(["--kernel", "projection", "--interpret", "--tiny", "--dtype", "float32", "--reps", "1",
+                        "--layers", "1", "--ops", "norm_qkv,down_residual", "--projection-variants", "reference,pallas",
+                        "--out", str(out)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    rows = saved["rows"]
+    assert saved["meta"]["complete"] and saved["meta"]["cases_total"] == 2
+    assert [(r["op"], r["variant"]) for r in rows] == [(op, v) for op in ("norm_qkv", "down_residual")
+                                                       for v in ("reference", "pallas")]
+    assert all(r["ok"] and "error" not in r and r["us_per_layer"] > 0 and r["R"] == 2 for r in rows), rows
+    d = bench_kernels.PROJECTION_MODELS["tiny"]["d"]
+    assert rows[0]["weight_bytes"] == 4 * (d * 96 + d + 96)  # norm_qkv: weight, norm and bias, float32
+    table = out.with_suffix(".md").read_text()
+    assert "norm_qkv" in table and "down_residual" in table and "| pallas |" in table

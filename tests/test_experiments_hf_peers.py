@@ -32,3 +32,16 @@ def test_unknown_peer_mode_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="eager and/or static"):
         run_hf(str(tmp_path), [[1, 2]], (0,), batch=1, max_new_tokens=2, mode="compiled")
+
+
+def test_report_files_keep_a_dotted_model_name_whole(tmp_path):
+    """`--out DIR/qwen2.5-coder-1.5b-instruct` once wrote DIR/qwen2.5-coder-1.json (the dot taken
+    for an extension), so the GPU stage's resume check never found its report."""
+    from experiments.bench_autoregressive import write_report
+
+    report = {"environment": {"device": {}}, "models": {}, "n_prompts": 0, "prompts": "", "bandwidth_measured_Bps": None,
+              "bandwidth_datasheet_Bps": None, "settings": {"max_new_tokens": 8}}
+    write_report(report, tmp_path / "qwen2.5-coder-1.5b-instruct")
+    assert (tmp_path / "qwen2.5-coder-1.5b-instruct.json").exists()
+    assert (tmp_path / "qwen2.5-coder-1.5b-instruct.md").exists()
+    assert not (tmp_path / "qwen2.5-coder-1.json").exists()

@@ -13,9 +13,13 @@
 # Stages (rough H200 minutes, cold compile included):
 #   setup      install gguf, reassemble and verify the registry files          (~0.5)
 #   kernels    the Pallas attention kernel's GPU tests and its benchmark        (~8)
+#   projections the fused projection kernels' GPU tests, their benchmark (1.5B and 0.5B shapes,
+#              R = 1 and 8), then autoregressive speed of the 1.5B model, batch 1 and 8, with and
+#              without the kernels (decoding.Options(projections="pallas")), one process      (~8)
 #   profile    experiments.profile_step on the 1.5B and 0.5B models            (~2)
 #   profile_split  the 1.5B loop profiled with stacked and with split layer weights
-#              (decoding.model.split_layers), both programs' optimized HLO returned gzipped   (~4)
+#              (decoding.model.split_layers), both programs' optimized HLO returned gzipped, then
+#              both layouts' tokens/s at batch 1 and 8 in one process                       (~7)
 #   ar         autoregressive speed, 1.5B and 0.5B, XLA and Pallas attention,
 #              transformers eager beside                                       (~12, two runs)
 #   peer       autoregressive speed of the 1.5B model, batch 1 and 8, beside transformers' compiled
@@ -110,6 +114,15 @@ case $stage in
     # cut-off run keeps what it measured.
     timeout $((limit * 3 / 5)) python3 -m pytest -v -m gpu tests/test_kernels.py 2>&1 | tee "$dir/pytest.txt"
     timeout $((limit * 2 / 5)) python3 -m experiments.bench_kernels --out "$dir/kernels" 2>&1 | tee "$dir/bench_kernels.txt" ;;
+  projections)
+    python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-deps .gpu/wheels/pytest-*.whl \
+      .gpu/wheels/pluggy-*.whl .gpu/wheels/iniconfig-*.whl
+    timeout $((limit / 5)) python3 -m pytest -v -m gpu tests/test_kernels_projection.py 2>&1 | tee "$dir/pytest.txt"
+    timeout $((limit / 4)) python3 -m experiments.bench_kernels --kernel projection --out "$dir/projections" 2>&1 |
+      tee "$dir/bench_projections.txt"
+    [ -f "$dir/qwen2.5-coder-1.5b-instruct.json" ] || timeout $((limit / 2)) python3 -m experiments.bench_autoregressive \
+      --models qwen2.5-coder-1.5b-instruct --batch-sizes 1,8 --projections xla,pallas --questions "$Q" \
+      --out "$dir/qwen2.5-coder-1.5b-instruct" ;;
   profile)
     # $PROFILE_MODELS overrides the pair; the 1.5B model needs about 3 minutes (two compilations).
     for m in ${PROFILE_MODELS:-qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct}; do
@@ -123,7 +136,11 @@ case $stage in
       [ -f "$dir/$stem.json" ] || timeout $((limit / 2)) python3 -m experiments.profile_step \
         --model qwen2.5-coder-1.5b-instruct --layer-weights $lw --hlo-dump "$dir/$stem.hlo" --out "$dir"
       [ -f "$dir/$stem.hlo" ] && gzip -f "$dir/$stem.hlo"
-    done ;;
+    done
+    # then the speed of both layouts, batch 1 and 8, in one process
+    [ -f "$dir/layer_weights.json" ] || timeout $((limit / 2)) python3 -m experiments.bench_autoregressive \
+      --models qwen2.5-coder-1.5b-instruct --batch-sizes 1,8 --layer-weights stacked,split --questions "$Q" \
+      --out "$dir/layer_weights" ;;
   ar)
     for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
       [ -f "$dir/$m.json" ] || timeout "$limit" python3 -m experiments.bench_autoregressive --models $m \
