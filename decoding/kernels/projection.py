@@ -38,8 +38,8 @@ Choices:
   bias, activation and residual stay in float32 and are rounded once at the end (the references
   round the product first: 16-bit results differ by about one rounding, float32 ones by the
   summation order).
-* Sizes that the tiles do not divide take masked edge tiles (Qwen2.5-1.5B: D 1536, QKV 2048,
-  F 8960, H * Dh 1536; 0.5B: D 896, QKV 1152, F 4864 are divided by the defaults).
+* Sizes that the tiles do not divide take masked edge tiles (Qwen2.5-1.5B: D 1536, q/k/v width 2048,
+  F 8960, H * Dh 1536; 0.5B: D 896, q/k/v width 1152, F 4864 are divided by the defaults).
 
 Public: `norm_matmul`, `norm_gate_up`, `matmul_residual` (kernels), their `*_reference`,
 `Projections` (the layer's switch between both), `MAX_ROWS`.
