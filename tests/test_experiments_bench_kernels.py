@@ -54,6 +54,7 @@ def test_benchmark_runs_the_tpu_variants_interpreted(tmp_path):
     assert all(r["ok"] and "error" not in r and r["us_per_layer"] > 0 for r in rows), rows
 
 
+@pytest.mark.slow
 def test_projection_benchmark_runs_every_step_interpreted(tmp_path):
     """`--kernel projection`: fused steps of a layer (here two of the four: a normed one with a
     bias, a residual one), the jnp path and the kernel, each within float32 rounding of the

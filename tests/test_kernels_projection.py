@@ -181,7 +181,8 @@ def test_bad_option_is_refused_with_the_choices():
     assert Options(projections="pallas") != Options()
 
 
-@pytest.mark.parametrize("strategy,unroll", [("autoregressive", True), ("speculative", False)])
+@pytest.mark.parametrize("strategy,unroll", [("autoregressive", True),
+                                             pytest.param("speculative", False, marks=pytest.mark.slow)])
 def test_model_with_the_kernels_generates_the_same_tokens(monkeypatch, strategy, unroll):
     """`Options(projections="pallas")` (interpreted off GPUs) on a model with q/k/v biases: float32
     greedy generation equals the jnp projections' token for token, autoregressive and speculative
