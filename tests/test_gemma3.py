@@ -480,6 +480,7 @@ def _transformers_reference(path: Path) -> dict:
     return out
 
 
+@pytest.mark.slow  # fetches a 250 MB checkpoint and builds transformers' model of it (accelerate)
 def test_gemma_270m_gguf_matches_transformers(gemma_gguf):
     ref = _transformers_reference(gemma_gguf)
     model = load(gemma_gguf, dtype=jnp.float32, tokenizer=False)
