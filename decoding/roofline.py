@@ -38,6 +38,11 @@ A drafter's cost is a draft model's forward (its `ModelConfig`), a fixed number 
 zero (prompt lookup: host-side n-gram matching) or a truncated target (layer-skip: the first
 k layers, see `truncated`).
 
+Tensor parallelism over n devices (Shoeybi et al. 2019, "Megatron-LM"): each device reads and
+multiplies 1/n of the weights (and of the KV cache when n divides K), and every layer adds its
+all-reduces, alpha + 2 (n-1)/n * bytes / beta each on a ring (`LinkProfile`); see
+`tensor_parallel_cost` and `tensor_parallel_breakeven_bytes`.
+
 `decoding.autotune` uses these predictions to choose gamma or a tree's shape;
 `python -m experiments.roofline` prints them for a model on a device.
 """
@@ -217,6 +222,140 @@ def forward_cost(config, device: DeviceProfile, *, new_tokens: int = 1, context:
 def forward_time(config, device: DeviceProfile, **kwargs) -> float:
     """`forward_cost(...).time_s`."""
     return forward_cost(config, device, **kwargs).time_s
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor parallelism
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkProfile:
+    """The interconnect between the devices of one host, as an alpha-beta model of a collective.
+
+    `bandwidth` is the bus bandwidth a ring collective reaches per device and direction (bytes/s);
+    `latency` the fixed cost of one collective inside a compiled program (seconds: the launch,
+    the synchronisation between devices and the protocol's small-message time). A decode step's
+    messages are a few kB, so the latency dominates; it is the figure to measure.
+    """
+
+    name: str
+    bandwidth: float
+    latency: float
+    source: str = "assumed"
+
+    def all_reduce_s(self, nbytes: float, devices: int) -> float:
+        """Ring all-reduce of `nbytes` per device over `devices`: alpha + 2 (n - 1) / n * m / beta."""
+        if devices <= 1:
+            return 0.0
+        return self.latency + 2 * (devices - 1) / devices * nbytes / self.bandwidth
+
+    def all_gather_s(self, nbytes: float, devices: int) -> float:
+        """Ring all-gather of a result of `nbytes` (each device holds 1/n): alpha + (n - 1) / n * m / beta."""
+        if devices <= 1:
+            return 0.0
+        return self.latency + (devices - 1) / devices * nbytes / self.bandwidth
+
+
+LINKS = {
+    # NVLink 4 of H100/H200 SXM boards: 450 GB/s per direction per GPU on the datasheet, of which
+    # NCCL's ring reaches about 360-370 GB/s bus bandwidth for large messages. The 10 us latency
+    # is an assumption for a small all-reduce issued from a compiled XLA program (NCCL's LL
+    # protocol alone takes a few us); `experiments.sharding_check` on several GPUs measures it.
+    "nvlink4": LinkProfile("NVLink 4 (H100/H200 SXM)", 360e9, 10e-6, "assumed (datasheet bandwidth, guessed latency)"),
+    # PCIe Gen5 x16 between two cards: 64 GB/s per direction on paper, about 50 achieved.
+    "pcie5": LinkProfile("PCIe Gen5 x16", 50e9, 20e-6, "assumed"),
+}
+
+# Collectives of one decode forward under `decoding.sharding.DEFAULT_RULES`, per layer:
+#   "fused_in"   (this toolkit's layout) the fused q/k/v and gate/up projections are sharded on
+#                their input axis D, so each needs an all-reduce of its partial sums, and so do
+#                the row-parallel output and down projections: 4 per layer;
+#   "contiguous" (Megatron-style column parallel q/k/v and gate/up, possible only with a
+#                per-device-contiguous order of the fused columns, not implemented): 2 per layer.
+# Outside the layers: the vocabulary-sharded embedding lookup (one all-reduce of [B, T, D]) and
+# the vocabulary-sharded head's logits gathered for sampling (one all-gather of [B, T, V], f32).
+TP_LAYOUTS = {"fused_in": 4, "contiguous": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallelCost:
+    """One forward on `devices` tensor-parallel devices: the per-device roofline plus collectives."""
+
+    devices: int
+    layout: str
+    per_device: ForwardCost
+    collectives: int
+    collective_s: float
+
+    @property
+    def time_s(self) -> float:
+        """Per-device roofline time plus the collectives, which sit on the critical path of a
+        decode step (each layer waits for its sums), so they are added, not overlapped."""
+        return self.per_device.time_s + self.collective_s
+
+    @property
+    def collective_share(self) -> float:
+        return self.collective_s / self.time_s
+
+
+def tensor_parallel_cost(config, device: DeviceProfile, devices: int, *, link: LinkProfile | None = None,
+                         layout: str = "fused_in", new_tokens: int = 1, context: float = 0, batch: int = 1,
+                         bytes_per_param: float = 2, bytes_per_kv: float = 2,
+                         bytes_per_activation: float = 4) -> TensorParallelCost:
+    """Roofline cost of one forward split over `devices` by heads, MLP width and vocabulary.
+
+    Each device reads 1/n of the weights, does 1/n of the FLOPs and, when n divides the kv
+    heads, reads 1/n of the KV cache (otherwise the cache is replicated: every device reads it
+    all). The collectives are `TP_LAYOUTS[layout]` all-reduces per layer of the projections'
+    outputs (in `bytes_per_activation`: GSPMD sums in f32), one for the embedding lookup and one
+    all-gather of the logits. With n = 1 this is `forward_cost` and no collective.
+
+    Where it wins at batch 1 (memory-bound, latency-dominated collectives): splitting saves
+    W (1 - 1/n) / bandwidth of weight reading and costs about C * latency, with C the number
+    of collectives; see `tensor_parallel_breakeven_bytes`.
+    """
+    link = link or LINKS["nvlink4"]
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}.")
+    if layout not in TP_LAYOUTS:
+        raise ValueError(f"unknown tensor-parallel layout {layout!r}; known: {', '.join(TP_LAYOUTS)}.")
+    one = forward_cost(config, device, new_tokens=new_tokens, context=context, batch=batch,
+                       bytes_per_param=bytes_per_param, bytes_per_kv=bytes_per_kv)
+    n = devices
+    kv_split = n if config.num_kv_heads % n == 0 else 1
+    weight = one.weight_bytes / n
+    kv_read, kv_write = one.kv_read_bytes / kv_split, one.kv_write_bytes / kv_split
+    linear, attention = one.linear_flops / n, one.attention_flops / n
+    per_device = ForwardCost(weight, kv_read, kv_write, linear, attention,
+                             memory_s=(weight + kv_read + kv_write) / device.memory_bandwidth,
+                             compute_s=(linear + attention) / device.peak_flops)
+    if n == 1:
+        return TensorParallelCost(1, layout, per_device, 0, 0.0)
+    rows = batch * new_tokens * bytes_per_activation
+    c = config
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    per_layer = ([qkv, c.hidden_size, 2 * c.intermediate_size, c.hidden_size] if layout == "fused_in"
+                 else [c.hidden_size, c.hidden_size])
+    seconds = c.num_layers * sum(link.all_reduce_s(rows * width, n) for width in per_layer)
+    seconds += link.all_reduce_s(rows * c.hidden_size, n) + link.all_gather_s(rows * c.vocab_size, n)
+    count = c.num_layers * len(per_layer) + 2
+    return TensorParallelCost(n, layout, per_device, count, seconds)
+
+
+def tensor_parallel_breakeven_bytes(config, device: DeviceProfile, devices: int, *,
+                                    link: LinkProfile | None = None, layout: str = "fused_in") -> float:
+    """Weight bytes above which a batch-1 decode step on `devices` beats one device (roofline,
+    collectives as pure latency): W (1 - 1/n) / bandwidth = C * latency, so
+    W* = C * latency * bandwidth * n / (n - 1), with C = per-layer collectives * L + 2 of
+    `config`'s depth. A model of that depth with more weight bytes gains from splitting."""
+    link = link or LINKS["nvlink4"]
+    if devices < 2:
+        raise ValueError(f"a break-even needs at least 2 devices, got {devices}.")
+    if layout not in TP_LAYOUTS:
+        raise ValueError(f"unknown tensor-parallel layout {layout!r}; known: {', '.join(TP_LAYOUTS)}.")
+    count = TP_LAYOUTS[layout] * config.num_layers + 2
+    return count * link.latency * device.memory_bandwidth * devices / (devices - 1)
 
 
 # --------------------------------------------------------------------------------------------

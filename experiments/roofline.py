@@ -2,6 +2,7 @@
 
     python -m experiments.roofline --target qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct --profile h200
     python -m experiments.roofline --profile measure   # this device, measured
+    python -m experiments.roofline --tensor-parallel 1,2,4,8 --link nvlink4   # split over devices
 
 The cost model itself is `decoding.roofline`; this script only reads model configs (no weights)
 and prints its tables.
@@ -12,8 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from decoding.roofline import (PROFILES, autoregressive_prediction, chain_prediction, dtype_bytes, format_rate,
-                               forward_cost, measure_profile, profile, weight_params)
+from decoding.roofline import (LINKS, PROFILES, TP_LAYOUTS, LinkProfile, autoregressive_prediction, chain_prediction,
+                               dtype_bytes, format_rate, forward_cost, measure_profile, profile,
+                               tensor_parallel_breakeven_bytes, tensor_parallel_cost, weight_params)
 
 
 def config_of(source: str):
@@ -27,6 +29,9 @@ def config_of(source: str):
     from decoding import loading, registry
 
     path = registry.fetch(source) if source in registry.REGISTRY else Path(source).expanduser()
+    if not path.exists():
+        raise SystemExit(f"error: {source!r} is not a registry name ({', '.join(registry.REGISTRY)}), a toy model "
+                         f"({', '.join(toy.TOY_NAMES)}), a .gguf file or a Hugging Face model directory.")
     if path.is_dir():
         return loading.load_config(path)
     return loading.gguf_config(gguf.GGUFReader(str(path)), str(path))
@@ -43,7 +48,20 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=float, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--alpha", type=float, default=0.8, help="acceptance rate for the chain predictions")
+    p.add_argument("--tensor-parallel", default="", metavar="N,N,...",
+                   help="also print the target's decode step split over these device counts (e.g. 1,2,4,8)")
+    p.add_argument("--link", default="nvlink4", help=f"interconnect for --tensor-parallel: {', '.join(LINKS)}")
+    p.add_argument("--link-latency-us", type=float, default=None,
+                   help="override the link's per-collective latency (microseconds)")
     args = p.parse_args(argv)
+    try:
+        tp = [int(n) for n in args.tensor_parallel.split(",") if n]
+        if any(n < 1 for n in tp):
+            raise ValueError
+    except ValueError:
+        p.error(f"--tensor-parallel takes device counts >= 1 separated by commas, got {args.tensor_parallel!r}")
+    if args.link not in LINKS:
+        p.error(f"unknown --link {args.link!r}; known: {', '.join(LINKS)}")
     device = measure_profile() if args.profile == "measure" else profile(args.profile)
     target = config_of(args.target)
     draft = None if args.draft == "none" else config_of(args.draft)
@@ -66,7 +84,31 @@ def main(argv=None) -> int:
         for g in range(1, 11):
             pr = chain_prediction(target, device, gamma=g, alpha=args.alpha, draft=draft, **kw)
             print(f"| {g} | {pr.expected_tokens:.2f} | {pr.speedup:.2f}x |")
+    if tp:
+        print_tensor_parallel(target, device, tp, args, kw)
     return 0
+
+
+def print_tensor_parallel(target, device, counts, args, kw) -> None:
+    """The decode step (one new token per row) split over each device count, both layouts."""
+    link = LINKS[args.link]
+    if args.link_latency_us is not None:
+        link = LinkProfile(link.name, link.bandwidth, args.link_latency_us * 1e-6, "given")
+    print(f"\ntensor parallel over {link.name}: {format_rate(link.bandwidth, 'B/s')} bus bandwidth, "
+          f"{link.latency * 1e6:g} us per collective ({link.source})\n\n"
+          "| devices | layout | per-device roofline | collectives | collective time | step | vs 1 device |"
+          "\n|---|---|---|---|---|---|---|")
+    one = tensor_parallel_cost(target, device, 1, link=link, **kw).time_s
+    for n in counts:
+        for layout in TP_LAYOUTS if n > 1 else ("fused_in",):
+            c = tensor_parallel_cost(target, device, n, link=link, layout=layout, **kw)
+            print(f"| {n} | {layout if n > 1 else '-'} | {c.per_device.time_s * 1e3:.3f} ms | {c.collectives} | "
+                  f"{c.collective_s * 1e3:.3f} ms | {c.time_s * 1e3:.3f} ms | {one / c.time_s:.2f}x |")
+    for n in (n for n in counts if n > 1):
+        for layout in TP_LAYOUTS:
+            w = tensor_parallel_breakeven_bytes(target, device, n, link=link, layout=layout)
+            print(f"break-even at {n} devices ({layout}): {w / 1e9:.2f} GB of weights for {target.num_layers} "
+                  f"layers (this model reads {weight_params(target) * dtype_bytes(args.dtype) / 1e9:.2f} GB)")
 
 
 if __name__ == "__main__":

@@ -131,3 +131,70 @@ def test_truncated_keeps_a_gemma3_config_valid():
     assert half.num_layers == 2 and half.layer_types == kinds[:2]
     per_layer = (roofline.weight_params(full) - roofline.weight_params(half)) / 2
     assert per_layer > 0 and roofline.weight_params(roofline.truncated(full, 1)) == roofline.weight_params(half) - per_layer
+
+
+LINK = roofline.LinkProfile("test link", bandwidth=100.0, latency=0.5)
+
+
+def test_tensor_parallel_on_one_device_is_the_plain_forward():
+    one = roofline.tensor_parallel_cost(CFG, DEV, 1, link=LINK, new_tokens=3, context=10, batch=2)
+    plain = roofline.forward_cost(CFG, DEV, new_tokens=3, context=10, batch=2)
+    assert one.per_device == plain and one.collectives == 0 and one.time_s == plain.time_s
+
+
+def test_tensor_parallel_cost_by_hand():
+    # 2 devices, batch 1, one new token, no context; K = 1 kv head does not divide 2: the cache is
+    # replicated (every device writes its 32 bytes), weights and FLOPs halve.
+    c = roofline.tensor_parallel_cost(CFG, DEV, 2, link=LINK, layout="fused_in")
+    assert c.per_device.weight_bytes == 3984 / 2 and c.per_device.kv_write_bytes == 32
+    assert c.per_device.memory_s == pytest.approx((1992 + 32) / 1000)
+    # per layer: all-reduces of (H + 2K) Dh = 16, D = 8, 2F = 32, D = 8 f32 values; then the
+    # embedding (D = 8) and the all-gather of V = 100 logits. Ring: alpha + 2 (n-1)/n m / beta.
+    ar = [0.5 + 1.0 * 4 * w / 100 for w in (16, 8, 32, 8)]
+    expected = 2 * sum(ar) + (0.5 + 4 * 8 / 100) + (0.5 + 0.5 * 4 * 100 / 100)
+    assert c.collectives == 2 * 4 + 2 and c.collective_s == pytest.approx(expected)
+    assert c.time_s == pytest.approx(c.per_device.time_s + expected)
+    contiguous = roofline.tensor_parallel_cost(CFG, DEV, 2, link=LINK, layout="contiguous")
+    assert contiguous.collectives == 2 * 2 + 2 and contiguous.collective_s < c.collective_s
+    assert contiguous.per_device == c.per_device
+
+
+def test_kv_cache_splits_only_when_the_devices_divide_the_kv_heads():
+    cfg = dataclasses.replace(CFG, num_kv_heads=2)
+    two = roofline.tensor_parallel_cost(cfg, DEV, 2, link=LINK, context=10)
+    one = roofline.forward_cost(cfg, DEV, context=10)
+    assert two.per_device.kv_read_bytes == one.kv_read_bytes / 2
+    four = roofline.tensor_parallel_cost(cfg, DEV, 4, link=LINK, context=10)
+    assert four.per_device.kv_read_bytes == one.kv_read_bytes
+
+
+def test_breakeven_weight_bytes_balance_saving_and_collective_latency():
+    # A zero-bandwidth-cost link (only latency) and no KV: at the break-even weight size the
+    # split step takes as long as one device's; a model with more weight bytes gains from it.
+    link = roofline.LinkProfile("latency only", bandwidth=float("inf"), latency=0.25)
+    outcomes = set()
+    for n in (2, 4, 8):
+        for layout in roofline.TP_LAYOUTS:
+            w = roofline.tensor_parallel_breakeven_bytes(CFG, DEV, n, link=link, layout=layout)
+            saving = w * (1 - 1 / n) / DEV.memory_bandwidth
+            count = roofline.TP_LAYOUTS[layout] * CFG.num_layers + 2
+            assert saving == pytest.approx(count * link.latency)
+            # the same depth: a model with more weights than the break-even beats one device,
+            # one with fewer does not (both outcomes occur below)
+            for f in (16, 16 * 64):
+                cfg = dataclasses.replace(CFG, intermediate_size=f)
+                c_n = roofline.tensor_parallel_cost(cfg, DEV, n, link=link, layout=layout)
+                c_1 = roofline.tensor_parallel_cost(cfg, DEV, 1, link=link)
+                wins = c_n.time_s < c_1.time_s
+                assert (roofline.weight_params(cfg) * 2 > w) == wins
+                outcomes.add(wins)
+    assert outcomes == {True, False}
+
+
+def test_tensor_parallel_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="layout"):
+        roofline.tensor_parallel_cost(CFG, DEV, 2, layout="rows")
+    with pytest.raises(ValueError, match="devices"):
+        roofline.tensor_parallel_cost(CFG, DEV, 0)
+    with pytest.raises(ValueError, match="at least 2"):
+        roofline.tensor_parallel_breakeven_bytes(CFG, DEV, 1)
