@@ -198,3 +198,20 @@ def test_tensor_parallel_refuses_bad_arguments():
         roofline.tensor_parallel_cost(CFG, DEV, 0)
     with pytest.raises(ValueError, match="at least 2"):
         roofline.tensor_parallel_breakeven_bytes(CFG, DEV, 1)
+
+
+def test_roofline_script_prints_the_tensor_parallel_table(capsys):
+    from experiments import roofline as script
+
+    assert script.main(["--target", "toy", "--draft", "none", "--tensor-parallel", "1,2",
+                        "--link-latency-us", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "5 us per collective" in out
+    table = out.split("tensor parallel over")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| 2 | ")]
+    assert [r.split(" | ")[1] for r in rows] == ["fused_in", "contiguous"]
+    assert "break-even at 2 devices (fused_in)" in out
+    with pytest.raises(SystemExit):
+        script.main(["--target", "toy", "--draft", "none", "--tensor-parallel", "0"])
+    with pytest.raises(SystemExit):
+        script.main(["--target", "no-such-model", "--draft", "none"])
