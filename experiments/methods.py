@@ -20,12 +20,14 @@ missing one gives a clear error before any work starts):
   hf_ar, hf_assisted, hf_static: transformers peers (see experiments.hf_peers).
 The draft model's weights reach `decoding.generate` through its `draft=` argument.
 
-Every core method also takes two switches, each unset by default, so one run compares a method
-with and without them:
+Every core method also takes three switches (`SWITCHES`), each unset by default, so one run
+compares a method with and without them:
   * `graphs=`: `ar:graphs=while` runs the whole-generation program as a CUDA graph
     (`decoding.Options.command_buffers`), e.g. `--methods ar,spec,ar:graphs=while,spec:graphs=while`;
   * `attention=xla|pallas`: the attention of the target and of a draft model
-    (`decoding.Options.attention`), e.g. `--methods ar,ar:attention=pallas,spec:attention=pallas`.
+    (`decoding.Options.attention`), e.g. `--methods ar,ar:attention=pallas,spec:attention=pallas`;
+  * `projections=xla|pallas`: the fused projection kernels of `decoding.kernels.projection`
+    (`decoding.Options.projections`), e.g. `--methods ar,ar:projections=pallas`.
 
 Other methods can be added from a module: `--plugin my.module` imports it, and it calls
 `register(MethodSpec(...))`.
@@ -137,9 +139,10 @@ def parse(item: str) -> Resolved:
         options[key] = _convert(value, spec.defaults[key], f"method {item!r}, option {key}")
     if options.get("graphs"):
         _check_graphs(item, options["graphs"])
-    if options.get("attention") not in (None, "", "xla", "pallas"):
-        raise MethodSpecError(f"method {item!r}: attention={options['attention']!r} is not 'xla' or 'pallas' "
-                              "(leave it out for the library's default, decoding.Options().attention).")
+    for switch in ("attention", "projections"):
+        if options.get(switch) not in (None, "", "xla", "pallas"):
+            raise MethodSpecError(f"method {item!r}: {switch}={options[switch]!r} is not 'xla' or 'pallas' "
+                                  f"(leave it out for the library's default, decoding.Options().{switch}).")
     return Resolved(label_of(name, options, spec.defaults), spec, options)
 
 
@@ -229,7 +232,7 @@ def _check_graphs(label: str, value: str) -> None:
 class JaxMethod(Method):
     """A strategy of the core run through `decoding.generate` on the run's target model.
 
-    The `graphs` and `attention` options become the `decoding.Options` passed to `generate`
+    The `graphs`, `attention` and `projections` options become the `decoding.Options` passed to `generate`
     (static, part of the compile key), so methods with and without them share one process.
     """
 
@@ -238,14 +241,15 @@ class JaxMethod(Method):
         self.env, self.strategy, self.draft_model, self.cost = env, strategy, draft_model, cost
 
     def _options(self):
-        """The `decoding.Options` this method's `graphs=` and `attention=` options ask for."""
+        """The `decoding.Options` this method's `graphs=`, `attention=` and `projections=` options ask for."""
         from decoding import Options
 
         kw = {}
         if self.options.get("graphs"):
             kw["command_buffers"] = _command_buffers(self.options["graphs"])
-        if self.options.get("attention"):
-            kw["attention"] = self.options["attention"]
+        for switch in ("attention", "projections"):
+            if self.options.get(switch):
+                kw[switch] = self.options[switch]
         return Options(**kw)
 
     def generate(self, prompts, seed):
@@ -393,37 +397,38 @@ def _check_torch():
         raise MethodUnavailable("the transformers peers (hf_*) need PyTorch, which is not installed here.")
 
 
+# The switches every core method takes (unset: the library's default), see the module docstring.
+SWITCHES = {"graphs": "", "attention": "", "projections": ""}
+
 for _spec in (
-    MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar, {"graphs": "", "attention": ""}),
+    MethodSpec("ar", "autoregressive decoding (the baseline)", _build_ar, dict(SWITCHES)),
     MethodSpec("spec", "speculative decoding with the --draft model (confidence > 0: a row stops drafting "
                        "once the draft's top-1 probability falls below it)", _build_spec,
-               {"gamma": 4, "confidence": 0.0, "graphs": "", "attention": ""},
+               {"gamma": 4, "confidence": 0.0, **SWITCHES},
                needs("decoding.Speculative", "drafting.DraftModel", method="spec"), uses_draft_model=True),
     MethodSpec("tree", "tree decoding (dynamic tree) with the --draft model", _build_tree,
-               {"depth": 6, "top_k": 10, "nodes": 60, "graphs": "", "attention": ""},
+               {"depth": 6, "top_k": 10, "nodes": 60, **SWITCHES},
                needs("decoding.TreeDecoding", "drafting.DraftModel", "drafting.DynamicTree", method="tree"),
                uses_draft_model=True),
     MethodSpec("pld", "prompt lookup decoding (n-gram drafts from the prompt)", _build_pld,
-               {"gamma": 10, "ngram": 3, "graphs": "", "attention": ""},
+               {"gamma": 10, "ngram": 3, **SWITCHES},
                needs("decoding.Speculative", "drafting.PromptLookup", method="pld")),
     MethodSpec("layerskip", "layer-skip self-speculation (0 layers = half the target's)", _build_layerskip,
-               {"gamma": 4, "layers": 0, "graphs": "", "attention": ""},
+               {"gamma": 4, "layers": 0, **SWITCHES},
                needs("decoding.Speculative", "drafting.LayerSkip", method="layerskip")),
     MethodSpec("ht", "hidden transfer: the target drafts from pseudo states of its own verify forward "
                      "(maps=PATH from drafting.hidden_transfer.save_maps; tree=4-2-2 static tree, depth > 0 a dynamic "
                      "tree, else a chain of gamma; pseudo=separate: the accepted node's pseudo positions in a partial forward)", _build_ht,
                {"maps": "", "tree": "", "gamma": 3, "depth": 0, "top_k": 8, "nodes": 32, "pseudo": "verify",
-                 "graphs": "", "attention": ""},
+                 **SWITCHES},
                needs("decoding.TreeDecoding", "drafting.hidden_transfer.HiddenTransfer", method="ht")),
     MethodSpec("medusa", "Medusa heads (heads=PATH from drafting.medusa.save_heads; tree=4-2-2 static tree, "
                          "depth > 0 a dynamic tree, else a chain of gamma)", _build_medusa,
-               {"heads": "", "tree": "", "gamma": 3, "depth": 0, "top_k": 8, "nodes": 32, "graphs": "",
-                "attention": ""},
+               {"heads": "", "tree": "", "gamma": 3, "depth": 0, "top_k": 8, "nodes": 32, **SWITCHES},
                needs("decoding.TreeDecoding", "drafting.Medusa", method="medusa")),
     MethodSpec("eagle", "EAGLE-3-style head (head=PATH from drafting.eagle.save_head): a dynamic tree "
                         "(depth, top_k, nodes), depth=0 a chain of gamma, tree=4-2-2 a static tree",
-               _build_eagle, {"head": "", "tree": "", "gamma": 4, "depth": 6, "top_k": 10, "nodes": 60, "graphs": "",
-                              "attention": ""},
+               _build_eagle, {"head": "", "tree": "", "gamma": 4, "depth": 6, "top_k": 10, "nodes": 60, **SWITCHES},
                needs("decoding.TreeDecoding", "drafting.Eagle", method="eagle")),
     MethodSpec("hf_ar", "transformers generate(), eager, autoregressive", _hf("ar"), {}, _check_torch,
                uses_torch=True),

@@ -184,7 +184,7 @@ def _run_toy_ar(monkeypatch, read_switch, labels):
 def test_graphs_option_sets_the_command_buffers_of_that_method_alone(bench, monkeypatch):
     assert methods.parse("ar:graphs=while").label == "ar:graphs=while"
     assert methods.parse("spec:graphs=while").options == {"gamma": 4, "confidence": 0.0, "graphs": "while",
-                                                          "attention": ""}
+                                                          "attention": "", "projections": ""}
     assert methods.parse("ar:graphs=fusion+while").options["graphs"] == "fusion+while"
     with pytest.raises(methods.MethodSpecError, match="graphs='NOPE'.*unknown: NOPE"):
         methods.parse("ar:graphs=NOPE")
@@ -201,10 +201,23 @@ def test_attention_option_sets_the_kernel_of_that_method_alone(bench, monkeypatc
     included, are tested in tests/test_kernels.py."""
     assert methods.parse("ar:attention=pallas").label == "ar:attention=pallas"
     assert methods.parse("spec:attention=xla").options == {"gamma": 4, "confidence": 0.0, "graphs": "",
-                                                           "attention": "xla"}
+                                                           "attention": "xla", "projections": ""}
     with pytest.raises(methods.MethodSpecError, match="attention='cuda' is not 'xla' or 'pallas'"):
         methods.parse("ar:attention=cuda")
     (plain, kernel), seen = _run_toy_ar(monkeypatch, lambda opts: opts.attention, ["ar", "ar:attention=pallas"])
+    assert seen == ["xla", "pallas"]
+    assert kernel.tokens == plain.tokens
+
+
+def test_projections_option_sets_the_kernels_of_that_method_alone(bench, monkeypatch):
+    """`projections=pallas` reaches `generate` as that method's `Options` (same greedy tokens on
+    the toy model, the kernels interpreted on CPU); a bad value is refused before any work. The
+    kernels' numerics are tested in tests/test_kernels_projection.py."""
+    assert methods.parse("tree:projections=pallas").options["projections"] == "pallas"
+    with pytest.raises(methods.MethodSpecError, match="projections='triton' is not 'xla' or 'pallas'"):
+        methods.parse("ar:projections=triton")
+    (plain, kernel), seen = _run_toy_ar(monkeypatch, lambda opts: opts.projections,
+                                        ["ar", "ar:projections=pallas"])
     assert seen == ["xla", "pallas"]
     assert kernel.tokens == plain.tokens
 
