@@ -40,9 +40,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments.trainer_runs import (REPO, Results, add_run_arguments, build_data, by_row, cast, device_name,
-                                      finish_training, fmt, plot_summary, run_specbench, split_list, train_config,
-                                      trained, training_minutes, training_record, write_summary_files)
+from experiments.trainer_runs import (REPO, Results, add_dtype_and_rows, add_run_arguments, add_specbench_arguments,
+                                      build_data, by_row, cast, device_name, finish_training, fmt, new_parser,
+                                      plot_summary, run_specbench, split_list, train_config, trained, training_minutes,
+                                      training_record, write_summary_files)
 from experiments.trainer_runs import main as run_main
 
 RESULTS = REPO / "experiments" / "results" / "distillspec"
@@ -258,21 +259,16 @@ def write_summary(out: Path, results: list[dict], args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.distillspec", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="tiny random models and a few GSM8K questions (CPU, seconds)")
-    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}/<run>)")
+    p = new_parser("python -m experiments.distillspec", __doc__, RESULTS,
+                   "tiny random models and a few GSM8K questions (CPU, seconds)")
     p.add_argument("--teacher", default="qwen2.5-coder-1.5b-instruct")
     p.add_argument("--student", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    add_dtype_and_rows(p, DEFAULT_ROWS)
     add_run_arguments(p)
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of the divergences")
     p.add_argument("--gammas", default="2,3,4,5,6,8", help="gammas tried on the tuning split")
     p.add_argument("--tune-prompts", type=int, default=32)
-    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
-    p.add_argument("--specbench-subset", default="all")
-    p.add_argument("--specbench-tokens", type=int, default=256)
+    add_specbench_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -309,12 +305,11 @@ def run(args, rows: list[Row], batches: list[int], out: Path, results: Results) 
         gamma = results.get(row.label, "heldout")["gamma"]
         for b in batches:
             results.stage(have, row.label, f"specbench_b{b}", lambda: spec_bench(args, row, drafter_dir, gamma, b, out))
-    write_summary(out, results.read(), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(argv, prog="python -m experiments.distillspec", parser=parser, toy=TOY, parse_row=Row.parse,
-                    results_root=RESULTS, run=run, check=check_arguments)
+    return run_main(argv, parser=parser, toy=TOY, parse_row=Row.parse, results_root=RESULTS, run=run,
+                    summarize=write_summary, check=check_arguments)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments.trainer_runs import (REPO, Results, acceptance_per_position, add_run_arguments, build_data, by_row,
-                                      device_name, finish_training, fmt, generate_timed, plot_summary, run_specbench,
-                                      split_list, train_config, trained, training_minutes, training_record,
-                                      write_summary_files)
+from experiments.trainer_runs import (REPO, Results, acceptance_per_position, add_dtype_and_rows, add_run_arguments,
+                                      add_specbench_arguments, build_data, by_row, device_name, finish_training, fmt,
+                                      generate_timed, new_parser, plot_summary, run_specbench, split_list, train_config,
+                                      trained, training_minutes, training_record, write_summary_files)
 from experiments.trainer_runs import main as run_main
 
 RESULTS = REPO / "experiments" / "results" / "feature_drafters"
@@ -304,22 +304,17 @@ def _settings(method: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.feature_drafters", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="a tiny random target and a few GSM8K questions (CPU)")
-    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}/<run>)")
+    p = new_parser("python -m experiments.feature_drafters", __doc__, RESULTS,
+                   "a tiny random target and a few GSM8K questions (CPU)")
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    add_dtype_and_rows(p, DEFAULT_ROWS)
     add_run_arguments(p, accumulate=4, steps=2000, lr=None, lr_help="learning rate (default: eagle 3e-4, medusa 1e-3)",
                       eval_every_help="acceptance on held-out prompts every N steps (0: at the end only; -1: never, "
                                       "the tuning stage measures it)")
     p.add_argument("--gammas", default="3,4,5,6", help="chain lengths tried on the tuning split")
     p.add_argument("--trees", default="5x4x32,6x8x48", help="dynamic tree shapes (depth x top_k x nodes) tried")
     p.add_argument("--tune-prompts", type=int, default=32)
-    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
-    p.add_argument("--specbench-subset", default="all")
-    p.add_argument("--specbench-tokens", type=int, default=256)
+    add_specbench_arguments(p)
     p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default: ../shared/data/...)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -363,12 +358,11 @@ def run(args, rows: list[Row], batches: list[int], out: Path, results: Results) 
         for b in batches:
             results.stage(have, row.label, f"specbench_b{b}",
                           lambda: spec_bench(args, row, specbench_methods(row, head_file, tuned), b, out))
-    write_summary(out, results.read(), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(argv, prog="python -m experiments.feature_drafters", parser=parser, toy=TOY, parse_row=Row.parse,
-                    results_root=RESULTS, run=run, check=check_arguments)
+    return run_main(argv, parser=parser, toy=TOY, parse_row=Row.parse, results_root=RESULTS, run=run,
+                    summarize=write_summary, check=check_arguments)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Wu et al. 2024 ("Parallel Decoding via Hidden Transfer for Lossless Large Language Model
 Acceleration"); the pieces are `drafting.hidden_transfer` (decoding) and
-`distill.hidden_transfer` (training). Structured like `experiments.distillspec`. One run:
+`distill.hidden_transfer` (training); the driver is `experiments.trainer_runs`. One run:
 
   1. loads the target through `decoding.load` (registry name; the toy target with --toy);
   2. builds the data once (under <out>/data, reused by reruns; `experiments.trainer_runs.build_data`):
@@ -43,10 +43,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments.trainer_runs import (REPO, Results, acceptance_per_position, add_run_arguments, build_data, by_row,
-                                      cast, device_name, finish_training, fmt, generate_timed, run_specbench,
-                                      split_list, train_config, trained, training_minutes, training_record,
-                                      write_summary_files)
+from experiments.trainer_runs import (REPO, Results, acceptance_per_position, add_dtype_and_rows, add_run_arguments,
+                                      add_specbench_arguments, build_data, by_row, cast, device_name, finish_training,
+                                      fmt, generate_timed, new_parser, run_specbench, split_list, train_config, trained,
+                                      training_minutes, training_record, write_summary_files)
 from experiments.trainer_runs import main as run_main
 
 RESULTS = REPO / "experiments" / "results" / "hidden_transfer"
@@ -306,13 +306,10 @@ def write_summary(out: Path, results: list[dict], args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.hidden_transfer", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="the tiny random toy target and a few GSM8K questions (CPU)")
-    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}/<run>)")
+    p = new_parser("python -m experiments.hidden_transfer", __doc__, RESULTS,
+                   "the tiny random toy target and a few GSM8K questions (CPU)")
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    add_dtype_and_rows(p, DEFAULT_ROWS)
     p.add_argument("--shapes", default="g2,g3,g4,4-2-2,4-3-2-1", help="draft shapes tried on the tuning split")
     p.add_argument("--pseudo-modes", default="verify,separate",
                    help="hidden transfer's pseudo positions tried on the tuning split: in the verify forward "
@@ -322,9 +319,7 @@ def parser() -> argparse.ArgumentParser:
                                    "upper layer)")
     p.add_argument("--tune-prompts", type=int, default=32)
     p.add_argument("--eagle-head", default=None, help="an EAGLE-3-style head file to run beside (drafting.eagle)")
-    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
-    p.add_argument("--specbench-subset", default="all")
-    p.add_argument("--specbench-tokens", type=int, default=256)
+    add_specbench_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -363,12 +358,11 @@ def run(args, rows: list[Row], batches: list[int], out: Path, results: Results) 
         methods.append(f"eagle:head={Path(args.eagle_head).resolve()}")
     for b in batches:
         results.stage(results.have(), "specbench", f"specbench_b{b}", lambda: spec_bench(args, methods, b, out))
-    write_summary(out, results.read(), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(argv, prog="python -m experiments.hidden_transfer", parser=parser, toy=TOY, parse_row=Row.parse,
-                    results_root=RESULTS, run=run, check=check_arguments)
+    return run_main(argv, parser=parser, toy=TOY, parse_row=Row.parse, results_root=RESULTS, run=run,
+                    summarize=write_summary, check=check_arguments)
 
 
 if __name__ == "__main__":

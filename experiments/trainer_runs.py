@@ -29,6 +29,27 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------
 
 
+def new_parser(prog: str, doc: str, results_root: Path, toy_help: str) -> argparse.ArgumentParser:
+    """An experiment's parser (`prog`: "python -m experiments.<name>"; its description: the first
+    line of `doc`) with --toy and --out."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--toy", action="store_true", help=toy_help)
+    p.add_argument("--out", default=None, help=f"output folder (default {results_root}/<run>)")
+    return p
+
+
+def add_dtype_and_rows(p: argparse.ArgumentParser, default_rows: Sequence[str]) -> None:
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--rows", default=",".join(default_rows), help="comma-separated rows (see the module doc)")
+
+
+def add_specbench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
+    p.add_argument("--specbench-subset", default="all")
+    p.add_argument("--specbench-tokens", type=int, default=256)
+
+
 def add_run_arguments(p: argparse.ArgumentParser, *, seq_len: int = 1024, accumulate: int = 8, steps: int = 1000,
                       lr: float | None = 5e-5, lr_help: str = "learning rate", seq_len_help: str = "",
                       eval_every_help: str = "acceptance on held-out prompts every N steps (0: end)") -> None:
@@ -298,17 +319,19 @@ class Results:
             print(f"{row.label}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None, *, prog: str, parser: Callable[[], argparse.ArgumentParser], toy: dict,
+def main(argv: Sequence[str] | None, *, parser: Callable[[], argparse.ArgumentParser], toy: dict,
          parse_row: Callable[[str], Any], results_root: Path,
          run: Callable[[argparse.Namespace, list, list[int], Path, Results], None],
+         summarize: Callable[[Path, list[dict], argparse.Namespace], Any],
          check: Callable[[argparse.Namespace], None] = lambda args: None) -> int:
     """Parse `argv` with `parser()` (with --toy, the settings `toy` where a flag was left at its
     default), then the comma lists: --rows with `parse_row`, --sources, the script's own with
     `check` (raising ValueError), --specbench-batch; then `run(args, rows, batches, out, results)`
-    in <out> (--out, else <results_root>/toy or /run). `prog` is the command that ran
-    ("python -m experiments.<name>"), recorded as args.command."""
-    args = parser().parse_args(argv)
-    args.command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
+    in <out> (--out, else <results_root>/toy or /run) and `summarize(out, records, args)` (the
+    summary files). args.command records the command that ran (the parser's prog and `argv`)."""
+    p = parser()
+    args = p.parse_args(argv)
+    args.command = f"{p.prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.toy:
         apply_toy(args, parser, toy)
     try:
@@ -324,7 +347,9 @@ def main(argv: Sequence[str] | None, *, prog: str, parser: Callable[[], argparse
     out = Path(args.out) if args.out else results_root / ("toy" if args.toy else "run")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        run(args, rows, batches, out, Results(out))
+        results = Results(out)
+        run(args, rows, batches, out, results)
+        summarize(out, results.read(), args)
     except Stopped as stop:
         print(stop, file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +16,12 @@ from experiments import trainer_runs as tr
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.fake")
-    p.add_argument("--toy", action="store_true")
-    p.add_argument("--out", default=None)
+    p = tr.new_parser("python -m experiments.fake", "A fake experiment.\n\nMore.", Path("/results"), "tiny")
     p.add_argument("--rows", default="a,b")
     p.add_argument("--sources", default="sharegpt,gsm8k")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--specbench-batch", default="1,8")
+    tr.add_specbench_arguments(p)
     return p
 
 
@@ -34,9 +33,10 @@ class _Row(types.SimpleNamespace):
         return cls(label=text)
 
 
-def _main(argv, run, tmp_path, check=lambda args: None):
-    return tr.main(argv, prog="python -m experiments.fake", parser=_parser, toy={"steps": 3, "specbench_batch": ""},
-                   parse_row=_Row.parse, results_root=tmp_path / "results", run=run, check=check)
+def _main(argv, run, tmp_path, check=lambda args: None, summarize=lambda out, records, args: None):
+    return tr.main(argv, parser=_parser, toy={"steps": 3, "specbench_batch": ""},
+                   parse_row=_Row.parse, results_root=tmp_path / "results", run=run, summarize=summarize,
+                   check=check)
 
 
 def test_main_parses_lists_applies_toy_settings_and_runs_in_the_out_folder(tmp_path, capsys):
@@ -44,8 +44,14 @@ def test_main_parses_lists_applies_toy_settings_and_runs_in_the_out_folder(tmp_p
 
     def run(args, rows, batches, out, results):
         seen.update(args=args, rows=[r.label for r in rows], batches=batches, out=out, path=results.path)
+        results.append({"row": "c", "kind": "train"})
 
-    assert _main(["--toy", "--seed", "3", "--rows", "c,,a", "--sources", "gsm8k,"], run, tmp_path) == 0
+    def summarize(out, records, args):
+        seen["summarized"] = (out, records, args)
+
+    argv = ["--toy", "--seed", "3", "--rows", "c,,a", "--sources", "gsm8k,"]
+    assert _main(argv, run, tmp_path, summarize=summarize) == 0
+    assert seen["summarized"] == (seen["out"], [{"row": "c", "kind": "train"}], seen["args"])
     args = seen["args"]
     assert seen["rows"] == ["c", "a"] and args.sources == ["gsm8k"] and seen["batches"] == []
     assert args.steps == 3 and args.seed == 3  # toy settings only where the flag was left at its default
@@ -58,6 +64,8 @@ def test_main_parses_lists_applies_toy_settings_and_runs_in_the_out_folder(tmp_p
     assert seen["args"].steps == 50 and seen["out"] == tmp_path / "o"
     assert _main(["--specbench-batch", "2,,4"], run, tmp_path) == 0
     assert seen["args"].steps == 100 and seen["batches"] == [2, 4] and seen["out"] == tmp_path / "results" / "run"
+    assert seen["args"].specbench_subset == "all" and seen["args"].specbench_tokens == 256
+    assert _parser().description == "A fake experiment." and "(default /results/<run>)" in _parser().format_help()
 
 
 def test_main_exit_codes_and_messages(tmp_path, capsys):
@@ -78,14 +86,17 @@ def test_main_exit_codes_and_messages(tmp_path, capsys):
     def stopped(args, rows, batches, out, results):
         raise tr.Stopped("a", 7)
 
-    assert _main(["--out", str(tmp_path / "s")], stopped, tmp_path) == 130
+    def summarize(out, records, args):
+        raise AssertionError("no summary after a stopped or interrupted run")
+
+    assert _main(["--out", str(tmp_path / "s")], stopped, tmp_path, summarize=summarize) == 130
     got = capsys.readouterr()
     assert got.err.strip() == "a: stopped at step 7; rerun to continue." and got.out == ""
 
     def interrupted(args, rows, batches, out, results):
         raise KeyboardInterrupt
 
-    assert _main(["--out", str(tmp_path / "i")], interrupted, tmp_path) == 130
+    assert _main(["--out", str(tmp_path / "i")], interrupted, tmp_path, summarize=summarize) == 130
     assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to continue."
 
     def failing(args, rows, batches, out, results):
