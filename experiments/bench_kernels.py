@@ -178,6 +178,40 @@ def live_bytes(q, k, lengths, t) -> int:
     return int(2 * kh * slots * dh * k.dtype.itemsize + 2 * q.size * q.dtype.itemsize)
 
 
+def check_accuracy(row: dict, out, exact, dtype) -> None:
+    """row["rel_err"] of `out` against `exact`, and row["ok"]: within bf16's or float32's tolerance."""
+    row["rel_err"] = rel_err(out, exact)
+    row["ok"] = bool(row["rel_err"] < (1e-2 if dtype == jnp.bfloat16 else 1e-4))
+
+
+def record_variant(rows: list[dict], row: dict, label: str, measure, *, layers: int, nbytes: int,
+                   floor_us: float | None, ref_us: float | None) -> float | None:
+    """Append one variant's `row` to `rows`: with row["error"] when `measure()` (which checks the
+    accuracy and returns (compile + first run seconds, seconds per call of `layers` layers))
+    fails, else its time per layer, GB/s of `nbytes` per layer, floor and speedup over `ref_us`.
+    A failing variant is reported (printed under `label`), not fatal. Returns the reference's
+    time per layer: this variant's when it is the reference, else `ref_us`."""
+    try:
+        compile_s, per_call = measure()
+    except Exception as err:  # a variant that fails to build is reported, not fatal
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        rows.append(row)
+        print(f"{label}: FAILED {row['error']}", flush=True)
+        return ref_us
+    us = 1e6 * per_call / layers
+    row.update(us_per_layer=us, compile_s=compile_s, floor_us=floor_us, gbps=nbytes / (us * 1e-6) / 1e9)
+    if row["variant"] == "reference":
+        ref_us = us
+    row["speedup_vs_reference"] = None if ref_us is None else ref_us / us
+    rows.append(row)
+    return ref_us
+
+
+def _measure_attention(row, fn, case, exact, dtype, reps: int) -> tuple[float, float]:
+    check_accuracy(row, one_layer(fn)(*case), exact, dtype)
+    return time_call(all_layers(fn), case, reps)
+
+
 def run(args, on_case=None) -> tuple[list[dict], float | None]:
     """Every (model, B, T, S) case x variant; `on_case(rows, bw)` after each case, so a run cut off
     by a time limit keeps what it measured."""
@@ -204,23 +238,12 @@ def run(args, on_case=None) -> tuple[list[dict], float | None]:
                                         num_splits=args.num_splits, tpu_block_s=args.tpu_block_s)
                         row = dict(model=model_name, B=b, T=t, S=s, H=model["h"], K=model["kh"], Dh=model["dh"],
                                    variant=name, dtype=args.dtype, mean_length=float(np.mean(np.asarray(lengths))))
-                        try:
-                            out = one_layer(fn)(*case)
-                            row["rel_err"] = rel_err(out, exact)
-                            row["ok"] = bool(row["rel_err"] < (1e-2 if dtype == jnp.bfloat16 else 1e-4))
-                            first, per_call = time_call(all_layers(fn), case, args.reps)
-                        except Exception as err:  # a variant that fails to build is reported, not fatal
-                            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                            rows.append(row)
-                            print(f"{model_name} B={b} T={t} S={s} {name}: FAILED {row['error']}", flush=True)
+                        measure = functools.partial(_measure_attention, row, fn, case, exact, dtype, args.reps)
+                        ref_us = record_variant(rows, row, f"{model_name} B={b} T={t} S={s} {name}", measure,
+                                                layers=args.layers, nbytes=nbytes, floor_us=floor_us, ref_us=ref_us)
+                        if "error" in row:
                             continue
-                        us = 1e6 * per_call / args.layers
-                        row.update(us_per_layer=us, compile_s=first, floor_us=floor_us,
-                                   gbps=nbytes / (us * 1e-6) / 1e9)
-                        if name == "reference":
-                            ref_us = us
-                        row["speedup_vs_reference"] = None if ref_us is None else ref_us / us
-                        rows.append(row)
+                        us = row["us_per_layer"]
                         print(f"{model_name} B={b} T={t} S={s} {name:15s} {us:9.1f} us/layer "
                               f"err={row['rel_err']:.1e}{'' if row['ok'] else ' WRONG'}", flush=True)
                     if on_case is not None:
@@ -289,6 +312,16 @@ def hlo_copies(f, args) -> int:
     return sum(1 for line in text.splitlines() if " copy(" in line or "copy-start(" in line)
 
 
+def _measure_projection(row, op: str, variant: str, x, weights, exact, dtype, args) -> tuple[float, float]:
+    fn = projection_fn(op, variant, interpret=args.interpret)
+    check_accuracy(row, jax.jit(functools.partial(fn, i=0))(x, weights), exact, dtype)
+    f = projection_layers(fn)
+    call_args = (x, weights)
+    timing = time_call(f, call_args, args.reps)
+    row["hlo_copies"] = None if args.interpret else hlo_copies(f, call_args)
+    return timing
+
+
 def run_projections(args, on_case=None) -> tuple[list[dict], float | None]:
     """Every (model, R, op) case x variant; `on_case(rows, bw)` after each case."""
     dtype = jnp.dtype(args.dtype)
@@ -310,26 +343,12 @@ def run_projections(args, on_case=None) -> tuple[list[dict], float | None]:
                 for name in args.projection_variants:
                     row = dict(model=model_name, op=op, R=r, In=int(x.shape[1]), Out=int(weights["w"].shape[2]),
                                variant=name, dtype=args.dtype, weight_bytes=nbytes)
-                    try:
-                        fn = projection_fn(op, name, interpret=args.interpret)
-                        out = jax.jit(functools.partial(fn, i=0))(x, weights)
-                        row["rel_err"] = rel_err(out, exact)
-                        row["ok"] = bool(row["rel_err"] < (1e-2 if dtype == jnp.bfloat16 else 1e-4))
-                        f = projection_layers(fn)
-                        call_args = (x, weights)
-                        compile_s, per_call = time_call(f, call_args, args.reps)
-                        row["hlo_copies"] = None if args.interpret else hlo_copies(f, call_args)
-                    except Exception as err:  # a variant that fails to build is reported, not fatal
-                        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                        rows.append(row)
-                        print(f"{model_name} R={r} {op} {name}: FAILED {row['error']}", flush=True)
+                    measure = functools.partial(_measure_projection, row, op, name, x, weights, exact, dtype, args)
+                    ref_us = record_variant(rows, row, f"{model_name} R={r} {op} {name}", measure, layers=args.layers,
+                                            nbytes=nbytes, floor_us=floor_us, ref_us=ref_us)
+                    if "error" in row:
                         continue
-                    us = 1e6 * per_call / args.layers
-                    row.update(us_per_layer=us, compile_s=compile_s, floor_us=floor_us, gbps=nbytes / (us * 1e-6) / 1e9)
-                    if name == "reference":
-                        ref_us = us
-                    row["speedup_vs_reference"] = None if ref_us is None else ref_us / us
-                    rows.append(row)
+                    us = row["us_per_layer"]
                     print(f"{model_name} R={r} {op:14s} {name:16s} {us:9.1f} us/layer {row['gbps']:7.0f} GB/s "
                           f"err={row['rel_err']:.1e}{'' if row['ok'] else ' WRONG'}", flush=True)
                 if on_case is not None:

@@ -10,7 +10,7 @@ trainer (docs/drafters.md, docs/distill.md). One run:
 
   1. loads the target through `decoding.load` (registry name: the Q4_K_M GGUF dequantized to
      bf16);
-  2. builds the data once (under <out>/data, reused by reruns; `experiments.distillspec`'s
+  2. builds the data once (under <out>/data, reused by reruns; `experiments.trainer_runs`'
      builder): ShareGPT conversations and GSM8K train questions, split by a seeded shuffle into
      training conversations and a held-out *tuning* split (never trained on, never reported as
      a result); the answers are written again by the target (`--stored-answers` keeps the
@@ -40,17 +40,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
-from .distillspec import (add_run_arguments, append_result, build_data, device_name, read_results, train_config,
-                          training_minutes)
+from experiments.trainer_runs import (REPO, Results, acceptance_per_position, add_dtype_and_rows, add_run_arguments,
+                                      add_specbench_arguments, build_data, by_row, device_name, finish_training, fmt,
+                                      generate_timed, new_parser, plot_summary, run_specbench, split_list, train_config,
+                                      trained, training_minutes, training_record, write_summary_files)
+from experiments.trainer_runs import main as run_main
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "feature_drafters"
 DEFAULT_ROWS = ("eagle", "medusa")
 DEFAULT_LR = {"eagle": 3e-4, "medusa": 1e-3}
@@ -146,9 +145,9 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     from distill.checkpoint import config_dict
 
     row_dir = out / row.slug
-    done_file = row_dir / "trained.json"
-    if done_file.is_file():
-        return json.loads(done_file.read_text())
+    done = trained(row_dir)
+    if done is not None:
+        return done
     cfg = train_config(args, row.lr or args.lr or DEFAULT_LR[row.kind])
     recipe = recipe_for(row, target, decoding.Options.from_env())
     frozen_dtype = jnp.float32 if args.toy else jnp.bfloat16
@@ -171,20 +170,11 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     summary = trainer.run(max_minutes=args.max_minutes)
     minutes = training_minutes(row_dir, summary)
     head_file = save_head(row, recipe, jax.device_get(trainer.params), row_dir / "head.safetensors")
-    metrics = distill.trainer.read_jsonl(row_dir / "metrics.jsonl")
-    train_rows = [m for m in metrics if m.get("kind") == "train"]
-    last = train_rows[-1] if train_rows else {}
-    record = {"row": row.label, "steps": summary["step"], "stopped": summary["stopped"],
-              "tokens_seen": summary["step"] * cfg.batch_size * cfg.accumulate * cfg.seq_len,
-              "train_tokens_per_s": last.get("tokens_per_s"),
-              "train_minutes": minutes,
-              "final_loss": last.get("loss"),
-              "final_top1": {k: v for k, v in last.items() if k.startswith("top1_")},
-              "learning_rate": cfg.learning_rate, "head_file": str(head_file),
-              "head_file_bytes": head_file.stat().st_size, "device": device_name()}
-    if summary["step"] >= cfg.steps or summary["stopped"] == "time budget":
-        done_file.write_text(json.dumps(record, indent=1))
-    return record
+    record, last = training_record(row.label, summary, cfg, minutes, row_dir)
+    record.update(final_top1={k: v for k, v in last.items() if k.startswith("top1_")},
+                  learning_rate=cfg.learning_rate, head_file=str(head_file), head_file_bytes=head_file.stat().st_size,
+                  device=device_name())
+    return finish_training(row_dir, record, summary, cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,34 +183,13 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
 
 
 def timed(target, prompts, *, strategy=None, draft=None, batch: int, tokens: int, bucket: int) -> dict:
-    """Tokens, target forwards and run time of `decoding.generate` over `prompts` (batches filled
-    by repeating the last prompt, which does not count; one compile call outside the timing)."""
-    import numpy as np
-
-    import decoding
-
-    kw = dict(strategy=strategy, draft=draft, max_new_tokens=tokens, prompt_bucket=bucket)
-    new = forwards = 0
-    run_s = 0.0
-    hist = None
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        n = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch - n)
-        if start == 0:
-            decoding.generate(target, chunk, **kw)
-        st = decoding.generate(target, chunk, **kw).stats
-        new += sum(st.tokens_per_row[:n])
-        forwards += sum(st.forwards_per_row[:n])
-        run_s += st.run_s
-        if "accept_histogram" in st.extra and n == batch:
-            h = np.asarray(st.extra["accept_histogram"], np.int64)
-            hist = h if hist is None else hist + h
+    """Tokens, tau and tokens/s of `decoding.generate` over `prompts` (`trainer_runs.generate_timed`),
+    with the acceptance per position where the strategy reports its accept histogram."""
+    new, run_s, forwards, hist = generate_timed(target, prompts, batch, strategy=strategy, draft=draft,
+                                                max_new_tokens=tokens, bucket=bucket)
     out = {"tokens": int(new), "tau": new / forwards if forwards else None, "tokens_per_s": new / run_s}
-    if hist is not None:  # P(depth d reached | d - 1 reached), d = 1..: acceptance per position
-        reach = [int(hist[d:].sum()) for d in range(len(hist))]
-        out["acceptance_per_position"] = [reach[d] / reach[d - 1] if reach[d - 1] else None
-                                          for d in range(1, len(hist))]
+    if hist is not None:
+        out["acceptance_per_position"] = acceptance_per_position(hist)
     return out
 
 
@@ -267,21 +236,13 @@ def specbench_methods(row: Row, head_file: Path, tuned: dict) -> list[str]:
     return methods
 
 
-def run_specbench(args, row: Row, methods: list[str], batch: int, out: Path) -> dict:
-    """Spec-Bench through the harness's command line; returns its overall figures per method."""
-    run_dir = out / row.slug / f"specbench_b{batch}"
-    cmd = [sys.executable, "-m", "experiments.specbench", "--target", args.target, "--methods", ",".join(methods),
-           "--batch-size", str(batch), "--subset", args.specbench_subset, "--max-new-tokens",
-           str(args.specbench_tokens), "--out", str(run_dir), "--no-progress"]
-    if args.questions:
-        cmd += ["--questions", args.questions]
-    print("$ " + " ".join(cmd), file=sys.stderr)
-    rc = subprocess.call(cmd, cwd=REPO)
-    if rc != 0:
-        raise RuntimeError(f"Spec-Bench run for {row.label} (batch {batch}) exited with {rc}; rerun to resume it.")
-    summary = json.loads((run_dir / "summary.json").read_text())["summary"]["methods"]
-    return {"batch": batch, "command": " ".join(cmd),
-            "methods": {label: d.get("overall", {}) for label, d in summary.items()}}
+def spec_bench(args, row: Row, methods: list[str], batch: int, out: Path) -> dict:
+    """Spec-Bench for the row's methods; returns its overall figures per method."""
+    sb = run_specbench(args, out / row.slug / f"specbench_b{batch}", batch,
+                       f"Spec-Bench run for {row.label} (batch {batch})",
+                       ["--target", args.target, "--methods", ",".join(methods)],
+                       ["--questions", args.questions] if args.questions else [])
+    return {"batch": batch, **sb}
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,43 +250,45 @@ def run_specbench(args, row: Row, methods: list[str], batch: int, out: Path) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
 def write_summary(out: Path, results: list[dict], args) -> dict:
-    by_row: dict[str, dict] = {}
-    for r in results:
-        by_row.setdefault(r["row"], {})[r["kind"]] = r
+    rows = by_row(results)
     title = ("# Feature drafters for " + args.target) if not args.toy else "# Feature drafters (toy target: noise, not a result)"
     lines = [title, "", f"Command: `{args.command}`", "",
              "Training (cost per row) and tuning on the held-out tuning split (never trained on; the settings "
              "chosen here are the ones Spec-Bench measures):", "",
              "| row | steps | tokens seen | train tok/s | minutes | device | head file MB | best chain (gamma: tau, "
              "speedup) | best tree (shape: tau, speedup) |", "|" + "---|" * 9]
-    for label, kinds in by_row.items():
+    for label, kinds in rows.items():
         t, h = kinds.get("train", {}), kinds.get("tuning", {})
         chain = h.get("chains", {}).get(str(h.get("gamma")), {})
         tree = h.get("trees", {}).get(str(h.get("tree")), {})
         mb = t.get("head_file_bytes")
         lines.append(f"| {label} | {t.get('steps', '-')} | {t.get('tokens_seen', '-')} | "
-                     f"{_fmt(t.get('train_tokens_per_s'))} | {_fmt(t.get('train_minutes'))} | {t.get('device', '-')} | "
-                     f"{_fmt(mb / 2**20 if mb else None)} | {h.get('gamma', '-')}: {_fmt(chain.get('tau'))}, "
-                     f"{_fmt(chain.get('speedup'))}x | {h.get('tree', '-')}: {_fmt(tree.get('tau'))}, "
-                     f"{_fmt(tree.get('speedup'))}x |")
-    sb = [(label, v) for label, kinds in by_row.items() for k, v in kinds.items() if k.startswith("specbench")]
+                     f"{fmt(t.get('train_tokens_per_s'))} | {fmt(t.get('train_minutes'))} | {t.get('device', '-')} | "
+                     f"{fmt(mb / 2**20 if mb else None)} | {h.get('gamma', '-')}: {fmt(chain.get('tau'))}, "
+                     f"{fmt(chain.get('speedup'))}x | {h.get('tree', '-')}: {fmt(tree.get('tau'))}, "
+                     f"{fmt(tree.get('speedup'))}x |")
+    sb = [(label, v) for label, kinds in rows.items() for k, v in kinds.items() if k.startswith("specbench")]
     if sb:
         lines += ["", "Spec-Bench (never trained or tuned on), each method against `ar` in the same process "
                   "(speedup = tokens/s ratio):", "", "| row | batch | method | tau | tokens/s | speedup |",
                   "|---|---|---|---|---|---|"]
         for label, v in sb:
             for m, d in v["methods"].items():
-                lines.append(f"| {label} | {v['batch']} | {m.split(':')[0]}{_settings(m)} | {_fmt(d.get('tau'))} | "
-                             f"{_fmt(d.get('tokens_per_s'))} | {_fmt(d.get('speedup'))} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    summary = {"rows": by_row, "command": args.command, "toy": args.toy}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _plot(out, by_row)
+                lines.append(f"| {label} | {v['batch']} | {m.split(':')[0]}{_settings(m)} | {fmt(d.get('tau'))} | "
+                             f"{fmt(d.get('tokens_per_s'))} | {fmt(d.get('speedup'))} |")
+    summary = write_summary_files(out, lines, rows, args)
+
+    def chain_acceptance(ax, label, kinds):
+        h = kinds.get("tuning")
+        chain = h and h.get("chains", {}).get(str(h.get("gamma")))
+        if chain and chain.get("acceptance_per_position"):
+            pos = chain["acceptance_per_position"]
+            ax.plot(range(1, len(pos) + 1), [p if p is not None else float("nan") for p in pos], "o-",
+                    label=f"{label}, chain gamma {h['gamma']}")
+
+    plot_summary(out, rows, lambda label: Row.parse(label).slug, loss_label="loss", right_title="tuning split",
+                 draw_right=chain_acceptance)
     return summary
 
 
@@ -335,135 +298,71 @@ def _settings(method: str) -> str:
     return (":" + ":".join(parts)) if parts else ""
 
 
-def _plot(out: Path, by_row: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distill.trainer import read_jsonl
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for label, kinds in by_row.items():
-        train = [m for m in read_jsonl(out / Row.parse(label).slug / "metrics.jsonl") if m.get("kind") == "train"]
-        if train:
-            axes[0].plot([m["step"] for m in train], [m["loss"] for m in train], label=label)
-        h = kinds.get("tuning")
-        chain = h and h.get("chains", {}).get(str(h.get("gamma")))
-        if chain and chain.get("acceptance_per_position"):
-            pos = chain["acceptance_per_position"]
-            axes[1].plot(range(1, len(pos) + 1), [p if p is not None else float("nan") for p in pos], "o-",
-                         label=f"{label}, chain gamma {h['gamma']}")
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].set_title("training loss")
-    axes[1].set_xlabel("draft position"), axes[1].set_ylabel("acceptance"), axes[1].set_title("tuning split")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "summary.png", dpi=120)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.feature_drafters", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="a tiny random target and a few GSM8K questions (CPU)")
-    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}/<run>)")
+    p = new_parser("python -m experiments.feature_drafters", __doc__, RESULTS,
+                   "a tiny random target and a few GSM8K questions (CPU)")
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    add_dtype_and_rows(p, DEFAULT_ROWS)
     add_run_arguments(p, accumulate=4, steps=2000, lr=None, lr_help="learning rate (default: eagle 3e-4, medusa 1e-3)",
                       eval_every_help="acceptance on held-out prompts every N steps (0: at the end only; -1: never, "
                                       "the tuning stage measures it)")
     p.add_argument("--gammas", default="3,4,5,6", help="chain lengths tried on the tuning split")
     p.add_argument("--trees", default="5x4x32,6x8x48", help="dynamic tree shapes (depth x top_k x nodes) tried")
     p.add_argument("--tune-prompts", type=int, default=32)
-    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
-    p.add_argument("--specbench-subset", default="all")
-    p.add_argument("--specbench-tokens", type=int, default=256)
+    add_specbench_arguments(p)
     p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default: ../shared/data/...)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def toy_defaults(args) -> None:
-    """Small settings for --toy (each only where the flag was left at its default)."""
-    defaults = parser().parse_args([])
-    small = dict(sources="gsm8k", limit_per_source=48, train_conversations=40, max_prompt_len=448, heldout=8,
-                 seq_len=512, batch_size=2, accumulate=1, steps=4, warmup=1, log_every=2, eval_every=0,
-                 eval_prompts=4, eval_tokens=12, eval_batch=4, checkpoint_every=2, gammas="2,3", trees="2x2x4",
-                 tune_prompts=4, specbench_batch="")
-    for k, v in small.items():
-        if getattr(args, k) == getattr(defaults, k):
-            setattr(args, k, v)
-    args.stored_answers = True  # the toy target's answers are noise; the stored ones are as good
+# Small settings for --toy (each only where the flag was left at its default); the toy target's
+# answers are noise, so the stored ones are as good as rewritten ones.
+TOY = dict(sources="gsm8k", limit_per_source=48, train_conversations=40, max_prompt_len=448, heldout=8,
+           seq_len=512, batch_size=2, accumulate=1, steps=4, warmup=1, log_every=2, eval_every=0,
+           eval_prompts=4, eval_tokens=12, eval_batch=4, checkpoint_every=2, gammas="2,3", trees="2x2x4",
+           tune_prompts=4, specbench_batch="", stored_answers=True)
+
+
+def check_arguments(args) -> None:
+    args.gammas = [int(g) for g in split_list(args.gammas)]
+    args.trees = split_list(args.trees)
+    for t in args.trees:
+        parse_tree(t)
+
+
+def run(args, rows: list[Row], batches: list[int], out: Path, results: Results) -> None:
+    """Every row: train the head, tune chains and trees on the tuning split, Spec-Bench."""
+    import jax.numpy as jnp
+
+    import decoding
+    from drafting import eagle, medusa
+
+    if args.toy:
+        from experiments.toy import load_toy
+
+        target = load_toy("toy")
+    else:
+        target = decoding.load(args.target, dtype=jnp.dtype(args.dtype))
+    packed, heldout = build_data(args, target, out)
+    for row, have in results.each(rows):
+        results.train(have, row.label, out / row.slug, lambda: train_row(args, row, target, packed, heldout, out))
+        head_file = out / row.slug / "head.safetensors"
+        head = (eagle.load_head if row.kind == "eagle" else medusa.load_heads)(head_file, target)
+        results.stage(have, row.label, "tuning", lambda: tune(args, row, target, head, heldout))
+        tuned = results.get(row.label, "tuning")
+        for b in batches:
+            results.stage(have, row.label, f"specbench_b{b}",
+                          lambda: spec_bench(args, row, specbench_methods(row, head_file, tuned), b, out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    args.command = "python -m experiments.feature_drafters " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.toy:
-        toy_defaults(args)
-    try:
-        rows = [Row.parse(r) for r in args.rows.split(",") if r]
-        args.sources = [s for s in args.sources.split(",") if s]
-        args.gammas = [int(g) for g in str(args.gammas).split(",") if g]
-        args.trees = [t for t in str(args.trees).split(",") if t]
-        for t in args.trees:
-            parse_tree(t)
-        batches = [int(b) for b in str(args.specbench_batch).split(",") if b]
-        if args.toy and batches:
-            raise ValueError("Spec-Bench needs the real target: drop --specbench-batch with --toy.")
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else RESULTS / ("toy" if args.toy else "run")
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    try:
-        import jax.numpy as jnp
-
-        import decoding
-
-        if args.toy:
-            from experiments.toy import load_toy
-
-            target = load_toy("toy")
-        else:
-            target = decoding.load(args.target, dtype=jnp.dtype(args.dtype))
-        packed, heldout = build_data(args, target, out)
-        for row in rows:
-            have = {(r["row"], r["kind"]) for r in read_results(results_path)}
-            t0 = time.perf_counter()
-            if (row.label, "train") not in have:
-                record = train_row(args, row, target, packed, heldout, out)
-                if not (out / row.slug / "trained.json").is_file():
-                    print(f"{row.label}: stopped at step {record['steps']}; rerun to continue.", file=sys.stderr)
-                    return 130
-                append_result(results_path, {**record, "kind": "train"})
-            head_file = out / row.slug / "head.safetensors"
-            from drafting import eagle, medusa
-
-            head = (eagle.load_head if row.kind == "eagle" else medusa.load_heads)(head_file, target)
-            if (row.label, "tuning") not in have:
-                append_result(results_path, {"row": row.label, "kind": "tuning", **tune(args, row, target, head, heldout)})
-            tuned = next(r for r in read_results(results_path) if r["row"] == row.label and r["kind"] == "tuning")
-            for b in batches:
-                if (row.label, f"specbench_b{b}") not in have:
-                    sb = run_specbench(args, row, specbench_methods(row, head_file, tuned), b, out)
-                    append_result(results_path, {"row": row.label, "kind": f"specbench_b{b}", **sb})
-            print(f"{row.label}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        write_summary(out, read_results(results_path), args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue.", file=sys.stderr)
-        return 130
-    print(out / "summary.md")
-    return 0
+    return run_main(argv, parser=parser, toy=TOY, parse_row=Row.parse, results_root=RESULTS, run=run,
+                    summarize=write_summary, check=check_arguments)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@
 
 Wu et al. 2024 ("Parallel Decoding via Hidden Transfer for Lossless Large Language Model
 Acceleration"); the pieces are `drafting.hidden_transfer` (decoding) and
-`distill.hidden_transfer` (training). Structured like `experiments.distillspec`. One run:
+`distill.hidden_transfer` (training); the driver is `experiments.trainer_runs`. One run:
 
   1. loads the target through `decoding.load` (registry name; the toy target with --toy);
-  2. builds the data once (under <out>/data, reused by reruns; `experiments.distillspec.build_data`):
+  2. builds the data once (under <out>/data, reused by reruns; `experiments.trainer_runs.build_data`):
      ShareGPT conversations and GSM8K train questions, a seeded split into training
      conversations and a held-out *tuning* split (never reported as a result, never trained
      on), the training answers written again by the target unless --stored-answers;
@@ -39,17 +39,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
-from experiments.distillspec import (add_run_arguments, append_result, build_data, cast, device_name, read_results,
-                                     train_config, training_minutes)
+from experiments.trainer_runs import (REPO, Results, acceptance_per_position, add_dtype_and_rows, add_run_arguments,
+                                      add_specbench_arguments, build_data, by_row, cast, device_name, finish_training,
+                                      fmt, generate_timed, new_parser, run_specbench, split_list, train_config, trained,
+                                      training_minutes, training_record, write_summary_files)
+from experiments.trainer_runs import main as run_main
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "hidden_transfer"
 DEFAULT_ROWS = ("ht:layer=14:k=4", "ht:layer=20:k=4", "ht:layer=8:k=4", "medusa:k=4")
 TOY_ROWS = ("ht:k=2", "medusa:k=2")
@@ -179,9 +178,9 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
     from drafting import medusa
 
     row_dir = out / row.slug
-    done_file = row_dir / "trained.json"
-    if done_file.is_file():
-        return json.loads(done_file.read_text())
+    done = trained(row_dir)
+    if done is not None:
+        return done
     cfg = train_config(args)
     recipe, dcfg = recipe_for(row, target)
     trainable, frozen = recipe.init(target.params, frozen_dtype=jnp.float32 if args.toy else jnp.bfloat16)
@@ -211,50 +210,16 @@ def train_row(args, row: Row, target, packed, heldout, out: Path) -> dict:
         ht.save_maps(row_dir / row.file, dcfg, cast(recipe.map_params(params), jnp.float32))
     else:
         medusa.save_heads(row_dir / row.file, dcfg, cast(recipe.head_params(params), jnp.float32))
-    train_rows = [m for m in distill.trainer.read_jsonl(row_dir / "metrics.jsonl") if m.get("kind") == "train"]
-    record = {"row": row.label, "steps": summary["step"], "stopped": summary["stopped"],
-              "tokens_seen": summary["step"] * cfg.batch_size * cfg.accumulate * cfg.seq_len,
-              "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
-              "train_minutes": minutes,
-              "final_loss": train_rows[-1]["loss"] if train_rows else None,
-              "final_train_top1": {k: v for k, v in (train_rows[-1] if train_rows else {}).items()
-                                   if k.startswith("top1_")},
-              "trainable_params": int(dcfg.param_count()), "device": device_name(),
-              "layer": getattr(dcfg, "layer", None), "k": row.k}
-    if summary["step"] >= cfg.steps or summary["stopped"] == "time budget":
-        done_file.write_text(json.dumps(record, indent=1))
-    return record
+    record, last = training_record(row.label, summary, cfg, minutes, row_dir)
+    record.update(final_train_top1={k: v for k, v in last.items() if k.startswith("top1_")},
+                  trainable_params=int(dcfg.param_count()), device=device_name(), layer=getattr(dcfg, "layer", None),
+                  k=row.k)
+    return finish_training(row_dir, record, summary, cfg)
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-
-
-def _generate_all(target, prompts, batch, strategy=None, draft=None, max_new_tokens=128, bucket=None):
-    """(new tokens, seconds, target forwards per row summed, accept histogram) over `prompts`
-    in batches of `batch` (the last one filled by repeating a prompt; repeats do not count)."""
-    import numpy as np
-
-    import decoding
-
-    tokens = forwards = 0
-    run_s = 0.0
-    hist = None
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        n = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch - n)
-        res = decoding.generate(target, chunk, strategy=strategy, draft=draft, max_new_tokens=max_new_tokens,
-                                prompt_bucket=bucket)
-        st = res.stats
-        tokens += sum(st.tokens_per_row[:n])
-        forwards += sum(st.forwards_per_row[:n])
-        run_s += st.run_s
-        if "accept_histogram" in st.extra and n == batch:
-            h = np.asarray(st.extra["accept_histogram"], np.int64)
-            hist = h if hist is None else hist + h
-    return tokens, run_s, forwards, hist
 
 
 def evaluate_heldout(args, row: Row, target, draft, heldout) -> dict:
@@ -264,8 +229,7 @@ def evaluate_heldout(args, row: Row, target, draft, heldout) -> dict:
     prompts = heldout[: args.tune_prompts]
     bucket = dshapes.prompt_bucket(max(len(p) for p in prompts))
     kw = dict(max_new_tokens=args.eval_tokens, bucket=bucket)
-    _generate_all(target, prompts[: args.eval_batch], args.eval_batch, **kw)  # compile outside the timing
-    ar_tokens, ar_s, _, _ = _generate_all(target, prompts, args.eval_batch, **kw)
+    ar_tokens, ar_s, _, _ = generate_timed(target, prompts, args.eval_batch, **kw)
     ar_tps = ar_tokens / ar_s
     per_shape = {}
     choices = [(s, m) for s in args.shapes for m in (args.pseudo_modes if row.kind == "ht" else ["verify"])]
@@ -274,31 +238,22 @@ def evaluate_heldout(args, row: Row, target, draft, heldout) -> dict:
         if shape_depth(shape) > row.k:
             continue
         strategy = strategy_for(row, shape, pseudo)
-        _generate_all(target, prompts[: args.eval_batch], args.eval_batch, strategy, draft, **kw)
-        tokens, run_s, forwards, hist = _generate_all(target, prompts, args.eval_batch, strategy, draft, **kw)
-        reach = [int(hist[d:].sum()) for d in range(len(hist))] if hist is not None else []
+        tokens, run_s, forwards, hist = generate_timed(target, prompts, args.eval_batch, strategy=strategy,
+                                                       draft=draft, **kw)
         per_shape[text if pseudo == "verify" else f"{text}/{pseudo}"] = {
             "tau": tokens / max(forwards, 1), "tokens_per_s": tokens / run_s, "speedup": (tokens / run_s) / ar_tps,
-            "acceptance_per_position": [reach[d] / reach[d - 1] if reach[d - 1] else None
-                                        for d in range(1, len(reach))]}
+            "acceptance_per_position": acceptance_per_position(hist)}
     if not per_shape:
         raise ValueError(f"no shape of --shapes {args.shapes} fits {row.label} (depth <= {row.k}).")
     best = max(per_shape, key=lambda s: per_shape[s]["speedup"])
     return {"ar_tokens_per_s": ar_tps, "per_shape": per_shape, "shape": best, **per_shape[best]}
 
 
-def run_specbench(args, methods: list[str], batch: int, out: Path) -> dict:
-    """Spec-Bench through the harness's command line; returns its overall figures per method."""
-    run_dir = out / f"specbench_b{batch}"
-    cmd = [sys.executable, "-m", "experiments.specbench", "--target", args.target, "--dtype", args.dtype,
-           "--methods", ",".join(methods), "--batch-size", str(batch), "--subset", args.specbench_subset,
-           "--max-new-tokens", str(args.specbench_tokens), "--out", str(run_dir), "--no-progress"]
-    print("$ " + " ".join(cmd), file=sys.stderr)
-    rc = subprocess.call(cmd, cwd=REPO)
-    if rc != 0:
-        raise RuntimeError(f"Spec-Bench at batch {batch} exited with {rc}; rerun to resume it.")
-    summary = json.loads((run_dir / "summary.json").read_text())["summary"]["methods"]
-    return {"batch": batch, "command": " ".join(cmd), "methods": {m: d.get("overall", {}) for m, d in summary.items()}}
+def spec_bench(args, methods: list[str], batch: int, out: Path) -> dict:
+    """Spec-Bench for every row's method at once; returns its overall figures per method."""
+    sb = run_specbench(args, out / f"specbench_b{batch}", batch, f"Spec-Bench at batch {batch}",
+                       ["--target", args.target, "--dtype", args.dtype, "--methods", ",".join(methods)])
+    return {"batch": batch, **sb}
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,39 +261,33 @@ def run_specbench(args, methods: list[str], batch: int, out: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
 def _pos(values) -> str:
     return ", ".join("-" if v is None else f"{v:.2f}" for v in values or [])
 
 
 def write_summary(out: Path, results: list[dict], args) -> dict:
-    by_row: dict[str, dict] = {}
-    for r in results:
-        by_row.setdefault(r["row"], {})[r["kind"]] = r
+    rows = by_row(results)
     title = ("# Hidden transfer on Qwen2.5-Coder-1.5B-Instruct" if not args.toy
              else "# Hidden transfer (toy model: noise, not a result)")
     lines = [title, "", f"Command: `{args.command}`", "",
              "Training cost (each row at the same budget: steps x batch x sequence length):", "",
              "| row | steps | tokens seen | train minutes | train tok/s | trainable params | final loss | device |",
              "|" + "---|" * 8]
-    for label, kinds in by_row.items():
+    for label, kinds in rows.items():
         t = kinds.get("train")
         if t:
-            lines.append(f"| {label} | {t['steps']} | {t['tokens_seen']} | {_fmt(t.get('train_minutes'))} | "
-                         f"{_fmt(t.get('train_tokens_per_s'))} | {t.get('trainable_params', '-')} | "
-                         f"{_fmt(t.get('final_loss'))} | {t.get('device', '-')} |")
+            lines.append(f"| {label} | {t['steps']} | {t['tokens_seen']} | {fmt(t.get('train_minutes'))} | "
+                         f"{fmt(t.get('train_tokens_per_s'))} | {t.get('trainable_params', '-')} | "
+                         f"{fmt(t.get('final_loss'))} | {t.get('device', '-')} |")
     lines += ["", "Tuning split (held out from training; picks each row's shape), beside `ar` in the same process:",
               "", "| row | shape | tau | tok/s | speedup | acceptance per position |", "|---|---|---|---|---|---|"]
-    for label, kinds in by_row.items():
+    for label, kinds in rows.items():
         h = kinds.get("heldout")
         for shape, d in (h or {}).get("per_shape", {}).items():
             mark = " (picked)" if shape == h["shape"] else ""
-            lines.append(f"| {label} | {shape}{mark} | {_fmt(d['tau'])} | {_fmt(d['tokens_per_s'])} | "
-                         f"{_fmt(d['speedup'])} | {_pos(d['acceptance_per_position'])} |")
-    for label, kinds in by_row.items():
+            lines.append(f"| {label} | {shape}{mark} | {fmt(d['tau'])} | {fmt(d['tokens_per_s'])} | "
+                         f"{fmt(d['speedup'])} | {_pos(d['acceptance_per_position'])} |")
+    for label, kinds in rows.items():
         for kind, v in kinds.items():
             if not kind.startswith("specbench"):
                 continue
@@ -346,12 +295,9 @@ def write_summary(out: Path, results: list[dict], args) -> dict:
                       "every speedup over `ar` of the same process:", "",
                       "| method | tau | tok/s | speedup | acceptance per position |", "|---|---|---|---|---|"]
             for m, o in v["methods"].items():
-                lines.append(f"| {m} | {_fmt(o.get('tau'))} | {_fmt(o.get('tokens_per_s'))} | "
-                             f"{_fmt(o.get('speedup'))} | {_pos(o.get('acceptance_per_position'))} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    summary = {"rows": by_row, "command": args.command, "toy": args.toy}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+                lines.append(f"| {m} | {fmt(o.get('tau'))} | {fmt(o.get('tokens_per_s'))} | "
+                             f"{fmt(o.get('speedup'))} | {_pos(o.get('acceptance_per_position'))} |")
+    return write_summary_files(out, lines, rows, args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,13 +306,10 @@ def write_summary(out: Path, results: list[dict], args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.hidden_transfer", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="the tiny random toy target and a few GSM8K questions (CPU)")
-    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}/<run>)")
+    p = new_parser("python -m experiments.hidden_transfer", __doc__, RESULTS,
+                   "the tiny random toy target and a few GSM8K questions (CPU)")
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    add_dtype_and_rows(p, DEFAULT_ROWS)
     p.add_argument("--shapes", default="g2,g3,g4,4-2-2,4-3-2-1", help="draft shapes tried on the tuning split")
     p.add_argument("--pseudo-modes", default="verify,separate",
                    help="hidden transfer's pseudo positions tried on the tuning split: in the verify forward "
@@ -376,83 +319,50 @@ def parser() -> argparse.ArgumentParser:
                                    "upper layer)")
     p.add_argument("--tune-prompts", type=int, default=32)
     p.add_argument("--eagle-head", default=None, help="an EAGLE-3-style head file to run beside (drafting.eagle)")
-    p.add_argument("--specbench-batch", default="1,8", help="Spec-Bench batch sizes ('' to skip Spec-Bench)")
-    p.add_argument("--specbench-subset", default="all")
-    p.add_argument("--specbench-tokens", type=int, default=256)
+    add_specbench_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def toy_defaults(args) -> None:
-    """Small settings for --toy (each only where the flag was left at its default)."""
-    defaults = parser().parse_args([])
-    small = dict(rows=",".join(TOY_ROWS), shapes="g1,g2,2-2", sources="gsm8k", limit_per_source=48,
-                 train_conversations=40, gen_tokens=16, gen_batch=8, max_prompt_len=448, heldout=8, seq_len=512,
-                 batch_size=2, accumulate=2, steps=6, lr=3e-3, warmup=1, log_every=2, eval_every=0, eval_prompts=4,
-                 eval_tokens=12, eval_batch=4, checkpoint_every=3, tune_prompts=4, specbench_batch="")
-    for k, v in small.items():
-        if getattr(args, k) == getattr(defaults, k):
-            setattr(args, k, v)
+# Small settings for --toy (each only where the flag was left at its default).
+TOY = dict(rows=",".join(TOY_ROWS), shapes="g1,g2,2-2", sources="gsm8k", limit_per_source=48, train_conversations=40,
+           gen_tokens=16, gen_batch=8, max_prompt_len=448, heldout=8, seq_len=512, batch_size=2, accumulate=2,
+           steps=6, lr=3e-3, warmup=1, log_every=2, eval_every=0, eval_prompts=4, eval_tokens=12, eval_batch=4,
+           checkpoint_every=3, tune_prompts=4, specbench_batch="")
+
+
+def check_arguments(args) -> None:
+    args.shapes = split_list(args.shapes)
+    args.pseudo_modes = split_list(args.pseudo_modes)
+    bad = [m for m in args.pseudo_modes if m not in ("verify", "separate")]
+    if bad or not args.pseudo_modes:
+        raise ValueError(f"--pseudo-modes takes verify and/or separate, got {args.pseudo_modes}.")
+    for s in args.shapes:
+        parse_shape(s)
+
+
+def run(args, rows: list[Row], batches: list[int], out: Path, results: Results) -> None:
+    """Every row: train its maps or heads, pick its shape on the tuning split; then one Spec-Bench
+    run per batch size with every row's method."""
+    target = load_target(args)
+    packed, heldout = build_data(args, target, out)
+    methods = ["ar", "pld"]
+    for row, have in results.each(rows):
+        results.train(have, row.label, out / row.slug, lambda: train_row(args, row, target, packed, heldout, out))
+        path = out / row.slug / row.file
+        results.stage(have, row.label, "heldout",
+                      lambda: evaluate_heldout(args, row, target, load_drafter(row, target, path), heldout))
+        shape, pseudo = split_choice(results.get(row.label, "heldout")["shape"])
+        methods.append(method_string(row, parse_shape(shape), path.resolve(), pseudo))
+    if args.eagle_head:
+        methods.append(f"eagle:head={Path(args.eagle_head).resolve()}")
+    for b in batches:
+        results.stage(results.have(), "specbench", f"specbench_b{b}", lambda: spec_bench(args, methods, b, out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    args.command = "python -m experiments.hidden_transfer " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.toy:
-        toy_defaults(args)
-    try:
-        rows = [Row.parse(r) for r in args.rows.split(",") if r]
-        args.sources = [s for s in args.sources.split(",") if s]
-        args.shapes = [s for s in args.shapes.split(",") if s]
-        args.pseudo_modes = [m for m in args.pseudo_modes.split(",") if m]
-        bad = [m for m in args.pseudo_modes if m not in ("verify", "separate")]
-        if bad or not args.pseudo_modes:
-            raise ValueError(f"--pseudo-modes takes verify and/or separate, got {args.pseudo_modes}.")
-        for s in args.shapes:
-            parse_shape(s)
-        batches = [int(b) for b in str(args.specbench_batch).split(",") if b]
-        if args.toy and batches:
-            raise ValueError("Spec-Bench needs the real target: drop --specbench-batch with --toy.")
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else RESULTS / ("toy" if args.toy else "run")
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    try:
-        target = load_target(args)
-        packed, heldout = build_data(args, target, out)
-        methods = ["ar", "pld"]
-        for row in rows:
-            have = {(r["row"], r["kind"]) for r in read_results(results_path)}
-            t0 = time.perf_counter()
-            if (row.label, "train") not in have:
-                record = train_row(args, row, target, packed, heldout, out)
-                if not (out / row.slug / "trained.json").is_file():
-                    print(f"{row.label}: stopped at step {record['steps']}; rerun to continue.", file=sys.stderr)
-                    return 130
-                append_result(results_path, {**record, "kind": "train"})
-            path = out / row.slug / row.file
-            if (row.label, "heldout") not in have:
-                h = evaluate_heldout(args, row, target, load_drafter(row, target, path), heldout)
-                append_result(results_path, {"row": row.label, "kind": "heldout", **h})
-            shape, pseudo = split_choice(next(r["shape"] for r in read_results(results_path)
-                                              if r["row"] == row.label and r["kind"] == "heldout"))
-            methods.append(method_string(row, parse_shape(shape), path.resolve(), pseudo))
-            print(f"{row.label}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        if args.eagle_head:
-            methods.append(f"eagle:head={Path(args.eagle_head).resolve()}")
-        for b in batches:
-            have = {(r["row"], r["kind"]) for r in read_results(results_path)}
-            if ("specbench", f"specbench_b{b}") not in have:
-                sb = run_specbench(args, methods, b, out)
-                append_result(results_path, {"row": "specbench", "kind": f"specbench_b{b}", **sb})
-        write_summary(out, read_results(results_path), args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue.", file=sys.stderr)
-        return 130
-    print(out / "summary.md")
-    return 0
+    return run_main(argv, parser=parser, toy=TOY, parse_row=Row.parse, results_root=RESULTS, run=run,
+                    summarize=write_summary, check=check_arguments)
 
 
 if __name__ == "__main__":

@@ -8,27 +8,16 @@ failed to write shows up as NaN and fails the comparisons.
 from __future__ import annotations
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import Options
-from decoding.kernels.projection import (
-    MAX_ROWS,
-    Projections,
-    matmul_residual,
-    matmul_residual_reference,
-    norm_gate_up,
-    norm_gate_up_reference,
-    norm_matmul,
-    norm_matmul_reference,
-)
+from decoding import Options, kernels
+from decoding.kernels import projection as projection_module
 from test_kernels import FAST_COMPILE, fresh_seed, rel_err
 
-projection_module = importlib.import_module("decoding.kernels.projection")
 EPS = 1e-6
 
 
@@ -72,8 +61,9 @@ def test_norm_matmul_matches_reference_float32(shape):
     seed = fresh_seed()
     x, norm_w, w, bias, _ = inputs(seed, r, d, n)
     tiles = dict(block_n=bn, block_k=bk, interpret=True, eps=EPS)
-    check(run(norm_matmul, x, norm_w, w, bias, **tiles), norm_matmul_reference(x, norm_w, w, bias, eps=EPS), seed)
-    check(run(norm_matmul, x, norm_w, w, **tiles), norm_matmul_reference(x, norm_w, w, eps=EPS), seed)
+    check(run(kernels.norm_matmul, x, norm_w, w, bias, **tiles),
+          kernels.norm_matmul_reference(x, norm_w, w, bias, eps=EPS), seed)
+    check(run(kernels.norm_matmul, x, norm_w, w, **tiles), kernels.norm_matmul_reference(x, norm_w, w, eps=EPS), seed)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "R{}_D{}_N{}_bn{}_bk{}".format(*s))
@@ -83,9 +73,9 @@ def test_norm_gate_up_matches_reference_float32(shape):
     r, d, f, bn, bk = shape
     seed = fresh_seed()
     x, norm_w, w, _, _ = inputs(seed, r, d, f)
-    out = run(norm_gate_up, x, norm_w, w, block_n=bn, block_k=bk, interpret=True, eps=EPS)
-    check(out, norm_gate_up_reference(x, norm_w, w, eps=EPS), seed)
-    swapped = norm_gate_up_reference(x, norm_w, jnp.concatenate([w[:, f:], w[:, :f]], axis=1), eps=EPS)
+    out = run(kernels.norm_gate_up, x, norm_w, w, block_n=bn, block_k=bk, interpret=True, eps=EPS)
+    check(out, kernels.norm_gate_up_reference(x, norm_w, w, eps=EPS), seed)
+    swapped = kernels.norm_gate_up_reference(x, norm_w, jnp.concatenate([w[:, f:], w[:, :f]], axis=1), eps=EPS)
     assert not np.allclose(out, swapped, rtol=1e-3, atol=1e-3)
 
 
@@ -95,8 +85,8 @@ def test_matmul_residual_matches_reference_float32(shape):
     seed = fresh_seed()
     x, _, w, _, residual = inputs(seed, r, k, n)
     w = w[:, :n]
-    check(run(matmul_residual, x, w, residual, block_n=bn, block_k=bk, interpret=True),
-          matmul_residual_reference(x, w, residual), seed)
+    check(run(kernels.matmul_residual, x, w, residual, block_n=bn, block_k=bk, interpret=True),
+          kernels.matmul_residual_reference(x, w, residual), seed)
 
 
 def test_layer_of_stacked_weights_is_read_in_place():
@@ -108,16 +98,16 @@ def test_layer_of_stacked_weights_is_read_in_place():
     x, residual = stacks[0][0], stacks[0][4]
     norm_w, w, bias = (jnp.stack([s[j] for s in stacks]) for j in (1, 2, 3))
     kw = dict(block_n=16, block_k=32, interpret=True)
-    check(run(norm_matmul, x, norm_w, w, bias, eps=EPS, layer=1, **kw),
-          norm_matmul_reference(x, norm_w[1], w[1], bias[1], eps=EPS), seed)
-    check(run(norm_gate_up, x, norm_w, w, eps=EPS, layer=2, **kw),
-          norm_gate_up_reference(x, norm_w[2], w[2], eps=EPS), seed)
-    check(run(matmul_residual, x, w[:, :, :n], residual, layer=1, **kw),
-          matmul_residual_reference(x, w[1, :, :n], residual), seed)
+    check(run(kernels.norm_matmul, x, norm_w, w, bias, eps=EPS, layer=1, **kw),
+          kernels.norm_matmul_reference(x, norm_w[1], w[1], bias[1], eps=EPS), seed)
+    check(run(kernels.norm_gate_up, x, norm_w, w, eps=EPS, layer=2, **kw),
+          kernels.norm_gate_up_reference(x, norm_w[2], w[2], eps=EPS), seed)
+    check(run(kernels.matmul_residual, x, w[:, :, :n], residual, layer=1, **kw),
+          kernels.matmul_residual_reference(x, w[1, :, :n], residual), seed)
     with pytest.raises(ValueError, match="layer=3"):
-        norm_matmul(x, norm_w, w, bias, eps=EPS, layer=3, interpret=True)
+        kernels.norm_matmul(x, norm_w, w, bias, eps=EPS, layer=3, interpret=True)
     with pytest.raises(ValueError, match="stacked too"):
-        norm_matmul(x, norm_w[0], w, bias, eps=EPS, layer=0, interpret=True)
+        kernels.norm_matmul(x, norm_w[0], w, bias, eps=EPS, layer=0, interpret=True)
 
 
 def test_bfloat16_rounds_once_and_accumulates_in_float32():
@@ -131,45 +121,47 @@ def test_bfloat16_rounds_once_and_accumulates_in_float32():
     x3, res3 = x.reshape(2, 3, d), residual.reshape(2, 3, n)
     kw = dict(block_n=32, block_k=32, interpret=True)
     cases = [
-        (run(norm_matmul, x3, norm_w, w, bias, eps=EPS, **kw), norm_matmul_reference(x3, norm_w, w, bias, eps=EPS),
-         norm_matmul_reference(*f32[:4], eps=EPS)),
-        (run(norm_gate_up, x3, norm_w, w, eps=EPS, activation=jax.nn.gelu, **kw),
-         norm_gate_up_reference(x3, norm_w, w, eps=EPS, activation=jax.nn.gelu),
-         norm_gate_up_reference(*f32[:3], eps=EPS, activation=jax.nn.gelu)),
-        (run(matmul_residual, x3[..., :n], w[:n, :n], res3, **kw),
-         matmul_residual_reference(x3[..., :n], w[:n, :n], res3),
-         matmul_residual_reference(f32[0][:, :n], f32[2][:n, :n], f32[4])),
+        (run(kernels.norm_matmul, x3, norm_w, w, bias, eps=EPS, **kw),
+         kernels.norm_matmul_reference(x3, norm_w, w, bias, eps=EPS),
+         kernels.norm_matmul_reference(*f32[:4], eps=EPS)),
+        (run(kernels.norm_gate_up, x3, norm_w, w, eps=EPS, activation=jax.nn.gelu, **kw),
+         kernels.norm_gate_up_reference(x3, norm_w, w, eps=EPS, activation=jax.nn.gelu),
+         kernels.norm_gate_up_reference(*f32[:3], eps=EPS, activation=jax.nn.gelu)),
+        (run(kernels.matmul_residual, x3[..., :n], w[:n, :n], res3, **kw),
+         kernels.matmul_residual_reference(x3[..., :n], w[:n, :n], res3),
+         kernels.matmul_residual_reference(f32[0][:, :n], f32[2][:n, :n], f32[4])),
     ]
     for out, ref, exact in cases:
         assert out.dtype == jnp.bfloat16 and out.shape == ref.shape and out.shape[:2] == (2, 3)
         assert rel_err(out, ref) < 1e-2, f"seed {seed}"
         assert rel_err(out.reshape(exact.shape), exact) < 1e-2, f"seed {seed}"
-    gelu, silu = cases[1][0], norm_gate_up_reference(x3, norm_w, w, eps=EPS)
+    gelu, silu = cases[1][0], kernels.norm_gate_up_reference(x3, norm_w, w, eps=EPS)
     assert rel_err(gelu, silu) > 3e-2, "the activation argument must reach the kernel"
 
 
 def test_bad_arguments_name_what_is_wrong():
     x, norm_w, w, bias, residual = inputs(0, 4, 32, 32)
     with pytest.raises(ValueError, match="bias"):
-        norm_matmul(x, norm_w, w, bias[:5], eps=EPS, interpret=True)
+        kernels.norm_matmul(x, norm_w, w, bias[:5], eps=EPS, interpret=True)
     with pytest.raises(ValueError, match="rows"):
-        norm_matmul(jnp.zeros((65, 32)), norm_w, w, eps=EPS, interpret=True)
+        kernels.norm_matmul(jnp.zeros((65, 32)), norm_w, w, eps=EPS, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
-        matmul_residual(x, w[:, :32], residual, block_n=24, interpret=True)
+        kernels.matmul_residual(x, w[:, :32], residual, block_n=24, interpret=True)
     with pytest.raises(ValueError, match="residual"):
-        matmul_residual(x, w[:, :32], residual[:3], interpret=True)
+        kernels.matmul_residual(x, w[:, :32], residual[:3], interpret=True)
     with pytest.raises(ValueError, match=r"w_gate_up must be \[D, 2F\]"):
-        norm_gate_up(x, norm_w, w[:, :31], eps=EPS, interpret=True)
+        kernels.norm_gate_up(x, norm_w, w[:, :31], eps=EPS, interpret=True)
 
 
 def test_the_layer_switch():
     """Kernels for few rows on one device, interpreted on this (CPU) host; the references for
     "xla", for more than MAX_ROWS rows (prefill) and on a mesh."""
-    assert Projections.choose("pallas", 1) == Projections(kernel=True, interpret=jax.default_backend() != "gpu")
-    assert Projections.choose("pallas", MAX_ROWS).kernel
-    assert not Projections.choose("pallas", MAX_ROWS + 1).kernel
-    assert not Projections.choose("pallas", 1, sharded=True).kernel
-    assert not Projections.choose("xla", 1).kernel
+    interpret = jax.default_backend() != "gpu"
+    assert kernels.Projections.choose("pallas", 1) == kernels.Projections(kernel=True, interpret=interpret)
+    assert kernels.Projections.choose("pallas", projection_module.MAX_ROWS).kernel
+    assert not kernels.Projections.choose("pallas", projection_module.MAX_ROWS + 1).kernel
+    assert not kernels.Projections.choose("pallas", 1, sharded=True).kernel
+    assert not kernels.Projections.choose("xla", 1).kernel
 
 
 def test_bad_option_is_refused_with_the_choices():
@@ -227,13 +219,13 @@ def test_kernels_lower_for_cuda_without_a_gpu(model):
     s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     for r in (1, 8, 16):
         cases = {
-            "norm_matmul": (lambda x, nw, w, b: norm_matmul(x, nw, w, b, eps=EPS),
+            "norm_matmul": (lambda x, nw, w, b: kernels.norm_matmul(x, nw, w, b, eps=EPS),
                             (s((r, d), bf), s((d,), bf), s((d, nq), bf), s((nq,), bf))),
-            "norm_gate_up": (lambda x, nw, w: norm_gate_up(x, nw, w, eps=EPS),
+            "norm_gate_up": (lambda x, nw, w: kernels.norm_gate_up(x, nw, w, eps=EPS),
                              (s((r, d), bf), s((d,), bf), s((d, 2 * f), bf))),
-            "matmul_residual": (matmul_residual, (s((r, hd), bf), s((hd, d), bf), s((r, d), bf))),
-            "down_residual": (matmul_residual, (s((r, f), bf), s((f, d), bf), s((r, d), bf))),
-            "stacked_gate_up": (lambda x, nw, w: norm_gate_up(x, nw, w, eps=EPS, layer=2),
+            "matmul_residual": (kernels.matmul_residual, (s((r, hd), bf), s((hd, d), bf), s((r, d), bf))),
+            "down_residual": (kernels.matmul_residual, (s((r, f), bf), s((f, d), bf), s((r, d), bf))),
+            "stacked_gate_up": (lambda x, nw, w: kernels.norm_gate_up(x, nw, w, eps=EPS, layer=2),
                                 (s((r, d), bf), s((3, d), bf), s((3, d, 2 * f), bf))),
         }
         for name, (fn, args) in cases.items():
@@ -260,11 +252,12 @@ def test_compiled_kernels_on_gpu(dtype):
             res = jnp.asarray(x * 0.5, dtype)
             up = lambda a: a.astype(jnp.float32)  # noqa: E731
             with jax.default_matmul_precision("float32"):  # not tf32
-                exact = [norm_matmul_reference(up(x), up(norm_w), up(w_qkv), up(bias), eps=EPS),
-                         norm_gate_up_reference(up(x), up(norm_w), up(w_gu), eps=EPS),
-                         matmul_residual_reference(up(h), up(w_down), up(res))]
-            outs = [norm_matmul(x, norm_w, w_qkv, bias, eps=EPS), norm_gate_up(x, norm_w, w_gu, eps=EPS),
-                    matmul_residual(h, w_down, res)]
+                exact = [kernels.norm_matmul_reference(up(x), up(norm_w), up(w_qkv), up(bias), eps=EPS),
+                         kernels.norm_gate_up_reference(up(x), up(norm_w), up(w_gu), eps=EPS),
+                         kernels.matmul_residual_reference(up(h), up(w_down), up(res))]
+            outs = [kernels.norm_matmul(x, norm_w, w_qkv, bias, eps=EPS),
+                    kernels.norm_gate_up(x, norm_w, w_gu, eps=EPS),
+                    kernels.matmul_residual(h, w_down, res)]
             for name, out, ref in zip(("norm_matmul", "norm_gate_up", "matmul_residual"), outs, exact):
                 assert out.dtype == dtype and np.all(np.isfinite(np.asarray(out, np.float32))), (name, r, seed)
                 assert rel_err(out, ref) < tol, (name, d, r, rel_err(out, ref), seed)
