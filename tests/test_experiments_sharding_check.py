@@ -84,6 +84,18 @@ def test_fitting_rules_replicate_what_the_model_axis_does_not_divide():
     assert dropped8 == ("heads", "kv_heads")
     specs = sharding.param_specs(draft, AbstractMesh((1, 8), ("data", "model")), rules8)
     assert specs["layers"]["w_down"][1] == "model" and specs["layers"]["wo"] == sharding.PartitionSpec()
+    # Qwen2.5-Coder-1.5B (the target): 12 heads, 2 kv heads, D 1536, F 8960
+    target = ModelConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                         num_kv_heads=2, head_dim=128)
+    for model, want in ((2, ()), (4, ("kv_heads",)), (8, ("heads", "kv_heads"))):
+        rules, dropped = sharding_check.fitting_rules(target, model)
+        assert dropped == want, model
+        mesh = AbstractMesh((1, model), ("data", "model"))
+        sharding.param_specs(target, mesh, rules)  # divides: no ShardingError
+        sharding.cache_spec(target, mesh, rules, batch_size=8, capacity=512)
+        if want:  # the default rules do not fit (the kv heads of the cache; fused q/k/v split on D)
+            with pytest.raises(sharding.ShardingError, match="kv_heads"):
+                sharding.cache_spec(target, mesh, sharding.DEFAULT_RULES, batch_size=8, capacity=512)
 
 
 def test_collective_share_reads_device_lines_of_a_trace():

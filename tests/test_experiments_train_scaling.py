@@ -1,7 +1,8 @@
 """experiments.train_scaling on CPU with tiny random models: data-parallel training throughput
 per size, scaling efficiency against one device, and a checkpoint saved on the largest mesh
-restored without a mesh with equal parameters; resumable. One device in this process; data
-sizes 1 and 2 on 8 simulated CPU devices in a subprocess (slow)."""
+restored without a mesh with equal parameters; resumable. One device in this process and data
+sizes 1 and 2 on 8 simulated CPU devices in a subprocess (both slow); the argument checks and
+the batch source by default."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def check_report(data: dict, sizes: list[int]) -> None:
     assert len(c["restored_devices"]) == 1 and c["leaves"] > 0
 
 
+@pytest.mark.slow
 def test_one_device_run_reports_and_resumes(tmp_path, capsys):
+    """About 30 s on 2 CPU cores (a train step and the trainer's eager setup compile)."""
     out = tmp_path / "scaling"
     args = [*TINY, "--data", "1", "--out", str(out)]
     train_scaling.main(args)
