@@ -111,7 +111,7 @@ def layout_of(model, mesh: tuple[int, int], replicate: bool = False):
         rules = sharding.DEFAULT_RULES.replace(**{a: None for a in TENSOR_PARALLEL_AXES})
         return decoding.shard(model, jmesh, rules), "replicated over model (batch over data)"
     rules, dropped = fitting_rules(model.config, mesh[1])
-    how = "default rules" if not dropped or mesh[1] == 1 else f"default rules, {', '.join(dropped)} replicated"
+    how = "default rules" if not dropped else f"default rules, {', '.join(dropped)} replicated"
     return decoding.shard(model, jmesh, rules), how
 
 
