@@ -32,7 +32,7 @@
 #              share of the largest mesh's step from a profile (experiments.sharding_check); then
 #              DistillSpec 0.5B <- 1.5B data parallel on 1, 2, ... N GPUs, tokens/s per GPU and a
 #              checkpoint saved on N restored on 1 (experiments.train_scaling); resumable: run it
-#              again until it says done                                   (~30 on 8 GPUs, resumable)
+#              again until it says done            (~15 on 2 GPUs, ~45 on 8: several commands)
 #   heads      feature drafters (experiments.feature_drafters; rows $HEAD_ROWS, default eagle) trained
 #              $HEAD_MINUTES (default 5) minutes each on stored ShareGPT + GSM8K-train answers, tuned
 #              on the held-out tuning split, then Spec-Bench reference16 at batch 1; resumable:
