@@ -61,7 +61,8 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def _device_events(trace: dict, backend: str) -> list[dict]:
+def device_events(trace: dict, backend: str) -> list[dict]:
+    """The kernel (and memcpy) events of a trace's devices; on CPU, XLA's thunks on the host."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -84,7 +85,8 @@ def _device_events(trace: dict, backend: str) -> list[dict]:
     return out
 
 
-def _busy_us(events: list[dict]) -> float:
+def busy_us(events: list[dict]) -> float:
+    """Microseconds covered by the events' spans, overlaps merged."""
     spans = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in events)
     busy, end = 0.0, float("-inf")
     for s, t in spans:
@@ -102,7 +104,7 @@ def summarize(events: list[dict], steps: int, wall_s: float) -> dict:
     by_name: dict[str, list] = {}
     for e in events:
         by_name.setdefault(e["name"], []).append(e.get("dur", 0.0))
-    busy = _busy_us(events)
+    busy = busy_us(events)
     kinds: dict[str, dict] = {}
     for name, durs in by_name.items():
         k = kinds.setdefault(kind_of(name), {"count": 0, "us": 0.0})
@@ -280,7 +282,8 @@ def hlo_report(model, prompt, new_tokens: int, strategy=None, options=None, dump
     return report
 
 
-def _read_trace(log_dir: str) -> dict:
+def read_trace(log_dir: str) -> dict:
+    """The newest trace jax.profiler wrote under `log_dir` (its parsed *.trace.json.gz)."""
     files = sorted(glob.glob(f"{log_dir}/**/*.trace.json.gz", recursive=True))
     if not files:
         raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {log_dir}")
@@ -297,7 +300,7 @@ def profile(fn, steps: int, backend: str) -> dict:
             t0 = time.perf_counter()
             fn()
             wall = time.perf_counter() - t0
-        events = _device_events(_read_trace(log_dir), backend)
+        events = device_events(read_trace(log_dir), backend)
     return summarize(events, steps, wall)
 
 

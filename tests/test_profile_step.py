@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.profile_step import _busy_us, _device_events, kind_of, summarize
+from experiments.profile_step import busy_us, device_events, kind_of, summarize
 
 
 def ev(name, ts, dur, pid=1, tid=1):
@@ -11,7 +11,7 @@ def ev(name, ts, dur, pid=1, tid=1):
 
 def test_busy_time_merges_overlaps_and_counts_gaps_as_idle():
     events = [ev("gemv_a", 0, 10), ev("fusion.1", 5, 10), ev("fusion.2", 30, 5), ev("gemv_a", 100, 20)]
-    assert _busy_us(events) == pytest.approx(15 + 5 + 20)
+    assert busy_us(events) == pytest.approx(15 + 5 + 20)
     s = summarize(events, steps=2, wall_s=200e-6)
     assert s["kernels_per_step"] == 2
     assert s["device_busy_ms_per_step"] == pytest.approx(40e-3 / 2)
@@ -35,7 +35,7 @@ def test_only_device_stream_events_are_kept_on_accelerators():
             {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "Stream #7"}},
             {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "XLA Ops"}}]
     events = meta + [ev("k1", 0, 1, pid=1, tid=1), ev("k1-op", 0, 1, pid=1, tid=2), ev("host", 0, 1, pid=2)]
-    kept = _device_events({"traceEvents": events}, "gpu")
+    kept = device_events({"traceEvents": events}, "gpu")
     assert [e["name"] for e in kept] == ["k1"]
 
 

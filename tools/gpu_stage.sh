@@ -26,6 +26,13 @@
 #              static-cache generate (the fair peer), same process                   (~6)
 #   sharding   no mesh vs a 1-device mesh (decoding.sharding), ar and the 0.5B chain, reference16,
 #              batch 1, one process (experiments.sharding_check)                  (~4)
+#   multi_gpu  issue 20, on every GPU `nvidia-smi -L` lists (N): the 1.5B model and the 0.5B chain
+#              tensor parallel over 2 (4, 8) GPUs ($MESHES overrides: 1x2,1x4,1x8 up to N), batch 1
+#              and 8, each beside one GPU (no mesh) in one process, reference16, the collectives'
+#              share of the largest mesh's step from a profile (experiments.sharding_check); then
+#              DistillSpec 0.5B <- 1.5B data parallel on 1, 2, ... N GPUs, tokens/s per GPU and a
+#              checkpoint saved on N restored on 1 (experiments.train_scaling); resumable: run it
+#              again until it says done            (~15 on 2 GPUs, ~45 on 8: several commands)
 #   heads      feature drafters (experiments.feature_drafters; rows $HEAD_ROWS, default eagle) trained
 #              $HEAD_MINUTES (default 5) minutes each on stored ShareGPT + GSM8K-train answers, tuned
 #              on the held-out tuning split, then Spec-Bench reference16 at batch 1; resumable:
@@ -152,6 +159,27 @@ case $stage in
       --questions "$Q" --out "$dir/qwen2.5-coder-1.5b-instruct" ;;
   sharding)
     timeout "$limit" python3 -m experiments.sharding_check --questions "$Q" --out "$dir/sharding_check" ;;
+  multi_gpu)
+    n=$(nvidia-smi -L | wc -l)
+    meshes=${MESHES:-}; sizes=1
+    for m in 2 4 8; do
+      [ "$m" -le "$n" ] || continue
+      [ -n "${MESHES:-}" ] || meshes=${meshes:+$meshes,}1x$m
+      sizes=$sizes,$m
+    done
+    [ -n "$meshes" ] || { echo "multi_gpu: $n GPU(s) visible; it needs 2 or more" >&2; exit 2; }
+    t0=$SECONDS
+    timeout $((limit * 3 / 4)) python3 -m experiments.sharding_check --questions "$Q" --meshes "$meshes" \
+      --batch 1,8 --profile-collectives "$dir/traces" --profile-tokens 16 --out "$dir/sharding_check"
+    rc=$?
+    left=$((limit - (SECONDS - t0)))
+    if [ $rc -eq 0 ]; then
+      rc=124
+      [ $left -gt 60 ] && { timeout $left python3 -m experiments.train_scaling --questions "$Q" --data "$sizes" \
+        --out "$dir/train_scaling"; rc=$?; }
+    fi
+    [ $rc -eq 0 ] && echo "multi_gpu: done" || echo "multi_gpu: cut off or failed (exit $rc); run it again to resume"
+    (exit $rc) ;;
   heads)
     timeout "$limit" python3 -m experiments.feature_drafters --out "$dir" --rows "${HEAD_ROWS:-eagle}" \
       --stored-answers --limit-per-source 3000 --train-conversations 0 --seq-len 1024 --batch-size 4 \
@@ -222,9 +250,9 @@ case $stage in
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 rc=$?
-# Training data, checkpoints and weight files stay on the machine (they would not fit the 16 MiB
-# a returned file may have); their summaries and metrics come back.
+# Training data, checkpoints, weight files and profiler traces stay on the machine (they would not
+# fit the 16 MiB a returned file may have); their summaries and metrics come back.
 tar czf "$OUT/$stage.tgz" --exclude="$stage/data" --exclude="$stage/*/ckpt" --exclude="*.safetensors" \
-  --exclude="$stage/*/data" -C "$WORK" "$stage"
+  --exclude="$stage/*/data" --exclude="$stage/traces" -C "$WORK" "$stage"
 echo "stage $stage: exit $rc; packed $OUT/$stage.tgz"
 exit $rc
