@@ -129,3 +129,21 @@ def smollm2_gguf() -> Path:
 def gemma_gguf() -> Path:
     """The real Gemma-3-270M (base) GGUF from the registry."""
     return fetch_or_skip("gemma-3-270m")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the heavy tests of tests/heavy.py `slow` (before `-m` deselects by marker). When the
+    whole tests/ folder is collected, every name there must still be a test."""
+    from heavy import HEAVY
+
+    seen = set()
+    for item in items:
+        if item.nodeid in HEAVY:
+            item.add_marker(pytest.mark.slow)
+            seen.add(item.nodeid)
+    whole = [Path(str(a)).resolve() for a in config.args] == [Path(__file__).parent.resolve()]
+    stale = sorted(HEAVY - seen)
+    if whole and stale:
+        raise pytest.UsageError(f"tests/heavy.py names tests that do not exist (renamed or removed?): {stale[:5]}"
+                                f"{' ...' if len(stale) > 5 else ''}; update the list.")
