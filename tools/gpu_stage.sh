@@ -26,7 +26,7 @@
 #              static-cache generate (the fair peer), same process                   (~6)
 #   sharding   no mesh vs a 1-device mesh (decoding.sharding), ar and the 0.5B chain, reference16,
 #              batch 1, one process (experiments.sharding_check)                  (~4)
-#   multi_gpu  issue 20, on every GPU `nvidia-smi -L` lists (N): the 1.5B model and the 0.5B chain
+#   multi_gpu  on every GPU `nvidia-smi -L` lists (N): the 1.5B model and the 0.5B chain
 #              tensor parallel over 2 (4, 8) GPUs ($MESHES overrides: 1x2,1x4,1x8 up to N), batch 1
 #              and 8, each beside one GPU (no mesh) in one process, reference16, the collectives'
 #              share of the largest mesh's step from a profile (experiments.sharding_check); then
