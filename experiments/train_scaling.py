@@ -11,9 +11,9 @@ that), `--warmup` steps (compilation included) and then `--steps` timed steps, t
 trainer itself (`Trainer.run`'s tokens/s, which leaves out the first step of a session). Scaling
 efficiency is the per-device tokens/s on n devices over that on one.
 
-Batches are real tokens without a data set to fetch: the Spec-Bench reference prompts with the
-chat template, concatenated and cut into rows at offsets that depend on (step, row); every
-position is trained (`loss_mask` 1, one sequence per row). Identical rows across sizes are not
+Batches are real tokens: GSM8K train conversations (`distill.data.load_conversations`, the
+trainers' data; never Spec-Bench) with the chat template, concatenated and cut into rows at
+offsets that depend on (step, row); every position is trained (`loss_mask` 1, one sequence per row). Identical rows across sizes are not
 needed: each size is measured on its own.
 
 Then the checkpoint the largest size saved at its last step is restored by a `Trainer` without
@@ -82,17 +82,17 @@ def tiny_pair():
 
 
 def real_pair(args):
-    """The same from the registry models, the stream from the tokenized reference prompts."""
+    """The same from the registry models, the stream from GSM8K train conversations (the
+    trainers' own data; never Spec-Bench or a test split) rendered with the chat template."""
     import decoding
     import distill
-    from decoding.generation import encode_prompts
-
-    from .bench_autoregressive import reference_prompts
+    from distill import data
 
     teacher = decoding.load(args.teacher, dtype=jnp.bfloat16)
     student = decoding.load(args.student, dtype=jnp.bfloat16)
     distill.check_pair(teacher, student)
-    ids = encode_prompts(teacher.tokenizer, reference_prompts(args.questions), chat=True)
+    ds = data.load_conversations("gsm8k", limit=args.conversations, root=args.data_dir)
+    ids = [data.chat_ids(teacher.tokenizer, row["messages"], add_generation_prompt=False) for row in ds]
     stream = np.concatenate([np.asarray(p, np.int32) for p in ids])
     return student.config, student.params, teacher.config, teacher.params, stream
 
@@ -200,7 +200,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3, help="steps before timing (the first one compiles)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--learning-rate", type=float, default=1e-5)
-    ap.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default: the shared copy)")
+    ap.add_argument("--data-dir", default=None,
+                    help="the shared data folder holding gsm8k/train.jsonl (default: ../shared/data)")
+    ap.add_argument("--conversations", type=int, default=512,
+                    help="GSM8K train conversations tokenized into the stream of training rows")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random models, random tokens")
     ap.add_argument("--out", default="experiments/results/sharding/train_scaling")
     args = ap.parse_args(argv)
@@ -223,7 +226,7 @@ def main(argv=None) -> dict:
     pair = tiny_pair() if args.tiny else real_pair(args)
     report["load_s"] = time.perf_counter() - t0
     report["data_source"] = ("random token ids (smoke test)" if args.tiny else
-                             "reference16 prompts (Spec-Bench, chat template) cut into rows")
+                             f"{args.conversations} GSM8K train conversations (chat template) cut into rows")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = out.parent / f"{out.name}_runs"
 

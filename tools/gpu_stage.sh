@@ -175,7 +175,7 @@ case $stage in
     left=$((limit - (SECONDS - t0)))
     if [ $rc -eq 0 ]; then
       rc=124
-      [ $left -gt 60 ] && { timeout $left python3 -m experiments.train_scaling --questions "$Q" --data "$sizes" \
+      [ $left -gt 60 ] && { timeout $left python3 -m experiments.train_scaling --data-dir .gpu/data --data "$sizes" \
         --out "$dir/train_scaling"; rc=$?; }
     fi
     [ $rc -eq 0 ] && echo "multi_gpu: done" || echo "multi_gpu: cut off or failed (exit $rc); run it again to resume"
