@@ -45,3 +45,23 @@ def test_report_files_keep_a_dotted_model_name_whole(tmp_path):
     assert (tmp_path / "qwen2.5-coder-1.5b-instruct.json").exists()
     assert (tmp_path / "qwen2.5-coder-1.5b-instruct.md").exists()
     assert not (tmp_path / "qwen2.5-coder-1.json").exists()
+
+
+def test_best_variant_is_the_fastest_at_that_batch_and_reaches_the_peer_row():
+    from experiments.bench_autoregressive import best_variant, markdown
+
+    ours = {"1": {"tokens_per_s": 200.0}, "1 (split layer weights)": {"tokens_per_s": 260.0},
+            "8": {"tokens_per_s": 1500.0}, "8 (pallas projections)": {"tokens_per_s": 1400.0},
+            "16": {"tokens_per_s": 9000.0}}
+    assert best_variant(ours, 1) == "1 (split layer weights)"
+    assert best_variant(ours, 8) == "8"
+    assert best_variant(ours, 16) == "16" and best_variant(ours, 4) is None
+    row = {"tokens_per_s": 100.0, "outputs": [[1]], "ours_speedup": 2.0, "identical_outputs": 1,
+           "best_ours": "1 (split layer weights)", "best_ours_speedup": 2.6}
+    r = {k: 1.0 for k in ("fraction_of_physical_limit", "ms_per_step_in_loop", "ms_forward_only",
+                          "ms_weights_at_bandwidth", "compile_s")}
+    report = {"environment": {"device": {}}, "n_prompts": 1, "prompts": "", "bandwidth_measured_Bps": None,
+              "bandwidth_datasheet_Bps": None, "settings": {"max_new_tokens": 8},
+              "models": {"m": {"ours": {"1": {**r, "tokens_per_s": 200.0}}, "hf_static": {"1": row},
+                               "physical_limit_tokens_per_s_batch1": 1000.0}}}
+    assert "2.00x (2.60x with split layer weights)" in markdown(report)
