@@ -1,7 +1,8 @@
 """Tests that run only with `-m slow` (`make test-slow`) because they are heavy on a CPU.
 
-Each one took 6.5 s or more on a two-core CPU (`pytest --durations`, 2026-12-08), most of it
-compiling whole-generation programs for many strategies, tree shapes or sampling settings. The
+Each one took 6.5 s or more on a two-core CPU (`pytest --durations`, 2026-12-08; or, like
+test_spec_real's ragged check, only its module's model fixture did while the rest of its module
+is here), most of it compiling whole-generation programs for many strategies, tree shapes or sampling settings. The
 default suite (`make test`, CI) keeps a cheaper representative of every property they check:
 greedy and sampled losslessness of each drafter family (the chain or one tree of
 test_speculative, test_eagle, test_medusa and test_hidden_transfer), training and bitwise
@@ -143,4 +144,5 @@ tests/test_tokenizer_probe.py::test_probe_ids_are_the_checkpoints_own
 tests/test_tree.py::test_tree_commit_matches_fresh_prefill[dynamic-draftmodel]
 tests/test_tree.py::test_tree_commit_matches_fresh_prefill[static-draftmodel]
 tests/test_tree.py::test_tree_commit_matches_fresh_prefill[static-layerskip]
+tests/test_spec_real.py::test_reference_is_ragged
 """.split())
