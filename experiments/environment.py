@@ -73,6 +73,15 @@ def switches() -> dict:
             "unroll_layers": opts.unroll_layers, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def device_commit_line(env: dict, device_count: int = 1) -> str:
+    """"Device: <kind> (<platform>) x N; commit <sha>" for a report's header, from `describe()`'s
+    dict; a tree with uncommitted changes says so."""
+    dev, rev = env.get("device", {}), env.get("git", {})
+    dirty = " (with uncommitted changes)" if rev.get("dirty") else ""
+    return (f"Device: {dev.get('device_kind')} ({dev.get('platform')}) x {device_count}; "
+            f"commit {rev.get('commit', 'unknown')}{dirty}")
+
+
 def describe() -> dict:
     """Everything above, with the command line and the time (UTC)."""
     return {

@@ -247,13 +247,10 @@ def entry_key(method: str, batch: int, mesh: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    env = report["environment"]
-    dev = env.get("device", {})
-    rev = env.get("git", {})
     s = report["settings"]
     lines = ["# Meshes against no mesh", "",
-             f"Device: {dev.get('device_kind')} ({dev.get('platform')}) x {report.get('device_count', 1)}; "
-             f"commit {rev.get('commit', rev)}; target {s['target']}, draft {s['draft']} (draft layout: "
+             environment.device_commit_line(report["environment"], report.get("device_count", 1)) + "; "
+             f"target {s['target']}, draft {s['draft']} (draft layout: "
              f"{s['draft_layout']}); prompts: {report['prompts']} x {report['n_prompts']}; greedy; "
              f"max_new_tokens {s['max_new_tokens']}; best of {s['repeats']}. ms/step: run time over target "
              "forwards (prefill included).", "",

@@ -165,13 +165,10 @@ def check_restore(pair, args, trainer, n: int, run_dir: Path) -> dict:
 
 
 def markdown(report: dict) -> str:
-    env = report["environment"]
-    dev = env.get("device", {})
-    rev = env.get("git", {})
     s = report["settings"]
     lines = ["# Data-parallel training throughput (DistillSpec)", "",
-             f"Device: {dev.get('device_kind')} ({dev.get('platform')}) x {report.get('device_count', 1)}; "
-             f"commit {rev.get('commit', rev)}; student {s['student']} <- teacher {s['teacher']}; "
+             environment.device_commit_line(report["environment"], report.get("device_count", 1)) + "; "
+             f"student {s['student']} <- teacher {s['teacher']}; "
              f"{s['per_device_batch']} rows x {s['seq_len']} tokens per device; {s['warmup']} warm-up + "
              f"{s['steps']} timed steps; data: {report['data_source']}.", "",
              "| data-parallel devices | global batch | tokens/s | tokens/s per device | ms/step | scaling efficiency |",

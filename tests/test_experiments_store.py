@@ -93,3 +93,11 @@ def test_a_stated_source_commit_wins_over_the_local_git(monkeypatch):
     assert environment.git_revision()["dirty"] is True
     monkeypatch.delenv("DECODING_SOURCE_COMMIT")
     assert environment.git_revision().get("source") is None
+
+
+def test_a_report_header_names_the_device_count_commit_and_a_dirty_tree():
+    env = {"device": {"device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu"},
+           "git": {"commit": "abc1234", "dirty": False}}
+    assert environment.device_commit_line(env, 2) == "Device: NVIDIA H100 80GB HBM3 (gpu) x 2; commit abc1234"
+    env["git"]["dirty"] = True
+    assert environment.device_commit_line(env).endswith("x 1; commit abc1234 (with uncommitted changes)")
