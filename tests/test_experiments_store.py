@@ -96,6 +96,8 @@ def test_a_stated_source_commit_wins_over_the_local_git(monkeypatch):
 
 
 def test_a_report_header_names_the_device_count_commit_and_a_dirty_tree():
+    from experiments import environment
+
     env = {"device": {"device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu"},
            "git": {"commit": "abc1234", "dirty": False}}
     assert environment.device_commit_line(env, 2) == "Device: NVIDIA H100 80GB HBM3 (gpu) x 2; commit abc1234"
